@@ -1,0 +1,8 @@
+//! rpt-flow: declarative, cached LLM compression and analysis experiments.
+//!
+//! Layers (see docs/architecture.md): `spec` (the TOML language) → `plan` (DAG + cache keys)
+//! → `exec` (runs a plan, owns the `Stage` trait) with `cache` (content-addressed store) beside
+//! them; `stages` is the only module that knows both the engine and `model`.
+
+pub mod cache;
+pub mod model;

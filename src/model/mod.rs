@@ -1,0 +1,1 @@
+//! BitNet b1.58 and Llama in candle. Knows nothing of the engine.
