@@ -5,4 +5,9 @@
 //! them; `stages` is the only module that knows both the engine and `model`.
 
 pub mod cache;
+pub mod cli;
+pub mod exec;
 pub mod model;
+pub mod plan;
+pub mod spec;
+pub mod stages;

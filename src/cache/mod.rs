@@ -25,15 +25,22 @@ impl Key {
     }
     /// 64 lowercase hex digits.
     pub fn to_hex(&self) -> String {
-        todo!()
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
     /// Parses 64 hex digits.
     pub fn from_hex(s: &str) -> Option<Key> {
-        todo!()
+        if s.len() != 64 || !s.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Key(out))
     }
     /// First 12 hex digits, for display.
     pub fn short(&self) -> String {
-        todo!()
+        self.to_hex()[..12].to_string()
     }
 }
 
@@ -47,7 +54,17 @@ impl std::fmt::Debug for Key {
         write!(f, "Key({})", self.short())
     }
 }
-// Serialize/Deserialize as the hex string.
+impl Serialize for Key {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
+        let s = String::deserialize(d)?;
+        Key::from_hex(&s).ok_or_else(|| serde::de::Error::custom(format!("invalid key `{s}`")))
+    }
+}
 
 /// One file of an entry, hashed at commit time.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
