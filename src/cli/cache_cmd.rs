@@ -39,11 +39,7 @@ pub fn run(cmd: &CacheCommand, registry: &Registry, root: &Path) -> CliResult {
             let entries = cache.entries()?;
             let problems = cache.verify()?;
             if problems.is_empty() {
-                println!(
-                    "{} entries verified in {}: all intact",
-                    entries.len(),
-                    root.display()
-                );
+                println!("{} entries verified in {}: all intact", entries.len(), root.display());
                 return Ok(());
             }
             for p in &problems {
@@ -56,22 +52,10 @@ pub fn run(cmd: &CacheCommand, registry: &Registry, root: &Path) -> CliResult {
                 entries.len()
             )))
         }
-        CacheCommand::Gc {
-            keep,
-            older_than,
-            dry_run,
-        } => {
+        CacheCommand::Gc { keep, older_than, dry_run } => {
             let older_than = older_than.as_deref().map(parse_age).transpose()?;
-            let keep = if keep.is_empty() {
-                None
-            } else {
-                Some(reachable(keep, registry)?)
-            };
-            let report = cache.gc(&GcOptions {
-                keep,
-                older_than,
-                dry_run: *dry_run,
-            })?;
+            let keep = if keep.is_empty() { None } else { Some(reachable(keep, registry)?) };
+            let report = cache.gc(&GcOptions { keep, older_than, dry_run: *dry_run })?;
             let verb = if *dry_run { "would remove" } else { "removed" };
             for (k, bytes) in &report.removed_entries {
                 println!("{verb} entry {} ({})", k.short(), human_bytes(*bytes));
@@ -103,14 +87,8 @@ fn ls(cache: &crate::cache::Cache) -> CliResult {
         println!("cache {} is empty", cache.root().display());
         return Ok(());
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    println!(
-        "{:<12}  {:<14} {:>10}  {:>8}  {:<24} instance",
-        "key", "kind", "size", "age", "last used by"
-    );
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    println!("{:<12}  {:<14} {:>10}  {:>8}  {:<24} instance", "key", "kind", "size", "age", "last used by");
     let mut total = 0;
     for e in &entries {
         total += e.bytes;
@@ -133,19 +111,11 @@ fn ls(cache: &crate::cache::Cache) -> CliResult {
 fn reachable(files: &[PathBuf], registry: &Registry) -> Result<HashSet<Key>, CliError> {
     let mut keys = HashSet::new();
     for f in files {
-        let base = PipelineArgs {
-            pipeline: f.clone(),
-            profiles: vec![],
-            sets: vec![],
-            device: "cpu".into(),
-        };
+        let base = PipelineArgs { pipeline: f.clone(), profiles: vec![], sets: vec![], device: "cpu".into() };
         let plan = load_plan(&base, registry)?;
         keys.extend(plan.keys.iter().copied());
         for profile in plan.pipeline.profiles.clone() {
-            let args = PipelineArgs {
-                profiles: vec![profile],
-                ..base.clone()
-            };
+            let args = PipelineArgs { profiles: vec![profile], ..base.clone() };
             keys.extend(load_plan(&args, registry)?.keys);
         }
     }
@@ -153,11 +123,7 @@ fn reachable(files: &[PathBuf], registry: &Registry) -> Result<HashSet<Key>, Cli
 }
 
 fn parse_age(s: &str) -> Result<Duration, CliError> {
-    let bad = || {
-        CliError::Usage(format!(
-            "--older-than `{s}`: write a number and a unit, e.g. 30d, 12h, 90m, 45s"
-        ))
-    };
+    let bad = || CliError::Usage(format!("--older-than `{s}`: write a number and a unit, e.g. 30d, 12h, 90m, 45s"));
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
     let n: u64 = num.parse().map_err(|_| bad())?;
     let secs = match unit {

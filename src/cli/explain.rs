@@ -25,10 +25,7 @@ pub fn run(args: &ExplainArgs, registry: &Registry, cache_root: &std::path::Path
             Some(n) => format!("did you mean `{n}`?"),
             None => format!("instances: {}", names.join(", ")),
         };
-        return Err(CliError::Usage(format!(
-            "no instance `{}` in pipeline `{}`; {hint}",
-            args.instance, p.name
-        )));
+        return Err(CliError::Usage(format!("no instance `{}` in pipeline `{}`; {hint}", args.instance, p.name)));
     };
     let cache = open_cache(cache_root);
     let entries = cache.entries()?;
@@ -55,16 +52,10 @@ pub fn run(args: &ExplainArgs, registry: &Registry, cache_root: &std::path::Path
         println!("    (none)");
     }
     for r in &inst.inputs {
-        println!(
-            "    {} ← {}  {}",
-            r.slot, p.instances[r.target].name, plan.keys[r.target]
-        );
+        println!("    {} ← {}  {}", r.slot, p.instances[r.target].name, plan.keys[r.target]);
     }
     if cache.contains(&plan.keys[i]) {
-        println!(
-            "\ncached entry: {}",
-            cache.entry_dir(&plan.keys[i]).display()
-        );
+        println!("\ncached entry: {}", cache.entry_dir(&plan.keys[i]).display());
         return Ok(());
     }
     match nearest_entry(&plan, i, &entries) {

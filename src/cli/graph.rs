@@ -29,29 +29,18 @@ pub fn run(args: &GraphArgs, registry: &Registry) -> CliResult {
         ));
         for &i in &plan.order {
             let inst = &p.instances[i];
-            out.push_str(&format!(
-                "  n{i} [label=\"{}\\n{}\"];\n",
-                quote(&inst.name),
-                quote(&inst.kind)
-            ));
+            out.push_str(&format!("  n{i} [label=\"{}\\n{}\"];\n", quote(&inst.name), quote(&inst.kind)));
         }
         for e in plan.graph.edge_references() {
             let (a, b) = (plan.graph[e.source()], plan.graph[e.target()]);
-            out.push_str(&format!(
-                "  n{a} -> n{b} [label=\"{}\"];\n",
-                quote(e.weight())
-            ));
+            out.push_str(&format!("  n{a} -> n{b} [label=\"{}\"];\n", quote(e.weight())));
         }
         out.push_str("}\n");
     } else {
         out.push_str("flowchart LR\n");
         for &i in &plan.order {
             let inst = &p.instances[i];
-            out.push_str(&format!(
-                "  n{i}[\"{}<br/><i>{}</i>\"]\n",
-                inst.name.replace('"', "#quot;"),
-                inst.kind
-            ));
+            out.push_str(&format!("  n{i}[\"{}<br/><i>{}</i>\"]\n", inst.name.replace('"', "#quot;"), inst.kind));
         }
         for e in plan.graph.edge_references() {
             let (a, b) = (plan.graph[e.source()], plan.graph[e.target()]);

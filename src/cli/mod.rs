@@ -126,10 +126,7 @@ pub fn main(registry: Registry) -> ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 /// Checks `--device` and returns its class (`cpu` or `cuda`).
@@ -146,21 +143,14 @@ pub fn device_class(device: &str) -> Result<String, CliError> {
                 )))
             }
         }
-        _ => Err(CliError::Usage(format!(
-            "--device `{device}` is not cpu, cuda or cuda:N"
-        ))),
+        _ => Err(CliError::Usage(format!("--device `{device}` is not cpu, cuda or cuda:N"))),
     }
 }
 
 /// Reads, validates and plans a pipeline.
 pub fn load_plan(args: &PipelineArgs, registry: &Registry) -> Result<Plan, CliError> {
-    let settings = Settings {
-        device_class: device_class(&args.device)?,
-    };
-    let options = SpecOptions {
-        profiles: args.profiles.clone(),
-        sets: args.sets.clone(),
-    };
+    let settings = Settings { device_class: device_class(&args.device)? };
+    let options = SpecOptions { profiles: args.profiles.clone(), sets: args.sets.clone() };
     let catalog = registry.catalog();
     let pipeline = spec::load(&args.pipeline, &catalog, &options).map_err(CliError::Spec)?;
     plan::build(pipeline, &catalog, &settings, registry).map_err(CliError::Spec)

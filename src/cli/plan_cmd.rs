@@ -46,10 +46,7 @@ pub fn run(args: &PlanArgs, registry: &Registry, cache_root: &std::path::Path) -
             "overrides": p.options.sets,
             "instances": instances,
         });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&doc).map_err(anyhow::Error::from)?
-        );
+        println!("{}", serde_json::to_string_pretty(&doc).map_err(anyhow::Error::from)?);
         return Ok(());
     }
     let count = |f: fn(&Status) -> bool| statuses.iter().filter(|s| f(s)).count();
@@ -67,24 +64,11 @@ pub fn run(args: &PlanArgs, registry: &Registry, cache_root: &std::path::Path) -
         count(|s| *s == Status::Partial),
         count(|s| matches!(s, Status::ToRun(_))),
     );
-    let width = plan
-        .order
-        .iter()
-        .map(|&i| p.instances[i].name.len())
-        .max()
-        .unwrap_or(0);
+    let width = plan.order.iter().map(|&i| p.instances[i].name.len()).max().unwrap_or(0);
     for &i in &plan.order {
         let inst = &p.instances[i];
-        let inputs: Vec<&str> = inst
-            .inputs
-            .iter()
-            .map(|r| p.instances[r.target].name.as_str())
-            .collect();
-        let arrow = if inputs.is_empty() {
-            String::new()
-        } else {
-            format!("  ← {}", inputs.join(", "))
-        };
+        let inputs: Vec<&str> = inst.inputs.iter().map(|r| p.instances[r.target].name.as_str()).collect();
+        let arrow = if inputs.is_empty() { String::new() } else { format!("  ← {}", inputs.join(", ")) };
         println!(
             "{:<20} {}  {:<width$}  {:<10}{}",
             statuses[i].label(),

@@ -36,14 +36,13 @@ pub fn run(args: &RunArgs, registry: &Registry, cache_root: &Path, quiet: bool) 
     if outcome.computed == 0 && outcome.cached == total {
         println!("nothing to compute: all {total} instances were cached");
     } else {
-        println!(
-            "{total} instances: {} computed, {} cached",
-            outcome.computed, outcome.cached
-        );
+        println!("{total} instances: {} computed, {} cached", outcome.computed, outcome.cached);
     }
     println!("session: {}", outcome.session_path.display());
     if outcome.interrupted {
-        eprintln!("interrupted: finished stages are cached and partial state is kept; run the same command to continue");
+        eprintln!(
+            "interrupted: finished stages are cached and partial state is kept; run the same command to continue"
+        );
         return Err(CliError::Interrupted);
     }
     if !outcome.failed.is_empty() {
@@ -52,10 +51,7 @@ pub fn run(args: &RunArgs, registry: &Registry, cache_root: &Path, quiet: bool) 
             msg.push_str(&format!("\n  {name}: {err}"));
         }
         if !outcome.skipped.is_empty() {
-            msg.push_str(&format!(
-                "\n  not run because an input failed: {}",
-                outcome.skipped.join(", ")
-            ));
+            msg.push_str(&format!("\n  not run because an input failed: {}", outcome.skipped.join(", ")));
         }
         return Err(CliError::Failed(msg));
     }

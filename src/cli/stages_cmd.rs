@@ -23,9 +23,7 @@ pub fn run(args: &StagesArgs, registry: &Registry) -> CliResult {
         let names: Vec<&str> = kinds.iter().map(|s| s.kind).collect();
         kinds.retain(|s| s.kind == k);
         if kinds.is_empty() {
-            let hint = nearest(k, names.iter().copied())
-                .map(|n| format!("; did you mean `{n}`?"))
-                .unwrap_or_default();
+            let hint = nearest(k, names.iter().copied()).map(|n| format!("; did you mean `{n}`?")).unwrap_or_default();
             return Err(CliError::Usage(format!("no stage kind `{k}`{hint}")));
         }
     }
@@ -41,10 +39,7 @@ pub fn run(args: &StagesArgs, registry: &Registry) -> CliResult {
                     })
                 })
                 .collect();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&doc).map_err(anyhow::Error::from)?
-            );
+            println!("{}", serde_json::to_string_pretty(&doc).map_err(anyhow::Error::from)?);
         }
         "markdown" => print!("{}", markdown(&kinds)),
         _ => print!("{}", text(&kinds)),
@@ -62,13 +57,7 @@ fn text(kinds: &[&KindSchema]) -> String {
         out.push_str("no stage kinds are registered in this binary\n");
     }
     for s in kinds {
-        out.push_str(&format!(
-            "{} (v{}) → {}\n    {}\n",
-            s.kind,
-            s.version,
-            s.output.name(),
-            s.help
-        ));
+        out.push_str(&format!("{} (v{}) → {}\n    {}\n", s.kind, s.version, s.output.name(), s.help));
         for i in s.inputs {
             out.push_str(&format!(
                 "    input  {:<16} {:<22} {}{}\n",

@@ -6,11 +6,8 @@ use crate::exec::Registry;
 pub fn run(args: &PipelineArgs, registry: &Registry) -> CliResult {
     let plan = load_plan(args, registry)?;
     let p = &plan.pipeline;
-    let sweeps: std::collections::BTreeSet<&str> = p
-        .instances
-        .iter()
-        .filter_map(|i| i.sweep.as_ref().map(|s| s.sweep.as_str()))
-        .collect();
+    let sweeps: std::collections::BTreeSet<&str> =
+        p.instances.iter().filter_map(|i| i.sweep.as_ref().map(|s| s.sweep.as_str())).collect();
     println!(
         "ok: pipeline `{}` ({}): {} instances, {} sweep{}",
         p.name,

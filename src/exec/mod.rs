@@ -13,9 +13,7 @@ use anyhow::{anyhow, Context as _, Result};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value as Json};
 
-pub use crate::spec::schema::{
-    ArtifactType, Default as ParamDefault, InputDef, KindSchema, ParamDef, ParamType,
-};
+pub use crate::spec::schema::{ArtifactType, Default as ParamDefault, InputDef, KindSchema, ParamDef, ParamType};
 pub use progress::Progress;
 pub use run::{run, RunOptions, RunOutcome};
 pub use session::{session_path, Session};
@@ -46,8 +44,7 @@ pub trait Stage: Send + Sync {
 
 /// Deserializes resolved parameters into a stage's typed struct (use `deny_unknown_fields`).
 pub fn typed_params<T: DeserializeOwned>(params: &Map<String, Json>) -> Result<T, String> {
-    serde_json::from_value(Json::Object(params.clone()))
-        .map_err(|e| format!("invalid parameters: {e}"))
+    serde_json::from_value(Json::Object(params.clone())).map_err(|e| format!("invalid parameters: {e}"))
 }
 
 /// A committed output another stage reads.
@@ -128,24 +125,15 @@ impl Registry {
         Registry::default()
     }
     pub fn register(&mut self, stage: impl Stage + 'static) -> &mut Registry {
-        assert!(
-            self.get(stage.schema().kind).is_none(),
-            "stage kind `{}` registered twice",
-            stage.schema().kind
-        );
+        assert!(self.get(stage.schema().kind).is_none(), "stage kind `{}` registered twice", stage.schema().kind);
         self.stages.push(Box::new(stage));
         self
     }
     pub fn get(&self, kind: &str) -> Option<&dyn Stage> {
-        self.stages
-            .iter()
-            .find(|s| s.schema().kind == kind)
-            .map(|s| s.as_ref())
+        self.stages.iter().find(|s| s.schema().kind == kind).map(|s| s.as_ref())
     }
     pub fn catalog(&self) -> Catalog<'_> {
-        Catalog {
-            kinds: self.stages.iter().map(|s| s.schema()).collect(),
-        }
+        Catalog { kinds: self.stages.iter().map(|s| s.schema()).collect() }
     }
     pub fn iter(&self) -> impl Iterator<Item = &dyn Stage> {
         self.stages.iter().map(|s| s.as_ref())
@@ -154,9 +142,7 @@ impl Registry {
 
 impl crate::plan::Identity for Registry {
     fn identity(&self, kind: &str, params: &Map<String, Json>) -> Result<Option<Json>, String> {
-        let stage = self
-            .get(kind)
-            .ok_or_else(|| format!("unknown stage kind `{kind}`"))?;
+        let stage = self.get(kind).ok_or_else(|| format!("unknown stage kind `{kind}`"))?;
         stage.check(params)?;
         stage.identity(params)
     }

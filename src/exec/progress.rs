@@ -59,12 +59,7 @@ impl Progress {
             overall,
             multi,
             current: Mutex::new(None),
-            state: Mutex::new(PlainState {
-                label: String::new(),
-                len: 0,
-                pos: 0,
-                last: Instant::now(),
-            }),
+            state: Mutex::new(PlainState { label: String::new(), len: 0, pos: 0, last: Instant::now() }),
         }
     }
 
@@ -94,20 +89,13 @@ impl Progress {
 
     pub(crate) fn begin_stage(&self, label: &str) {
         let mut st = self.state.lock().expect("progress lock");
-        *st = PlainState {
-            label: label.to_string(),
-            len: 0,
-            pos: 0,
-            last: Instant::now(),
-        };
+        *st = PlainState { label: label.to_string(), len: 0, pos: 0, last: Instant::now() };
         if let (Mode::Bars, Some(m)) = (self.mode, &self.multi) {
             let bar = m.add(ProgressBar::new(0));
             bar.set_style(
-                ProgressStyle::with_template(
-                    "{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({elapsed})",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
+                ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+                    .expect("valid template")
+                    .progress_chars("=> "),
             );
             bar.set_prefix("stage");
             bar.set_message(label.to_string());

@@ -44,21 +44,13 @@ enum Done {
     Computed(Json, f64),
 }
 
-pub fn run(
-    plan: &Plan,
-    registry: &Registry,
-    cache: &Cache,
-    opts: &RunOptions,
-) -> Result<RunOutcome> {
+pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -> Result<RunOutcome> {
     let p = &plan.pipeline;
     let total = plan.order.len();
     let progress = Progress::new(total, opts.quiet);
     let mut session = Session::new(opts.session_path.clone(), plan, &opts.device, cache.root());
     session.save()?;
-    let mut outcome = RunOutcome {
-        session_path: opts.session_path.clone(),
-        ..Default::default()
-    };
+    let mut outcome = RunOutcome { session_path: opts.session_path.clone(), ..Default::default() };
     let mut unavailable: HashSet<usize> = HashSet::new();
     let mut metrics: Vec<Json> = vec![Json::Null; p.instances.len()];
 
@@ -161,9 +153,7 @@ fn run_one(
     let _lock = match cache.try_lock(&key)? {
         Some(l) => l,
         None => {
-            progress.line(&format!(
-                "{label}: another rpt-flow process is computing it; waiting"
-            ));
+            progress.line(&format!("{label}: another rpt-flow process is computing it; waiting"));
             cache.lock(&key)?
         }
     };
@@ -171,12 +161,8 @@ fn run_one(
         return Ok(Done::Cached(m));
     }
 
-    let stage = registry
-        .get(&inst.kind)
-        .with_context(|| format!("unknown stage kind `{}`", inst.kind))?;
-    stage
-        .check(&inst.params)
-        .map_err(|e| anyhow::anyhow!("stage `{}`: {e}", inst.name))?;
+    let stage = registry.get(&inst.kind).with_context(|| format!("unknown stage kind `{}`", inst.kind))?;
+    stage.check(&inst.params).map_err(|e| anyhow::anyhow!("stage `{}`: {e}", inst.name))?;
     let mut input_locks = Vec::new();
     let mut inputs = Vec::new();
     for r in &inst.inputs {
@@ -194,14 +180,7 @@ fn run_one(
     let pending = cache.begin(&key)?;
     let partial = cache.partial(&key);
     let resumed = partial.exists();
-    progress.line(&format!(
-        "{label}: {}",
-        if resumed {
-            "resuming from partial state"
-        } else {
-            "running"
-        }
-    ));
+    progress.line(&format!("{label}: {}", if resumed { "resuming from partial state" } else { "running" }));
     progress.begin_stage(&inst.name);
     let started = Instant::now();
     let ctx = StageContext {

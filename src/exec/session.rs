@@ -27,9 +27,7 @@ pub fn session_path(dir: &Path, plan: &Plan) -> PathBuf {
 }
 
 pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 impl Session {
@@ -41,12 +39,7 @@ impl Session {
             let inputs: Map<String, Json> = inst
                 .inputs
                 .iter()
-                .map(|r| {
-                    (
-                        r.slot.clone(),
-                        Json::String(p.instances[r.target].name.clone()),
-                    )
-                })
+                .map(|r| (r.slot.clone(), Json::String(p.instances[r.target].name.clone())))
                 .collect();
             let mut s = json!({
                 "kind": inst.kind,
@@ -107,14 +100,12 @@ impl Session {
             std::process::id()
         ));
         {
-            let mut f = std::fs::File::create(&tmp)
-                .with_context(|| format!("writing {}", tmp.display()))?;
+            let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
             f.write_all(serde_json::to_string_pretty(&self.doc)?.as_bytes())?;
             f.write_all(b"\n")?;
             f.sync_all()?;
         }
-        std::fs::rename(&tmp, &self.path)
-            .with_context(|| format!("writing {}", self.path.display()))?;
+        std::fs::rename(&tmp, &self.path).with_context(|| format!("writing {}", self.path.display()))?;
         Ok(())
     }
 }

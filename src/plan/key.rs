@@ -57,8 +57,7 @@ mod tests {
 
     #[test]
     fn key_order_and_float_spelling_do_not_matter() {
-        let a: Json =
-            serde_json::from_str(r#"{"b": 0.10, "a": {"y": 1, "x": [1, 2.50]}}"#).unwrap();
+        let a: Json = serde_json::from_str(r#"{"b": 0.10, "a": {"y": 1, "x": [1, 2.50]}}"#).unwrap();
         let b = json!({"a": {"x": [1, 2.5], "y": 1}, "b": 0.1});
         assert_eq!(canonical_json(&a), canonical_json(&b));
         assert_eq!(canonical_json(&b), r#"{"a":{"x":[1,2.5],"y":1},"b":0.1}"#);

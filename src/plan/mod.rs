@@ -43,10 +43,7 @@ pub struct Plan {
 impl Plan {
     /// Instances that `i` reads, as (slot, instance index).
     pub fn inputs_of(&self, i: usize) -> impl Iterator<Item = (&str, usize)> + '_ {
-        self.pipeline.instances[i]
-            .inputs
-            .iter()
-            .map(|r| (r.slot.as_str(), r.target))
+        self.pipeline.instances[i].inputs.iter().map(|r| (r.slot.as_str(), r.target))
     }
 }
 
@@ -76,24 +73,15 @@ pub fn build(
     let mut material = vec![Json::Null; n];
     for &i in &order {
         let inst = &pipeline.instances[i];
-        let schema = catalog
-            .get(&inst.kind)
-            .expect("validated kinds are in the catalog");
+        let schema = catalog.get(&inst.kind).expect("validated kinds are in the catalog");
         let id = match identity.identity(&inst.kind, &inst.params) {
             Ok(id) => id,
             Err(e) => {
-                diags.push(Diagnostic::at(
-                    &inst.span,
-                    format!("stage `{}`: {e}", inst.name),
-                ));
+                diags.push(Diagnostic::at(&inst.span, format!("stage `{}`: {e}", inst.name)));
                 continue;
             }
         };
-        let mut inputs: Vec<(&str, Key)> = inst
-            .inputs
-            .iter()
-            .map(|r| (r.slot.as_str(), keys[r.target]))
-            .collect();
+        let mut inputs: Vec<(&str, Key)> = inst.inputs.iter().map(|r| (r.slot.as_str(), keys[r.target])).collect();
         inputs.sort_by(|a, b| a.0.cmp(b.0));
         let m = json!({
             "format": KEY_FORMAT,
@@ -110,13 +98,7 @@ pub fn build(
     if !diags.is_empty() {
         return Err(pipeline.errors(diags));
     }
-    Ok(Plan {
-        pipeline,
-        graph,
-        order,
-        keys,
-        material,
-    })
+    Ok(Plan { pipeline, graph, order, keys, material })
 }
 
 fn cycles(pipeline: &Pipeline, graph: &DiGraph<usize, String>) -> Vec<Diagnostic> {
@@ -146,17 +128,10 @@ fn cycles(pipeline: &Pipeline, graph: &DiGraph<usize, String>) -> Vec<Diagnostic
                 None => break,
             }
         }
-        let names: Vec<&str> = path
-            .iter()
-            .chain(std::iter::once(&path[0]))
-            .map(|&i| pipeline.instances[i].name.as_str())
-            .collect();
+        let names: Vec<&str> =
+            path.iter().chain(std::iter::once(&path[0])).map(|&i| pipeline.instances[i].name.as_str()).collect();
         let first = &pipeline.instances[path[0]];
-        let span = first
-            .inputs
-            .iter()
-            .find(|r| members.contains(&r.target))
-            .map(|r| r.span.clone());
+        let span = first.inputs.iter().find(|r| members.contains(&r.target)).map(|r| r.span.clone());
         out.push(
             Diagnostic::new(format!("cycle between stages: {}", names.join(" ← ")), span)
                 .help("each name reads the next one as its input; break the loop by pointing one input elsewhere"),
@@ -167,10 +142,8 @@ fn cycles(pipeline: &Pipeline, graph: &DiGraph<usize, String>) -> Vec<Diagnostic
 
 /// Kahn's algorithm taking the lowest instance index first: deterministic and close to file order.
 fn topological_order(graph: &DiGraph<usize, String>) -> Vec<usize> {
-    let mut indegree: Vec<usize> = graph
-        .node_indices()
-        .map(|n| graph.neighbors_directed(n, petgraph::Incoming).count())
-        .collect();
+    let mut indegree: Vec<usize> =
+        graph.node_indices().map(|n| graph.neighbors_directed(n, petgraph::Incoming).count()).collect();
     let mut ready: BTreeSet<usize> = (0..indegree.len()).filter(|&i| indegree[i] == 0).collect();
     let mut order = Vec::with_capacity(indegree.len());
     while let Some(i) = ready.pop_first() {

@@ -53,19 +53,13 @@ fn reasons(plan: &Plan, i: usize, statuses: &[Status], entries: &[EntrySummary])
     let mut why = Vec::new();
     for r in &inst.inputs {
         if statuses[r.target] != Status::Cached {
-            why.push(format!(
-                "new input: `{}` is not cached yet",
-                plan.pipeline.instances[r.target].name
-            ));
+            why.push(format!("new input: `{}` is not cached yet", plan.pipeline.instances[r.target].name));
         }
     }
     match nearest_entry(plan, i, entries) {
         None => {
             if why.is_empty() {
-                why.push(format!(
-                    "new: no cached `{}` entry to compare with",
-                    inst.kind
-                ));
+                why.push(format!("new: no cached `{}` entry to compare with", inst.kind));
             }
         }
         Some(m) => {
@@ -94,48 +88,31 @@ fn reasons(plan: &Plan, i: usize, statuses: &[Status], entries: &[EntrySummary])
 
 /// The cached entry most like instance `i`: same kind, preferring the same pipeline and instance
 /// name, then the most equal key-material fields.
-pub fn nearest_entry<'a>(
-    plan: &Plan,
-    i: usize,
-    entries: &'a [EntrySummary],
-) -> Option<&'a Manifest> {
+pub fn nearest_entry<'a>(plan: &Plan, i: usize, entries: &'a [EntrySummary]) -> Option<&'a Manifest> {
     let inst = &plan.pipeline.instances[i];
     let mine = &plan.material[i];
-    entries
-        .iter()
-        .map(|e| &e.manifest)
-        .filter(|m| m.kind == inst.kind && m.key != plan.keys[i])
-        .max_by_key(|m| {
-            let same_name = m.instance == inst.name;
-            let same_pipeline = m.pipeline == plan.pipeline.name;
-            let equal_fields = ["version", "params", "settings", "identity", "inputs"]
-                .iter()
-                .filter(|f| m.key_material.get(**f) == mine.get(**f))
-                .count();
-            let equal_params = leaf_diffs(
-                "",
-                m.key_material.get("params").unwrap_or(&Json::Null),
-                mine.get("params").unwrap_or(&Json::Null),
-            )
-            .len();
-            (
-                same_name,
-                same_pipeline,
-                equal_fields,
-                std::cmp::Reverse(equal_params),
-                m.created,
-            )
-        })
+    entries.iter().map(|e| &e.manifest).filter(|m| m.kind == inst.kind && m.key != plan.keys[i]).max_by_key(|m| {
+        let same_name = m.instance == inst.name;
+        let same_pipeline = m.pipeline == plan.pipeline.name;
+        let equal_fields = ["version", "params", "settings", "identity", "inputs"]
+            .iter()
+            .filter(|f| m.key_material.get(**f) == mine.get(**f))
+            .count();
+        let equal_params = leaf_diffs(
+            "",
+            m.key_material.get("params").unwrap_or(&Json::Null),
+            mine.get("params").unwrap_or(&Json::Null),
+        )
+        .len();
+        (same_name, same_pipeline, equal_fields, std::cmp::Reverse(equal_params), m.created)
+    })
 }
 
 /// Human lines for every field that differs between two key materials: `params.steps: 20 → 30`.
 pub fn diff_material(old: &Json, new: &Json) -> Vec<String> {
     let mut out = Vec::new();
     for field in ["version", "params", "settings", "identity", "inputs"] {
-        let (a, b) = (
-            old.get(field).unwrap_or(&Json::Null),
-            new.get(field).unwrap_or(&Json::Null),
-        );
+        let (a, b) = (old.get(field).unwrap_or(&Json::Null), new.get(field).unwrap_or(&Json::Null));
         if a == b {
             continue;
         }
@@ -156,18 +133,8 @@ fn input_diff(a: &Json, b: &Json) -> String {
             .into_iter()
             .flatten()
             .map(|x| {
-                let slot = x
-                    .get("slot")
-                    .and_then(Json::as_str)
-                    .unwrap_or("?")
-                    .to_string();
-                let key = x
-                    .get("key")
-                    .and_then(Json::as_str)
-                    .unwrap_or("")
-                    .chars()
-                    .take(12)
-                    .collect();
+                let slot = x.get("slot").and_then(Json::as_str).unwrap_or("?").to_string();
+                let key = x.get("key").and_then(Json::as_str).unwrap_or("").chars().take(12).collect();
                 (slot, key)
             })
             .collect()
@@ -196,11 +163,7 @@ fn show(v: Option<&Json>) -> String {
     }
 }
 
-fn leaf_diffs<'a>(
-    path: &str,
-    a: &'a Json,
-    b: &'a Json,
-) -> Vec<(String, Option<&'a Json>, Option<&'a Json>)> {
+fn leaf_diffs<'a>(path: &str, a: &'a Json, b: &'a Json) -> Vec<(String, Option<&'a Json>, Option<&'a Json>)> {
     match (a, b) {
         (Json::Object(x), Json::Object(y)) => {
             let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
@@ -208,11 +171,7 @@ fn leaf_diffs<'a>(
             keys.dedup();
             let mut out = Vec::new();
             for k in keys {
-                let sub = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
+                let sub = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
                 match (x.get(k), y.get(k)) {
                     (Some(p), Some(q)) if p == q => {}
                     (Some(p), Some(q)) => out.extend(leaf_diffs(&sub, p, q)),
@@ -235,13 +194,7 @@ mod tests {
     fn diff_names_changed_params_and_versions() {
         let old = json!({"version": 1, "params": {"steps": 20, "lr": 0.001}, "settings": {"device": "cpu"}});
         let new = json!({"version": 2, "params": {"steps": 30, "lr": 0.001}, "settings": {"device": "cpu"}});
-        assert_eq!(
-            diff_material(&old, &new),
-            vec![
-                "version: 1 → 2".to_string(),
-                "params.steps: 20 → 30".to_string()
-            ]
-        );
+        assert_eq!(diff_material(&old, &new), vec!["version: 1 → 2".to_string(), "params.steps: 20 → 30".to_string()]);
     }
 
     #[test]
@@ -250,10 +203,7 @@ mod tests {
         let new = json!({"params": {"b": 2}});
         assert_eq!(
             diff_material(&old, &new),
-            vec![
-                "params.a: 1 → (absent)".to_string(),
-                "params.b: (absent) → 2".to_string()
-            ]
+            vec!["params.a: 1 → (absent)".to_string(), "params.b: (absent) → 2".to_string()]
         );
     }
 }

@@ -17,11 +17,7 @@ impl Source {
         let text = text.into();
         let mut line_starts = vec![0];
         line_starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
-        Source {
-            name: name.into(),
-            text,
-            line_starts,
-        }
+        Source { name: name.into(), text, line_starts }
     }
 
     /// 1-based line and column (in characters) of a byte offset.
@@ -35,11 +31,7 @@ impl Source {
 
     fn line_text(&self, line: usize) -> &str {
         let start = self.line_starts[line - 1];
-        let end = self
-            .line_starts
-            .get(line)
-            .copied()
-            .unwrap_or(self.text.len());
+        let end = self.line_starts.get(line).copied().unwrap_or(self.text.len());
         self.text[start..end].trim_end_matches(['\n', '\r'])
     }
 }
@@ -67,11 +59,7 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn new(message: impl Into<String>, span: Option<Span>) -> Diagnostic {
-        Diagnostic {
-            message: message.into(),
-            span,
-            help: None,
-        }
+        Diagnostic { message: message.into(), span, help: None }
     }
     pub fn at(span: &Span, message: impl Into<String>) -> Diagnostic {
         Diagnostic::new(message, Some(span.clone()))
@@ -81,11 +69,7 @@ impl Diagnostic {
         self
     }
     /// Adds "did you mean `x`?" when a candidate is close enough to `got`.
-    pub fn suggest<'a>(
-        self,
-        got: &str,
-        candidates: impl IntoIterator<Item = &'a str>,
-    ) -> Diagnostic {
+    pub fn suggest<'a>(self, got: &str, candidates: impl IntoIterator<Item = &'a str>) -> Diagnostic {
         match nearest(got, candidates) {
             Some(best) => self.help(format!("did you mean `{best}`?")),
             None => self,
@@ -136,37 +120,29 @@ impl fmt::Display for SpecErrors {
                     let (line, col) = src.line_col(span.range.start);
                     writeln!(f, "  --> {}:{}:{}", src.name, line, col)?;
                     let text = src.line_text(line);
-                    let width = line.to_string().len();
+                    let width = line.to_string().len() + 1;
                     let end = span.range.end.max(span.range.start + 1);
                     let (end_line, end_col) = src.line_col(end);
-                    let carets = if end_line == line {
-                        (end_col - col).max(1)
-                    } else {
-                        1
-                    };
+                    let carets = if end_line == line { (end_col - col).max(1) } else { 1 };
                     writeln!(f, "{:width$} |", "")?;
-                    writeln!(f, "{line} | {text}")?;
-                    writeln!(
-                        f,
-                        "{:width$} | {}{}",
-                        "",
-                        " ".repeat(col - 1),
-                        "^".repeat(carets)
-                    )?;
+                    writeln!(f, "{line:>width$} | {text}")?;
+                    writeln!(f, "{:width$} | {}{}", "", " ".repeat(col - 1), "^".repeat(carets))?;
                 }
             }
             if let Some(help) = &d.help {
-                writeln!(f, "  = help: {help}")?;
+                writeln!(f, "{:width$} = help: {help}", "", width = gutter_width(self, d))?;
             }
         }
         let n = self.diagnostics.len();
-        write!(
-            f,
-            "{} error{} in pipeline",
-            n,
-            if n == 1 { "" } else { "s" }
-        )
+        write!(f, "{} error{} in pipeline", n, if n == 1 { "" } else { "s" })
     }
+}
+
+fn gutter_width(errors: &SpecErrors, d: &Diagnostic) -> usize {
+    d.span
+        .as_ref()
+        .and_then(|s| errors.sources.get(s.source).map(|src| src.line_col(s.range.start).0.to_string().len() + 1))
+        .unwrap_or(1)
 }
 
 impl std::error::Error for SpecErrors {}

@@ -27,8 +27,13 @@ struct Raw<'c> {
     /// `level[sparsity=0.1].` for sweep instances: siblings are found under this prefix.
     prefix: Option<String>,
     templates: Vec<String>,
-    /// What `$chain` names at this point.
+    /// What `$chain` names at this point (None when the sweep's chain is invalid: already
+    /// reported).
     chain: Option<String>,
+    /// Where the sweep's `chain.from` is written, for the first point's error.
+    chain_from_span: Option<Span>,
+    /// Keys whose value already produced an error: no follow-up errors for them.
+    broken: Vec<String>,
 }
 
 pub fn build(
@@ -46,10 +51,7 @@ pub fn build(
         if !TOP_LEVEL.contains(&e.key.as_str()) {
             d.push(
                 Diagnostic::at(&e.key_span, format!("unknown top-level table `{}`", e.key))
-                    .help(format!(
-                        "expected one of {}",
-                        TOP_LEVEL.map(|k| format!("[{k}]")).join(", ")
-                    ))
+                    .help(format!("expected one of {}", TOP_LEVEL.map(|k| format!("[{k}]")).join(", ")))
                     .suggest(&e.key, TOP_LEVEL),
             );
         } else if e.value.as_table().is_none() {
@@ -68,7 +70,7 @@ pub fn build(
     let mut raws = Vec::new();
     if let Some(stages) = root.get("stages").and_then(|e| e.value.as_table()) {
         for e in stages {
-            if let Some(r) = raw_stage(e, catalog, &[], None, None, d) {
+            if let Some(r) = raw_stage(e, catalog, &[], Chain::None, None, d) {
                 raws.push(r);
             }
         }
@@ -82,11 +84,8 @@ pub fn build(
         for e in sweeps {
             if stage_names.contains(e.key.as_str()) {
                 d.push(
-                    Diagnostic::at(
-                        &e.key_span,
-                        format!("duplicate name `{}`: a stage and a sweep share it", e.key),
-                    )
-                    .help("give the sweep or the stage another name"),
+                    Diagnostic::at(&e.key_span, format!("duplicate name `{}`: a stage and a sweep share it", e.key))
+                        .help("give the sweep or the stage another name"),
                 );
             }
             expand_sweep(e, catalog, &mut raws, d);
@@ -97,18 +96,19 @@ pub fn build(
     for r in &raws {
         if !seen.insert(r.name.as_str()) {
             d.push(
-                Diagnostic::at(
-                    &r.kind_span,
-                    format!("duplicate instance name `{}`", r.name),
-                )
-                .help(
-                    "two sweep points produce the same name: the values in `over` must be distinct",
-                ),
+                Diagnostic::at(&r.kind_span, format!("duplicate instance name `{}`", r.name))
+                    .help("two sweep points produce the same name: the values in `over` must be distinct"),
             );
         }
     }
 
     let instances = resolve(&raws, &defaults, seed, d);
+    // A template's mistake shows once, not once per sweep point.
+    let mut seen_diags: HashSet<(String, usize, usize, usize)> = HashSet::new();
+    d.retain(|x| {
+        let span = x.span.clone().unwrap_or_default();
+        seen_diags.insert((x.message.clone(), span.source, span.range.start, span.range.end))
+    });
     if d.is_empty() {
         Some((name, seed, description, profiles, instances))
     } else {
@@ -127,10 +127,7 @@ fn apply_profiles_and_sets(
     if let Some(profiles) = root.get("profiles").and_then(|e| e.value.as_table()) {
         for p in profiles {
             if p.value.as_table().is_none() {
-                d.push(Diagnostic::at(
-                    &p.value.span,
-                    format!("profile `{}` must be a table of path = value", p.key),
-                ));
+                d.push(Diagnostic::at(&p.value.span, format!("profile `{}` must be a table of path = value", p.key)));
                 continue;
             }
             let mut ovs = Vec::new();
@@ -191,26 +188,16 @@ fn pipeline_table(root: &Node, file_stem: &str, d: &mut Vec<Diagnostic>) -> (Str
             ("description", Val::Str(s)) => description = s.clone(),
             ("name" | "description", _) => d.push(Diagnostic::at(
                 &e.value.span,
-                format!(
-                    "`pipeline.{}` must be a string, found {}",
-                    e.key,
-                    e.value.type_name()
-                ),
+                format!("`pipeline.{}` must be a string, found {}", e.key, e.value.type_name()),
             )),
             ("seed", _) => d.push(Diagnostic::at(
                 &e.value.span,
-                format!(
-                    "`pipeline.seed` must be an integer, found {}",
-                    e.value.type_name()
-                ),
+                format!("`pipeline.seed` must be an integer, found {}", e.value.type_name()),
             )),
             _ => d.push(
-                Diagnostic::at(
-                    &e.key_span,
-                    format!("unknown key `{}` in [pipeline]", e.key),
-                )
-                .help("[pipeline] takes name, seed and description")
-                .suggest(&e.key, ["name", "seed", "description"]),
+                Diagnostic::at(&e.key_span, format!("unknown key `{}` in [pipeline]", e.key))
+                    .help("[pipeline] takes name, seed and description")
+                    .suggest(&e.key, ["name", "seed", "description"]),
             ),
         }
     }
@@ -218,17 +205,11 @@ fn pipeline_table(root: &Node, file_stem: &str, d: &mut Vec<Diagnostic>) -> (Str
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// `[defaults.<kind>]`, type-checked once.
-fn defaults_tables(
-    root: &Node,
-    catalog: &Catalog,
-    d: &mut Vec<Diagnostic>,
-) -> HashMap<String, Vec<(String, Json)>> {
+fn defaults_tables(root: &Node, catalog: &Catalog, d: &mut Vec<Diagnostic>) -> HashMap<String, Vec<(String, Json)>> {
     let mut out = HashMap::new();
     let Some(tables) = root.get("defaults").and_then(|e| e.value.as_table()) else {
         return out;
@@ -236,19 +217,13 @@ fn defaults_tables(
     for t in tables {
         let Some(schema) = catalog.get(&t.key) else {
             d.push(
-                Diagnostic::at(
-                    &t.key_span,
-                    format!("unknown stage kind `{}` in [defaults]", t.key),
-                )
-                .suggest(&t.key, catalog.names()),
+                Diagnostic::at(&t.key_span, format!("unknown stage kind `{}` in [defaults]", t.key))
+                    .suggest(&t.key, catalog.names()),
             );
             continue;
         };
         let Some(entries) = t.value.as_table() else {
-            d.push(Diagnostic::at(
-                &t.value.span,
-                format!("`defaults.{}` must be a table", t.key),
-            ));
+            d.push(Diagnostic::at(&t.value.span, format!("`defaults.{}` must be a table", t.key)));
             continue;
         };
         let mut values = Vec::new();
@@ -268,10 +243,7 @@ fn defaults_tables(
                 d.push(
                     Diagnostic::at(
                         &e.key_span,
-                        format!(
-                            "unknown parameter `{}` for stage kind `{}`",
-                            e.key, schema.kind
-                        ),
+                        format!("unknown parameter `{}` for stage kind `{}`", e.key, schema.kind),
                     )
                     .suggest(&e.key, schema.params.iter().map(|p| p.name)),
                 );
@@ -286,7 +258,7 @@ fn raw_stage<'c>(
     e: &Entry,
     catalog: &Catalog<'c>,
     vars: &[(String, Node)],
-    chain: Option<String>,
+    chain: Chain,
     sweep: Option<(&str, usize, &[(String, Json)], &[String])>,
     d: &mut Vec<Diagnostic>,
 ) -> Option<Raw<'c>> {
@@ -300,23 +272,15 @@ fn raw_stage<'c>(
     let Some(entries) = e.value.as_table() else {
         d.push(Diagnostic::at(
             &e.value.span,
-            format!(
-                "stage `{}` must be a table, found {}",
-                e.key,
-                e.value.type_name()
-            ),
+            format!("stage `{}` must be a table, found {}", e.key, e.value.type_name()),
         ));
         return None;
     };
     let (schema, kind_span) = match entries.iter().find(|x| x.key == "kind") {
         None => {
             d.push(
-                Diagnostic::at(&e.key_span, format!("stage `{}` has no `kind`", e.key)).help(
-                    format!(
-                        "add kind = \"…\", one of: {}",
-                        catalog.names().collect::<Vec<_>>().join(", ")
-                    ),
-                ),
+                Diagnostic::at(&e.key_span, format!("stage `{}` has no `kind`", e.key))
+                    .help(format!("add kind = \"…\", one of: {}", catalog.names().collect::<Vec<_>>().join(", "))),
             );
             (None, e.key_span.clone())
         }
@@ -345,63 +309,54 @@ fn raw_stage<'c>(
         },
     };
     let mut table = entries.to_vec();
+    let mut broken = Vec::new();
     for x in table.iter_mut().filter(|x| x.key != "kind") {
         let is_input = schema.is_some_and(|s| s.input(&x.key).is_some());
-        substitute_vars(&mut x.value, vars, chain.is_some() && is_input, d);
+        if !substitute_vars(&mut x.value, vars, !matches!(chain, Chain::None) && is_input, d) {
+            broken.push(x.key.clone());
+        }
     }
+    let (chain, chain_from_span) = match chain {
+        Chain::Valid { target, from_span } => (Some(target), Some(from_span)),
+        _ => (None, None),
+    };
     let (name, prefix, sweep_point, templates) = match sweep {
         None => (e.key.clone(), None, None, vec![]),
         Some((sweep_name, index, values, templates)) => {
-            let label = values
-                .iter()
-                .map(|(k, v)| format!("{k}={}", json_display(v)))
-                .collect::<Vec<_>>()
-                .join(",");
+            let label = values.iter().map(|(k, v)| format!("{k}={}", json_display(v))).collect::<Vec<_>>().join(",");
             let prefix = format!("{sweep_name}[{label}].");
-            let point = SweepPoint {
-                sweep: sweep_name.to_string(),
-                template: e.key.clone(),
-                index,
-                values: values.to_vec(),
-            };
-            (
-                format!("{prefix}{}", e.key),
-                Some(prefix),
-                Some(point),
-                templates.to_vec(),
-            )
+            let point =
+                SweepPoint { sweep: sweep_name.to_string(), template: e.key.clone(), index, values: values.to_vec() };
+            (format!("{prefix}{}", e.key), Some(prefix), Some(point), templates.to_vec())
         }
     };
-    Some(Raw {
-        name,
-        schema,
-        table,
-        kind_span,
-        sweep: sweep_point,
-        prefix,
-        templates,
-        chain,
-    })
+    Some(Raw { name, schema, table, kind_span, sweep: sweep_point, prefix, templates, chain, chain_from_span, broken })
+}
+
+/// What `$chain` means for one instance.
+#[derive(Clone)]
+enum Chain {
+    /// Not a chain sweep: `$chain` is an error.
+    None,
+    /// The sweep's chain is malformed (reported once): `$chain` is silently unresolved.
+    Invalid,
+    Valid {
+        target: String,
+        from_span: Span,
+    },
 }
 
 fn json_display(v: &Json) -> String {
     match v {
         Json::String(s) => s.clone(),
-        Json::Number(n) => n
-            .as_f64()
-            .filter(|_| n.is_f64())
-            .map(super::node::format_float)
-            .unwrap_or_else(|| n.to_string()),
+        Json::Number(n) => {
+            n.as_f64().filter(|_| n.is_f64()).map(super::node::format_float).unwrap_or_else(|| n.to_string())
+        }
         other => other.to_string(),
     }
 }
 
-fn expand_sweep<'c>(
-    e: &Entry,
-    catalog: &Catalog<'c>,
-    raws: &mut Vec<Raw<'c>>,
-    d: &mut Vec<Diagnostic>,
-) {
+fn expand_sweep<'c>(e: &Entry, catalog: &Catalog<'c>, raws: &mut Vec<Raw<'c>>, d: &mut Vec<Diagnostic>) {
     if !valid_name(&e.key) {
         d.push(
             Diagnostic::at(&e.key_span, format!("invalid sweep name `{}`", e.key))
@@ -415,12 +370,9 @@ fn expand_sweep<'c>(
     for x in entries {
         if !["over", "chain", "stages"].contains(&x.key.as_str()) {
             d.push(
-                Diagnostic::at(
-                    &x.key_span,
-                    format!("unknown key `{}` in sweep `{}`", x.key, e.key),
-                )
-                .help("a sweep has `over`, optional `chain`, and `stages`")
-                .suggest(&x.key, ["over", "chain", "stages"]),
+                Diagnostic::at(&x.key_span, format!("unknown key `{}` in sweep `{}`", x.key, e.key))
+                    .help("a sweep has `over`, optional `chain`, and `stages`")
+                    .suggest(&x.key, ["over", "chain", "stages"]),
             );
         }
     }
@@ -436,38 +388,31 @@ fn expand_sweep<'c>(
                 &over.value.span,
                 "`over` must be a table of lists, e.g. over = { sparsity = [0.1, 0.2] }",
             )),
-            Some(t) if t.is_empty() => {
-                d.push(Diagnostic::at(&over.value.span, "`over` names no variable"))
-            }
+            Some(t) if t.is_empty() => d.push(Diagnostic::at(&over.value.span, "`over` names no variable")),
             Some(t) => {
                 for v in t {
                     match &v.value.val {
                         Val::Array(items) if !items.is_empty() => {
-                            if let Some(bad) = items
-                                .iter()
-                                .find(|i| matches!(i.val, Val::Array(_) | Val::Table(_)))
-                            {
-                                d.push(Diagnostic::at(&bad.span, format!("sweep values must be numbers, strings or booleans, found {}", bad.type_name())));
+                            if let Some(bad) = items.iter().find(|i| matches!(i.val, Val::Array(_) | Val::Table(_))) {
+                                d.push(Diagnostic::at(
+                                    &bad.span,
+                                    format!(
+                                        "sweep values must be numbers, strings or booleans, found {}",
+                                        bad.type_name()
+                                    ),
+                                ));
                             }
                             vars.push((v.key.clone(), items.clone()))
                         }
-                        Val::Array(_) => d.push(Diagnostic::at(
-                            &v.value.span,
-                            format!("sweep variable `{}` has no values", v.key),
-                        )),
+                        Val::Array(_) => {
+                            d.push(Diagnostic::at(&v.value.span, format!("sweep variable `{}` has no values", v.key)))
+                        }
                         _ => d.push(
                             Diagnostic::at(
                                 &v.value.span,
-                                format!(
-                                    "sweep values must be a list, found {}",
-                                    v.value.type_name()
-                                ),
+                                format!("sweep values must be a list, found {}", v.value.type_name()),
                             )
-                            .help(format!(
-                                "write {} = [{}]",
-                                v.key,
-                                v.value.display()
-                            )),
+                            .help(format!("write {} = [{}]", v.key, v.value.display())),
                         ),
                     }
                 }
@@ -481,10 +426,7 @@ fn expand_sweep<'c>(
             _ => {
                 d.push(Diagnostic::at(
                     &t.span,
-                    format!(
-                        "sweep `{}` must define stages under [sweeps.{}.stages.<name>]",
-                        e.key, e.key
-                    ),
+                    format!("sweep `{}` must define stages under [sweeps.{}.stages.<name>]", e.key, e.key),
                 ));
                 vec![]
             }
@@ -500,8 +442,10 @@ fn expand_sweep<'c>(
     let template_names: Vec<String> = templates.iter().map(|t| t.key.clone()).collect();
 
     // Chain: `from` is resolved later like any input; `carry` must be a template of this sweep.
-    let mut chain: Option<(String, String)> = None;
+    let mut chain: Option<(String, String, Span)> = None;
+    let mut chain_invalid = false;
     if let Some(c) = e.value.get("chain") {
+        chain_invalid = true;
         let from = c.value.get("from").and_then(|f| f.value.as_str());
         let carry = c.value.get("carry");
         for k in c.value.as_table().unwrap_or(&[]) {
@@ -512,19 +456,29 @@ fn expand_sweep<'c>(
                 );
             }
         }
+        let from_span = c.value.get("from").map(|f| f.value.span.clone()).unwrap_or_default();
         match (from, carry.and_then(|c| c.value.as_str().map(|s| (s, &c.value.span)))) {
             (Some(from), Some((carry, carry_span))) => {
                 if template_names.iter().any(|t| t == carry) {
-                    chain = Some((from.to_string(), carry.to_string()));
+                    chain = Some((from.to_string(), carry.to_string(), from_span));
+                    chain_invalid = false;
                 } else {
                     d.push(
-                        Diagnostic::at(carry_span, format!("chain carry `{carry}` is not a stage of sweep `{}`", e.key))
-                            .suggest(carry, template_names.iter().map(String::as_str)),
+                        Diagnostic::at(
+                            carry_span,
+                            format!("chain carry `{carry}` is not a stage of sweep `{}`", e.key),
+                        )
+                        .suggest(carry, template_names.iter().map(String::as_str)),
                     );
                 }
             }
-            _ => d.push(Diagnostic::at(&c.value.span, "`chain` needs `from` (a stage name) and `carry` (a stage of this sweep), both strings")
-                .help("chain = { from = \"base\", carry = \"tuned\" }")),
+            _ => d.push(
+                Diagnostic::at(
+                    &c.value.span,
+                    "`chain` needs `from` (a stage name) and `carry` (a stage of this sweep), both strings",
+                )
+                .help("chain = { from = \"base\", carry = \"tuned\" }"),
+            ),
         }
     }
     if vars.is_empty() || templates.is_empty() {
@@ -547,24 +501,23 @@ fn expand_sweep<'c>(
     }
     let mut previous: Option<String> = None;
     for (index, point) in points.iter().enumerate() {
-        let values: Vec<(String, Json)> = point
-            .iter()
-            .map(|(k, v)| (k.clone(), v.to_json()))
-            .collect();
-        let chain_target = chain.as_ref().map(|(from, carry)| match &previous {
-            None => from.clone(),
-            Some(prefix) => format!("{prefix}{carry}"),
-        });
+        let values: Vec<(String, Json)> = point.iter().map(|(k, v)| (k.clone(), v.to_json())).collect();
+        let chain_state = match &chain {
+            Some((from, carry, from_span)) => Chain::Valid {
+                target: match &previous {
+                    None => from.clone(),
+                    Some(prefix) => format!("{prefix}{carry}"),
+                },
+                from_span: from_span.clone(),
+            },
+            None if chain_invalid => Chain::Invalid,
+            None => Chain::None,
+        };
         let mut prefix = None;
         for t in &templates {
-            if let Some(r) = raw_stage(
-                t,
-                catalog,
-                point,
-                chain_target.clone(),
-                Some((&e.key, index, &values, &template_names)),
-                d,
-            ) {
+            if let Some(r) =
+                raw_stage(t, catalog, point, chain_state.clone(), Some((&e.key, index, &values, &template_names)), d)
+            {
                 prefix.clone_from(&r.prefix);
                 raws.push(r);
             }
@@ -575,40 +528,46 @@ fn expand_sweep<'c>(
 
 /// Replaces `$name` (the whole string) by the variable's value and `${name}` inside strings by
 /// its text; `$$` is a literal `$`. `$chain` is kept as a marker where an input may use it.
-fn substitute_vars(
-    node: &mut Node,
-    vars: &[(String, Node)],
-    chain_allowed: bool,
-    d: &mut Vec<Diagnostic>,
-) {
+/// Returns false when it reported an error.
+fn substitute_vars(node: &mut Node, vars: &[(String, Node)], chain_allowed: bool, d: &mut Vec<Diagnostic>) -> bool {
     match &mut node.val {
         Val::Str(s) => {
             if s == CHAIN_MARKER {
                 if !chain_allowed {
-                    d.push(Diagnostic::at(&node.span, "`$chain` is only defined for inputs of stages in a sweep with `chain`")
-                        .help("add chain = { from = \"…\", carry = \"…\" } to the sweep, or name the input stage"));
+                    d.push(
+                        Diagnostic::at(
+                            &node.span,
+                            "`$chain` is only defined for inputs of stages in a sweep with `chain`",
+                        )
+                        .help("add chain = { from = \"…\", carry = \"…\" } to the sweep, or name the input stage"),
+                    );
+                    return false;
                 }
-                return;
+                return true;
             }
-            if let Some(name) = s.strip_prefix('$').filter(|n| is_ident(n)) {
-                match vars.iter().find(|(k, _)| k == name) {
-                    Some((_, v)) => node.val = v.val.clone(),
-                    None => d.push(unknown_var(name, &node.span, vars)),
+            let result = match s.strip_prefix('$').filter(|n| is_ident(n)) {
+                Some(name) => match vars.iter().find(|(k, _)| k == name) {
+                    Some((_, v)) => {
+                        node.val = v.val.clone();
+                        return true;
+                    }
+                    None => Err(name.to_string()),
+                },
+                None => interpolate(s, vars).map(|t| *s = t),
+            };
+            match result {
+                Ok(()) => true,
+                Err(name) => {
+                    d.push(unknown_var(&name, &node.span, vars));
+                    false
                 }
-                return;
-            }
-            match interpolate(s, vars) {
-                Ok(t) => *s = t,
-                Err(name) => d.push(unknown_var(&name, &node.span, vars)),
             }
         }
-        Val::Array(items) => items
-            .iter_mut()
-            .for_each(|n| substitute_vars(n, vars, false, d)),
-        Val::Table(entries) => entries
-            .iter_mut()
-            .for_each(|e| substitute_vars(&mut e.value, vars, false, d)),
-        _ => {}
+        Val::Array(items) => items.iter_mut().fold(true, |ok, n| substitute_vars(n, vars, false, d) && ok),
+        Val::Table(entries) => {
+            entries.iter_mut().fold(true, |ok, e| substitute_vars(&mut e.value, vars, false, d) && ok)
+        }
+        _ => true,
     }
 }
 
@@ -617,18 +576,9 @@ fn unknown_var(name: &str, span: &Span, vars: &[(String, Node)]) -> Diagnostic {
     let help = if known.is_empty() {
         "variables exist only inside a sweep (the names in its `over`); write `$$` for a literal `$`".to_string()
     } else {
-        format!(
-            "variables here: {}",
-            known
-                .iter()
-                .map(|k| format!("${k}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
+        format!("variables here: {}", known.iter().map(|k| format!("${k}")).collect::<Vec<_>>().join(", "))
     };
-    Diagnostic::at(span, format!("unknown variable `${name}`"))
-        .help(help)
-        .suggest(name, known)
+    Diagnostic::at(span, format!("unknown variable `${name}`")).help(help).suggest(name, known)
 }
 
 fn is_ident(s: &str) -> bool {
@@ -650,10 +600,7 @@ fn interpolate(s: &str, vars: &[(String, Node)]) -> Result<String, String> {
         } else if let Some(r) = after.strip_prefix('{') {
             let end = r.find('}').ok_or_else(|| r.to_string())?;
             let name = &r[..end];
-            let v = vars
-                .iter()
-                .find(|(k, _)| k == name)
-                .ok_or_else(|| name.to_string())?;
+            let v = vars.iter().find(|(k, _)| k == name).ok_or_else(|| name.to_string())?;
             out.push_str(&v.1.display());
             rest = &r[end + 1..];
         } else {
@@ -683,24 +630,14 @@ fn typed(node: &Node, ty: &ParamType, what: &str, d: &mut Vec<Diagnostic>) -> Op
 type TypeError = (Span, String, Option<String>);
 
 fn check(node: &Node, ty: &ParamType) -> Result<Json, TypeError> {
-    let mismatch = || {
-        (
-            node.span.clone(),
-            format!("expected {}, found {}", ty.describe(), node.type_name()),
-            None,
-        )
-    };
+    let mismatch = || (node.span.clone(), format!("expected {}, found {}", ty.describe(), node.type_name()), None);
     match (ty, &node.val) {
         (ParamType::Any, _) => Ok(node.to_json()),
         (ParamType::Bool, Val::Bool(b)) => Ok(Json::Bool(*b)),
         (ParamType::Str, Val::Str(s)) => Ok(Json::String(s.clone())),
         (ParamType::Int { min, max }, Val::Int(i)) => {
             if min.is_some_and(|m| *i < m) || max.is_some_and(|m| *i > m) {
-                Err((
-                    node.span.clone(),
-                    format!("{i} is out of range: expected {}", ty.describe()),
-                    None,
-                ))
+                Err((node.span.clone(), format!("{i} is out of range: expected {}", ty.describe()), None))
             } else {
                 Ok(Json::from(*i))
             }
@@ -714,37 +651,24 @@ fn check(node: &Node, ty: &ParamType) -> Result<Json, TypeError> {
             if !x.is_finite() || min.is_some_and(|m| x < m) || max.is_some_and(|m| x > m) {
                 Err((
                     node.span.clone(),
-                    format!(
-                        "{} is out of range: expected {}",
-                        node.display(),
-                        ty.describe()
-                    ),
+                    format!("{} is out of range: expected {}", node.display(), ty.describe()),
                     None,
                 ))
             } else {
-                Ok(serde_json::Number::from_f64(x)
-                    .map(Json::Number)
-                    .expect("finite"))
+                Ok(serde_json::Number::from_f64(x).map(Json::Number).expect("finite"))
             }
         }
         (ParamType::Enum(options), Val::Str(s)) => {
             if options.contains(&s.as_str()) {
                 Ok(Json::String(s.clone()))
             } else {
-                let help = super::diag::nearest(s, options.iter().copied())
-                    .map(|b| format!("did you mean `{b}`?"));
-                Err((
-                    node.span.clone(),
-                    format!("`{s}` is not {}", ty.describe()),
-                    help,
-                ))
+                let help = super::diag::nearest(s, options.iter().copied()).map(|b| format!("did you mean `{b}`?"));
+                Err((node.span.clone(), format!("`{s}` is not {}", ty.describe()), help))
             }
         }
-        (ParamType::List(inner), Val::Array(items)) => items
-            .iter()
-            .map(|i| check(i, inner))
-            .collect::<Result<Vec<_>, _>>()
-            .map(Json::Array),
+        (ParamType::List(inner), Val::Array(items)) => {
+            items.iter().map(|i| check(i, inner)).collect::<Result<Vec<_>, _>>().map(Json::Array)
+        }
         (ParamType::Table, Val::Table(_)) => Ok(node.to_json()),
         (ParamType::Either(options), _) => {
             let mut first_err = None;
@@ -768,16 +692,8 @@ fn resolve(
     seed: i64,
     d: &mut Vec<Diagnostic>,
 ) -> Vec<Instance> {
-    let index: HashMap<&str, usize> = raws
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (r.name.as_str(), i))
-        .collect();
-    let top_names: Vec<&str> = raws
-        .iter()
-        .filter(|r| r.sweep.is_none())
-        .map(|r| r.name.as_str())
-        .collect();
+    let index: HashMap<&str, usize> = raws.iter().enumerate().map(|(i, r)| (r.name.as_str(), i)).collect();
+    let top_names: Vec<&str> = raws.iter().filter(|r| r.sweep.is_none()).map(|r| r.name.as_str()).collect();
     let mut out = Vec::new();
     for r in raws {
         let Some(schema) = r.schema else { continue };
@@ -787,23 +703,30 @@ fn resolve(
         }
         let mut inputs = Vec::new();
         for e in &r.table {
-            if e.key == "kind" {
+            if e.key == "kind" || r.broken.contains(&e.key) {
                 continue;
             }
             if let Some(slot) = schema.input(&e.key) {
                 let Some(target) = e.value.as_str() else {
                     d.push(Diagnostic::at(
                         &e.value.span,
-                        format!(
-                            "input `{}` must name a stage, found {}",
-                            e.key,
-                            e.value.type_name()
-                        ),
+                        format!("input `{}` must name a stage, found {}", e.key, e.value.type_name()),
                     ));
                     continue;
                 };
                 let resolved = if target == CHAIN_MARKER {
-                    r.chain.clone()
+                    let Some(chain) = r.chain.clone() else { continue };
+                    if !index.contains_key(chain.as_str()) {
+                        if r.sweep.as_ref().is_some_and(|s| s.index == 0) {
+                            let span = r.chain_from_span.clone().unwrap_or_else(|| e.value.span.clone());
+                            d.push(
+                                Diagnostic::at(&span, format!("chain `from` names no stage `{chain}`"))
+                                    .suggest(&chain, top_names.iter().copied()),
+                            );
+                        }
+                        continue;
+                    }
+                    Some(chain)
                 } else if r.templates.iter().any(|t| t == target) {
                     r.prefix.as_ref().map(|p| format!("{p}{target}"))
                 } else {
@@ -811,34 +734,21 @@ fn resolve(
                 };
                 let Some(&t) = resolved.as_deref().and_then(|n| index.get(n)) else {
                     let shown = resolved.as_deref().unwrap_or(target);
-                    let candidates: Vec<&str> = r
-                        .templates
-                        .iter()
-                        .map(String::as_str)
-                        .chain(top_names.iter().copied())
-                        .collect();
+                    let candidates: Vec<&str> =
+                        r.templates.iter().map(String::as_str).chain(top_names.iter().copied()).collect();
                     let mut diag = Diagnostic::at(
                         &e.value.span,
-                        format!(
-                            "unknown input `{shown}` for `{}` of stage `{}`",
-                            e.key, r.name
-                        ),
+                        format!("unknown input `{shown}` for `{}` of stage `{}`", e.key, r.name),
                     );
                     diag = match super::diag::nearest(target, candidates.iter().copied()) {
                         Some(best) => diag.help(format!("did you mean `{best}`?")),
-                        None => diag.help(format!(
-                            "stages that can be named here: {}",
-                            candidates.join(", ")
-                        )),
+                        None => diag.help(format!("stages that can be named here: {}", candidates.join(", "))),
                     };
                     d.push(diag);
                     continue;
                 };
                 if raws[t].name == r.name {
-                    d.push(Diagnostic::at(
-                        &e.value.span,
-                        format!("stage `{}` names itself as its input", r.name),
-                    ));
+                    d.push(Diagnostic::at(&e.value.span, format!("stage `{}` names itself as its input", r.name)));
                     continue;
                 }
                 if let Some(ts) = raws[t].schema {
@@ -847,20 +757,22 @@ fn resolve(
                             Diagnostic::at(
                                 &e.value.span,
                                 format!(
-                                    "input `{}` of stage `{}` ({}) expects a {}, but `{}` ({}) produces {}",
-                                    e.key, r.name, schema.kind, slot.ty.name(), raws[t].name, ts.kind, ts.output.name()
+                                    "input `{}` of stage `{}` ({}) expects {}, but `{}` ({}) produces {}",
+                                    e.key,
+                                    r.name,
+                                    schema.kind,
+                                    slot.ty.noun(),
+                                    raws[t].name,
+                                    ts.kind,
+                                    ts.output.noun()
                                 ),
                             )
-                            .help(format!("name a stage that produces a {}", slot.ty.name())),
+                            .help(format!("name a stage that produces {}", slot.ty.noun())),
                         );
                         continue;
                     }
                 }
-                inputs.push(InputRef {
-                    slot: e.key.clone(),
-                    target: t,
-                    span: e.value.span.clone(),
-                });
+                inputs.push(InputRef { slot: e.key.clone(), target: t, span: e.value.span.clone() });
             } else if let Some(p) = schema.param(&e.key) {
                 if let Some(v) = typed(&e.value, &p.ty, &format!("{}.{}", r.name, e.key), d) {
                     params.insert(e.key.clone(), v);
@@ -869,21 +781,16 @@ fn resolve(
                 d.push(
                     Diagnostic::at(
                         &e.key_span,
-                        format!(
-                            "unknown parameter `{}` for stage kind `{}`",
-                            e.key, schema.kind
-                        ),
+                        format!("unknown parameter `{}` for stage kind `{}`", e.key, schema.kind),
                     )
-                    .help(format!(
-                        "see `rpt-flow stages {}` for its parameters",
-                        schema.kind
-                    ))
+                    .help(format!("see `rpt-flow stages {}` for its parameters", schema.kind))
                     .suggest(&e.key, schema.keys()),
                 );
             }
         }
+        let given = |key: &str| r.table.iter().any(|e| e.key == key);
         for p in schema.params {
-            if params.contains_key(p.name) {
+            if params.contains_key(p.name) || given(p.name) {
                 continue;
             }
             match p.default.value(seed) {
@@ -893,35 +800,24 @@ fn resolve(
                 None if matches!(p.default, super::schema::Default::Required) => d.push(
                     Diagnostic::at(
                         &r.kind_span,
-                        format!(
-                            "stage `{}` ({}) is missing parameter `{}`",
-                            r.name, schema.kind, p.name
-                        ),
+                        format!("stage `{}` ({}) is missing parameter `{}`", r.name, schema.kind, p.name),
                     )
-                    .help(format!(
-                        "add {} = … ({}): {}",
-                        p.name,
-                        p.ty.describe(),
-                        p.help
-                    )),
+                    .help(format!("add {} = … ({}): {}", p.name, p.ty.describe(), p.help)),
                 ),
                 None => {}
             }
         }
         for slot in schema.inputs.iter().filter(|s| s.required) {
-            if !inputs.iter().any(|i| i.slot == slot.name) {
+            if !given(slot.name) {
                 d.push(
                     Diagnostic::at(
                         &r.kind_span,
-                        format!(
-                            "stage `{}` ({}) is missing input `{}`",
-                            r.name, schema.kind, slot.name
-                        ),
+                        format!("stage `{}` ({}) is missing input `{}`", r.name, schema.kind, slot.name),
                     )
                     .help(format!(
-                        "add {} = \"<stage name>\" naming a stage that produces a {}",
+                        "add {} = \"<stage name>\" naming a stage that produces {}",
                         slot.name,
-                        slot.ty.name()
+                        slot.ty.noun()
                     )),
                 );
             }

@@ -80,10 +80,7 @@ impl Pipeline {
 
     /// Errors located in this pipeline's sources.
     pub fn errors(&self, diagnostics: Vec<Diagnostic>) -> SpecErrors {
-        SpecErrors {
-            sources: self.sources.clone(),
-            diagnostics,
-        }
+        SpecErrors { sources: self.sources.clone(), diagnostics }
     }
 }
 
@@ -95,11 +92,8 @@ pub fn load(path: &Path, catalog: &Catalog, options: &SpecOptions) -> Result<Pip
         Err(e) => {
             return Err(SpecErrors {
                 sources: vec![],
-                diagnostics: vec![Diagnostic::new(
-                    format!("cannot read pipeline file `{display}`: {e}"),
-                    None,
-                )
-                .help("check the path; pipelines live in pipelines/*.toml")],
+                diagnostics: vec![Diagnostic::new(format!("cannot read pipeline file `{display}`: {e}"), None)
+                    .help("check the path; pipelines live in pipelines/*.toml")],
             })
         }
     };
@@ -107,22 +101,14 @@ pub fn load(path: &Path, catalog: &Catalog, options: &SpecOptions) -> Result<Pip
 }
 
 /// As [`load`], from text already in memory; `name` is used in locations.
-pub fn parse(
-    name: &str,
-    text: &str,
-    catalog: &Catalog,
-    options: &SpecOptions,
-) -> Result<Pipeline, SpecErrors> {
+pub fn parse(name: &str, text: &str, catalog: &Catalog, options: &SpecOptions) -> Result<Pipeline, SpecErrors> {
     let mut sources = vec![Source::new(name, text)];
     let doc = match toml::de::DeTable::parse(text) {
         Ok(doc) => doc,
         Err(e) => {
             let span = e.span().map(|r| Span::new(0, r));
             let message = format!("invalid TOML: {}", e.message().trim());
-            return Err(SpecErrors {
-                sources,
-                diagnostics: vec![Diagnostic::new(message, span)],
-            });
+            return Err(SpecErrors { sources, diagnostics: vec![Diagnostic::new(message, span)] });
         }
     };
     let mut root = Node::from_toml(&doc, 0);
@@ -136,19 +122,12 @@ pub fn parse(
             Err(d) => diags.push(d),
         }
     }
-    let file_stem = Path::new(name)
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let file_stem = Path::new(name).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let pipeline = expand::build(&mut root, catalog, options, sets, &file_stem, &mut diags);
     if !diags.is_empty() {
-        return Err(SpecErrors {
-            sources,
-            diagnostics: diags,
-        });
+        return Err(SpecErrors { sources, diagnostics: diags });
     }
-    let (name_, seed, description, profiles, instances) =
-        pipeline.expect("no diagnostics means a pipeline");
+    let (name_, seed, description, profiles, instances) = pipeline.expect("no diagnostics means a pipeline");
     Ok(Pipeline {
         name: name_,
         seed,
@@ -179,16 +158,9 @@ fn parse_set(arg: &str, source: usize) -> Result<overrides::Override, Diagnostic
             reanchor(&mut v, &value_span);
             v
         }
-        _ => Node {
-            val: node::Val::Str(raw.to_string()),
-            span: value_span,
-        },
+        _ => Node { val: node::Val::Str(raw.to_string()), span: value_span },
     };
-    Ok(overrides::Override {
-        path: path.to_string(),
-        path_span: Span::new(source, 0..eq),
-        value,
-    })
+    Ok(overrides::Override { path: path.to_string(), path_span: Span::new(source, 0..eq), value })
 }
 
 /// Points every span of a `--set` value at the value's text.

@@ -32,22 +32,17 @@ pub struct Entry {
 impl Node {
     /// Converts a parsed document; entries keep their order of appearance in the source.
     pub fn from_toml(table: &toml::Spanned<DeTable<'_>>, source: usize) -> Node {
-        Node {
-            val: Val::Table(entries_of(table.get_ref(), source)),
-            span: Span::new(source, table.span()),
-        }
+        Node { val: Val::Table(entries_of(table.get_ref(), source)), span: Span::new(source, table.span()) }
     }
 
     fn from_de(v: &toml::Spanned<DeValue<'_>>, source: usize) -> Node {
         let span = Span::new(source, v.span());
         let val = match v.get_ref() {
             DeValue::String(s) => Val::Str(s.to_string()),
-            DeValue::Integer(i) => {
-                match i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()) {
-                    Ok(n) => Val::Int(n),
-                    Err(_) => Val::Str(i.as_str().to_string()),
-                }
-            }
+            DeValue::Integer(i) => match i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()) {
+                Ok(n) => Val::Int(n),
+                Err(_) => Val::Str(i.as_str().to_string()),
+            },
             DeValue::Float(x) => Val::Float(parse_toml_float(x.as_str())),
             DeValue::Boolean(b) => Val::Bool(*b),
             DeValue::Datetime(d) => Val::Datetime(d.to_string()),
@@ -97,16 +92,10 @@ impl Node {
         match &self.val {
             Val::Str(s) | Val::Datetime(s) => Json::String(s.clone()),
             Val::Int(i) => Json::from(*i),
-            Val::Float(f) => serde_json::Number::from_f64(*f)
-                .map(Json::Number)
-                .unwrap_or(Json::Null),
+            Val::Float(f) => serde_json::Number::from_f64(*f).map(Json::Number).unwrap_or(Json::Null),
             Val::Bool(b) => Json::Bool(*b),
             Val::Array(a) => Json::Array(a.iter().map(Node::to_json).collect()),
-            Val::Table(t) => Json::Object(
-                t.iter()
-                    .map(|e| (e.key.clone(), e.value.to_json()))
-                    .collect(),
-            ),
+            Val::Table(t) => Json::Object(t.iter().map(|e| (e.key.clone(), e.value.to_json())).collect()),
         }
     }
 

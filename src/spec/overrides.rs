@@ -42,20 +42,14 @@ pub fn profile_overrides(profile: &Node, prefix: &mut Vec<String>, out: &mut Vec
         if !complete && matches!(e.value.val, Val::Table(_)) {
             profile_overrides(&e.value, prefix, out);
         } else {
-            out.push(Override {
-                path: prefix.join("."),
-                path_span: e.key_span.clone(),
-                value: e.value.clone(),
-            });
+            out.push(Override { path: prefix.join("."), path_span: e.key_span.clone(), value: e.value.clone() });
         }
         prefix.truncate(prefix.len() - n);
     }
 }
 
 fn table_keys(node: Option<&Node>) -> Vec<&str> {
-    node.and_then(Node::as_table)
-        .map(|t| t.iter().map(|e| e.key.as_str()).collect())
-        .unwrap_or_default()
+    node.and_then(Node::as_table).map(|t| t.iter().map(|e| e.key.as_str()).collect()).unwrap_or_default()
 }
 
 fn child<'a>(node: Option<&'a Node>, key: &str) -> Option<&'a Node> {
@@ -63,19 +57,9 @@ fn child<'a>(node: Option<&'a Node>, key: &str) -> Option<&'a Node> {
 }
 
 /// Checks that a path names something that exists (or a parameter the addressed stage kind has).
-pub fn check_path(
-    root: &Node,
-    path: &str,
-    span: &Span,
-    catalog: &Catalog,
-) -> Result<(), Diagnostic> {
+pub fn check_path(root: &Node, path: &str, span: &Span, catalog: &Catalog) -> Result<(), Diagnostic> {
     let comps: Vec<&str> = path.split('.').collect();
-    let nothing = |what: String| {
-        Diagnostic::at(
-            span,
-            format!("override path `{path}` matches nothing: {what}"),
-        )
-    };
+    let nothing = |what: String| Diagnostic::at(span, format!("override path `{path}` matches nothing: {what}"));
     let want = |n: usize, form: &str| {
         if comps.len() != n {
             Err(nothing(format!("expected the form `{form}`")))
@@ -83,16 +67,13 @@ pub fn check_path(
             Ok(())
         }
     };
-    let stage_key_ok = |stage: Option<&Node>, key: &str, form: &str| -> Result<(), Diagnostic> {
-        let kind = child(stage, "kind")
-            .and_then(Node::as_str)
-            .and_then(|k| catalog.get(k));
+    let stage_key_ok = |stage: Option<&Node>, key: &str| -> Result<(), Diagnostic> {
+        let kind = child(stage, "kind").and_then(Node::as_str).and_then(|k| catalog.get(k));
         match kind {
-            Some(schema) if !schema.keys().any(|k| k == key) => Err(nothing(format!(
-                "stage kind `{}` has no parameter `{key}` ({form})",
-                schema.kind
-            ))
-            .suggest(key, schema.keys())),
+            Some(schema) if !schema.keys().any(|k| k == key) => {
+                Err(nothing(format!("stage kind `{}` has no parameter `{key}`", schema.kind))
+                    .suggest(key, schema.keys()))
+            }
             _ => Ok(()),
         }
     };
@@ -107,25 +88,20 @@ pub fn check_path(
         "defaults" => {
             want(3, "defaults.<kind>.<parameter>")?;
             let Some(schema) = catalog.get(comps[1]) else {
-                return Err(nothing(format!("no stage kind `{}`", comps[1]))
-                    .suggest(comps[1], catalog.names()));
+                return Err(nothing(format!("no stage kind `{}`", comps[1])).suggest(comps[1], catalog.names()));
             };
             if schema.param(comps[2]).is_none() {
-                return Err(nothing(format!(
-                    "stage kind `{}` has no parameter `{}`",
-                    comps[1], comps[2]
-                ))
-                .suggest(comps[2], schema.params.iter().map(|p| p.name)));
+                return Err(nothing(format!("stage kind `{}` has no parameter `{}`", comps[1], comps[2]))
+                    .suggest(comps[2], schema.params.iter().map(|p| p.name)));
             }
         }
         "stages" => {
             want(3, "stages.<stage>.<parameter>")?;
             let stages = child(Some(root), "stages");
             let Some(stage) = child(stages, comps[1]) else {
-                return Err(nothing(format!("no stage `{}`", comps[1]))
-                    .suggest(comps[1], table_keys(stages)));
+                return Err(nothing(format!("no stage `{}`", comps[1])).suggest(comps[1], table_keys(stages)));
             };
-            stage_key_ok(Some(stage), comps[2], "stages.<stage>.<parameter>")?;
+            stage_key_ok(Some(stage), comps[2])?;
         }
         "sweeps" => {
             let sweeps = child(Some(root), "sweeps");
@@ -140,34 +116,26 @@ pub fn check_path(
                     want(4, "sweeps.<sweep>.over.<variable>")?;
                     let over = child(Some(sweep), "over");
                     if child(over, comps[3]).is_none() {
-                        return Err(nothing(format!(
-                            "sweep `{name}` has no variable `{}`",
-                            comps[3]
-                        ))
-                        .suggest(comps[3], table_keys(over)));
+                        return Err(nothing(format!("sweep `{name}` has no variable `{}`", comps[3]))
+                            .suggest(comps[3], table_keys(over)));
                     }
                 }
                 Some("chain") => {
                     want(4, "sweeps.<sweep>.chain.<from|carry>")?;
                     if !["from", "carry"].contains(&comps[3]) {
-                        return Err(nothing("a chain has only `from` and `carry`".into())
-                            .suggest(comps[3], ["from", "carry"]));
+                        return Err(
+                            nothing("a chain has only `from` and `carry`".into()).suggest(comps[3], ["from", "carry"])
+                        );
                     }
                 }
                 Some("stages") => {
                     want(5, "sweeps.<sweep>.stages.<stage>.<parameter>")?;
                     let templates = child(Some(sweep), "stages");
                     let Some(stage) = child(templates, comps[3]) else {
-                        return Err(
-                            nothing(format!("sweep `{name}` has no stage `{}`", comps[3]))
-                                .suggest(comps[3], table_keys(templates)),
-                        );
+                        return Err(nothing(format!("sweep `{name}` has no stage `{}`", comps[3]))
+                            .suggest(comps[3], table_keys(templates)));
                     };
-                    stage_key_ok(
-                        Some(stage),
-                        comps[4],
-                        "sweeps.<sweep>.stages.<stage>.<parameter>",
-                    )?;
+                    stage_key_ok(Some(stage), comps[4])?;
                 }
                 other => {
                     return Err(nothing(format!("a sweep has no `{}`", other.unwrap_or("")))
@@ -197,19 +165,8 @@ pub fn apply(root: &mut Node, ov: &Override) {
         let pos = match table.iter().position(|e| e.key == *comp) {
             Some(p) => p,
             None => {
-                let value = if last {
-                    ov.value.clone()
-                } else {
-                    Node {
-                        val: Val::Table(vec![]),
-                        span: span.clone(),
-                    }
-                };
-                table.push(Entry {
-                    key: comp.to_string(),
-                    key_span: span,
-                    value,
-                });
+                let value = if last { ov.value.clone() } else { Node { val: Val::Table(vec![]), span: span.clone() } };
+                table.push(Entry { key: comp.to_string(), key_span: span, value });
                 table.len() - 1
             }
         };

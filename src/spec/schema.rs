@@ -17,6 +17,13 @@ pub enum ArtifactType {
 }
 
 impl ArtifactType {
+    /// With an article where English wants one: "a model", "metrics".
+    pub fn noun(self) -> &'static str {
+        match self {
+            ArtifactType::Model => "a model",
+            other => other.name(),
+        }
+    }
     pub fn name(self) -> &'static str {
         match self {
             ArtifactType::Model => "model",
@@ -53,50 +60,26 @@ pub enum ParamType {
 }
 
 impl ParamType {
-    pub const INT: ParamType = ParamType::Int {
-        min: None,
-        max: None,
-    };
-    pub const UINT: ParamType = ParamType::Int {
-        min: Some(0),
-        max: None,
-    };
-    pub const FLOAT: ParamType = ParamType::Float {
-        min: None,
-        max: None,
-    };
-    pub const FRACTION: ParamType = ParamType::Float {
-        min: Some(0.0),
-        max: Some(1.0),
-    };
+    pub const INT: ParamType = ParamType::Int { min: None, max: None };
+    pub const UINT: ParamType = ParamType::Int { min: Some(0), max: None };
+    pub const FLOAT: ParamType = ParamType::Float { min: None, max: None };
+    pub const FRACTION: ParamType = ParamType::Float { min: Some(0.0), max: Some(1.0) };
 
     /// Human description, e.g. "a float in [0, 1]", "one of \"a\", \"b\"".
     pub fn describe(&self) -> String {
         match self {
             ParamType::Bool => "a boolean".into(),
-            ParamType::Int { min, max } => format!(
-                "an integer{}",
-                range_text(min.map(|x| x as f64), max.map(|x| x as f64))
-            ),
+            ParamType::Int { min, max } => {
+                format!("an integer{}", range_text(min.map(|x| x as f64), max.map(|x| x as f64)))
+            }
             ParamType::Float { min, max } => format!("a number{}", range_text(*min, *max)),
             ParamType::Str => "a string".into(),
             ParamType::Enum(options) => {
-                format!(
-                    "one of {}",
-                    options
-                        .iter()
-                        .map(|o| format!("\"{o}\""))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
+                format!("one of {}", options.iter().map(|o| format!("\"{o}\"")).collect::<Vec<_>>().join(", "))
             }
             ParamType::List(inner) => format!("a list of {}", strip_article(&inner.describe())),
             ParamType::Table => "a table".into(),
-            ParamType::Either(options) => options
-                .iter()
-                .map(|o| o.describe())
-                .collect::<Vec<_>>()
-                .join(" or "),
+            ParamType::Either(options) => options.iter().map(|o| o.describe()).collect::<Vec<_>>().join(" or "),
             ParamType::Any => "any value".into(),
         }
     }
@@ -111,21 +94,14 @@ impl ParamType {
             ParamType::Enum(options) => options.join("|"),
             ParamType::List(inner) => format!("[{}]", inner.short()),
             ParamType::Table => "table".into(),
-            ParamType::Either(options) => options
-                .iter()
-                .map(|o| o.short())
-                .collect::<Vec<_>>()
-                .join(" | "),
+            ParamType::Either(options) => options.iter().map(|o| o.short()).collect::<Vec<_>>().join(" | "),
             ParamType::Any => "any".into(),
         }
     }
 }
 
 fn strip_article(s: &str) -> String {
-    s.strip_prefix("an ")
-        .or_else(|| s.strip_prefix("a "))
-        .map(|r| format!("{r}s"))
-        .unwrap_or_else(|| s.to_string())
+    s.strip_prefix("an ").or_else(|| s.strip_prefix("a ")).map(|r| format!("{r}s")).unwrap_or_else(|| s.to_string())
 }
 
 fn range_text(min: Option<f64>, max: Option<f64>) -> String {
@@ -207,9 +183,7 @@ impl KindSchema {
     }
     /// Every key a stage table of this kind may hold.
     pub fn keys(&self) -> impl Iterator<Item = &'static str> + '_ {
-        std::iter::once("kind")
-            .chain(self.inputs.iter().map(|i| i.name))
-            .chain(self.params.iter().map(|p| p.name))
+        std::iter::once("kind").chain(self.inputs.iter().map(|i| i.name)).chain(self.params.iter().map(|p| p.name))
     }
 }
 

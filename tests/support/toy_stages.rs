@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use rpt_flow::exec::{
-    typed_params, ArtifactType, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Registry,
-    Stage, StageContext,
+    typed_params, ArtifactType, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Registry, Stage, StageContext,
 };
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
@@ -17,10 +16,7 @@ use serde_json::{json, Map, Value as Json};
 /// Appends `<instance> <key>` to the file named by TOY_LOG: tests count computations with it.
 fn log_computation(ctx: &StageContext) -> Result<()> {
     if let Ok(path) = std::env::var("TOY_LOG") {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
         f.write_all(format!("{} {}\n", ctx.instance, ctx.key).as_bytes())?;
     }
     Ok(())
@@ -37,13 +33,9 @@ fn write_weights(dir: &Path, w: &[f64]) -> Result<()> {
 }
 
 fn lcg(seed: u64) -> impl FnMut() -> f64 {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     move || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((s >> 11) as f64) / ((1u64 << 53) as f64) - 0.5
     }
 }
@@ -66,19 +58,11 @@ static LOAD: KindSchema = KindSchema {
     params: &[
         ParamDef {
             name: "size",
-            ty: ParamType::Int {
-                min: Some(1),
-                max: Some(1_000_000),
-            },
+            ty: ParamType::Int { min: Some(1), max: Some(1_000_000) },
             default: ParamDefault::Json("8"),
             help: "number of weights",
         },
-        ParamDef {
-            name: "seed",
-            ty: ParamType::INT,
-            default: ParamDefault::PipelineSeed,
-            help: "random seed",
-        },
+        ParamDef { name: "seed", ty: ParamType::INT, default: ParamDefault::PipelineSeed, help: "random seed" },
         ParamDef {
             name: "source",
             ty: ParamType::Str,
@@ -103,11 +87,8 @@ impl Stage for ToyLoad {
         match p.source {
             None => Ok(None),
             Some(path) => {
-                let bytes = std::fs::read(&path)
-                    .map_err(|e| format!("cannot read source `{path}`: {e}"))?;
-                Ok(Some(
-                    json!({ "source_blake3": blake3::hash(&bytes).to_hex().to_string() }),
-                ))
+                let bytes = std::fs::read(&path).map_err(|e| format!("cannot read source `{path}`: {e}"))?;
+                Ok(Some(json!({ "source_blake3": blake3::hash(&bytes).to_hex().to_string() })))
             }
         }
     }
@@ -116,8 +97,7 @@ impl Stage for ToyLoad {
         log_computation(ctx)?;
         let mut seed = p.seed as u64;
         if let Some(path) = &p.source {
-            seed ^=
-                u64::from_le_bytes(blake3::hash(&std::fs::read(path)?).as_bytes()[..8].try_into()?);
+            seed ^= u64::from_le_bytes(blake3::hash(&std::fs::read(path)?).as_bytes()[..8].try_into()?);
         }
         let mut next = lcg(seed);
         let w: Vec<f64> = (0..p.size).map(|_| next()).collect();
@@ -141,14 +121,35 @@ struct ScaleParams {
 static SCALE: KindSchema = KindSchema {
     kind: "toy-scale",
     version: 1,
-    help: "Multiplies the weights by `factor` and adds a step-dependent term, `steps` times, with resumable checkpoints.",
+    help:
+        "Multiplies the weights by `factor` and adds a step-dependent term, `steps` times, with resumable checkpoints.",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "weights to transform" }],
     params: &[
         ParamDef { name: "factor", ty: ParamType::FLOAT, default: ParamDefault::Required, help: "multiplier per step" },
-        ParamDef { name: "steps", ty: ParamType::Int { min: Some(1), max: None }, default: ParamDefault::Json("1"), help: "number of steps" },
-        ParamDef { name: "sleep_ms", ty: ParamType::UINT, default: ParamDefault::Json("0"), help: "pause per step (tests)" },
-        ParamDef { name: "checkpoint_every", ty: ParamType::Int { min: Some(1), max: None }, default: ParamDefault::Json("1"), help: "steps between checkpoints" },
-        ParamDef { name: "fail_at_step", ty: ParamType::UINT, default: ParamDefault::Optional, help: "fail when reaching this step (tests)" },
+        ParamDef {
+            name: "steps",
+            ty: ParamType::Int { min: Some(1), max: None },
+            default: ParamDefault::Json("1"),
+            help: "number of steps",
+        },
+        ParamDef {
+            name: "sleep_ms",
+            ty: ParamType::UINT,
+            default: ParamDefault::Json("0"),
+            help: "pause per step (tests)",
+        },
+        ParamDef {
+            name: "checkpoint_every",
+            ty: ParamType::Int { min: Some(1), max: None },
+            default: ParamDefault::Json("1"),
+            help: "steps between checkpoints",
+        },
+        ParamDef {
+            name: "fail_at_step",
+            ty: ParamType::UINT,
+            default: ParamDefault::Optional,
+            help: "fail when reaching this step (tests)",
+        },
     ],
     output: ArtifactType::Model,
 };
@@ -174,16 +175,11 @@ impl Stage for ToyScale {
         log_computation(ctx)?;
         let mut state = match ctx.partial.latest()? {
             Some(ck) => {
-                let s: ScaleState =
-                    serde_json::from_str(&std::fs::read_to_string(ck.dir.join("state.json"))?)?;
+                let s: ScaleState = serde_json::from_str(&std::fs::read_to_string(ck.dir.join("state.json"))?)?;
                 eprintln!("toy-scale: resumed at step {}", s.step);
                 s
             }
-            None => ScaleState {
-                step: 0,
-                weights: read_weights(&ctx.input("input")?.dir)?,
-                history: vec![],
-            },
+            None => ScaleState { step: 0, weights: read_weights(&ctx.input("input")?.dir)?, history: vec![] },
         };
         ctx.progress.set_length(p.steps);
         while state.step < p.steps {
@@ -201,9 +197,7 @@ impl Stage for ToyScale {
             ctx.progress.set_position(state.step);
             if state.step % p.checkpoint_every == 0 && state.step < p.steps {
                 let text = serde_json::to_string(&state)?;
-                ctx.partial.save(state.step, |dir| {
-                    Ok(std::fs::write(dir.join("state.json"), &text)?)
-                })?;
+                ctx.partial.save(state.step, |dir| Ok(std::fs::write(dir.join("state.json"), &text)?))?;
             }
         }
         write_weights(ctx.out_dir, &state.weights)?;
@@ -218,12 +212,7 @@ static EVAL_V1: KindSchema = KindSchema {
     kind: "toy-eval",
     version: 1,
     help: "Mean and norm of the weights (plus an offset).",
-    inputs: &[InputDef {
-        name: "input",
-        ty: ArtifactType::Model,
-        required: true,
-        help: "weights",
-    }],
+    inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "weights" }],
     params: &[ParamDef {
         name: "offset",
         ty: ParamType::FLOAT,
@@ -233,10 +222,7 @@ static EVAL_V1: KindSchema = KindSchema {
     output: ArtifactType::Metrics,
 };
 /// The same kind after a semantic change (TOY_EVAL_VERSION=2): old entries must stop matching.
-static EVAL_V2: KindSchema = KindSchema {
-    version: 2,
-    ..EVAL_V1
-};
+static EVAL_V2: KindSchema = KindSchema { version: 2, ..EVAL_V1 };
 
 struct ToyEval;
 
@@ -250,11 +236,7 @@ impl Stage for ToyEval {
     }
     fn run(&self, ctx: &StageContext) -> Result<Json> {
         log_computation(ctx)?;
-        let offset = ctx
-            .params
-            .get("offset")
-            .and_then(Json::as_f64)
-            .unwrap_or(0.0);
+        let offset = ctx.params.get("offset").and_then(Json::as_f64).unwrap_or(0.0);
         let w = read_weights(&ctx.input("input")?.dir)?;
         let mean = w.iter().sum::<f64>() / w.len() as f64 + offset;
         let norm = w.iter().map(|x| x * x).sum::<f64>().sqrt();
@@ -266,12 +248,7 @@ static TEXT: KindSchema = KindSchema {
     kind: "toy-text",
     version: 1,
     help: "Writes the weights as words.",
-    inputs: &[InputDef {
-        name: "input",
-        ty: ArtifactType::Model,
-        required: true,
-        help: "weights",
-    }],
+    inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "weights" }],
     params: &[ParamDef {
         name: "style",
         ty: ParamType::Enum(&["plain", "shout"]),
@@ -290,10 +267,7 @@ impl Stage for ToyText {
     fn run(&self, ctx: &StageContext) -> Result<Json> {
         log_computation(ctx)?;
         let w = read_weights(&ctx.input("input")?.dir)?;
-        let mut text: String = w
-            .iter()
-            .map(|x| if *x >= 0.0 { "up " } else { "down " })
-            .collect();
+        let mut text: String = w.iter().map(|x| if *x >= 0.0 { "up " } else { "down " }).collect();
         if ctx.params.get("style").and_then(Json::as_str) == Some("shout") {
             text = text.to_uppercase();
         }
@@ -306,12 +280,7 @@ static COUNT: KindSchema = KindSchema {
     kind: "toy-count",
     version: 1,
     help: "Counts words of a text.",
-    inputs: &[InputDef {
-        name: "text",
-        ty: ArtifactType::Text,
-        required: true,
-        help: "text to count",
-    }],
+    inputs: &[InputDef { name: "text", ty: ArtifactType::Text, required: true, help: "text to count" }],
     params: &[ParamDef {
         name: "word",
         ty: ParamType::Str,
@@ -330,14 +299,8 @@ impl Stage for ToyCount {
     fn run(&self, ctx: &StageContext) -> Result<Json> {
         log_computation(ctx)?;
         let text = std::fs::read_to_string(ctx.input("text")?.dir.join("text.txt"))?;
-        let word = ctx
-            .params
-            .get("word")
-            .and_then(Json::as_str)
-            .unwrap_or("up");
-        Ok(
-            json!({ "count": text.split_whitespace().filter(|w| w.eq_ignore_ascii_case(word)).count() }),
-        )
+        let word = ctx.params.get("word").and_then(Json::as_str).unwrap_or("up");
+        Ok(json!({ "count": text.split_whitespace().filter(|w| w.eq_ignore_ascii_case(word)).count() }))
     }
 }
 
@@ -345,12 +308,7 @@ static FAIL: KindSchema = KindSchema {
     kind: "toy-fail",
     version: 1,
     help: "Always fails (tests of failure handling).",
-    inputs: &[InputDef {
-        name: "input",
-        ty: ArtifactType::Model,
-        required: true,
-        help: "anything",
-    }],
+    inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "anything" }],
     params: &[ParamDef {
         name: "message",
         ty: ParamType::Str,
@@ -368,27 +326,13 @@ impl Stage for ToyFail {
     }
     fn run(&self, ctx: &StageContext) -> Result<Json> {
         log_computation(ctx)?;
-        std::fs::write(
-            ctx.out_dir.join("half-written.txt"),
-            "must never become an entry",
-        )?;
-        bail!(
-            "{}",
-            ctx.params
-                .get("message")
-                .and_then(Json::as_str)
-                .unwrap_or("toy failure")
-        )
+        std::fs::write(ctx.out_dir.join("half-written.txt"), "must never become an entry")?;
+        bail!("{}", ctx.params.get("message").and_then(Json::as_str).unwrap_or("toy failure"))
     }
 }
 
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register(ToyLoad)
-        .register(ToyScale)
-        .register(ToyEval)
-        .register(ToyText)
-        .register(ToyCount)
-        .register(ToyFail);
+    r.register(ToyLoad).register(ToyScale).register(ToyEval).register(ToyText).register(ToyCount).register(ToyFail);
     r
 }
