@@ -54,7 +54,7 @@ pub fn run(cmd: &CacheCommand, registry: &Registry, root: &Path) -> CliResult {
         }
         CacheCommand::Gc { keep, older_than, dry_run } => {
             let older_than = older_than.as_deref().map(parse_age).transpose()?;
-            let keep = if keep.is_empty() { None } else { Some(reachable(keep, registry)?) };
+            let keep = if keep.is_empty() { None } else { Some(reachable(keep, registry, root)?) };
             let report = cache.gc(&GcOptions { keep, older_than, dry_run: *dry_run })?;
             let verb = if *dry_run { "would remove" } else { "removed" };
             for (k, bytes) in &report.removed_entries {
@@ -108,15 +108,15 @@ fn ls(cache: &crate::cache::Cache) -> CliResult {
 }
 
 /// Keys of every instance of these pipelines, with no profile and with each profile they define.
-fn reachable(files: &[PathBuf], registry: &Registry) -> Result<HashSet<Key>, CliError> {
+fn reachable(files: &[PathBuf], registry: &Registry, root: &Path) -> Result<HashSet<Key>, CliError> {
     let mut keys = HashSet::new();
     for f in files {
         let base = PipelineArgs { pipeline: f.clone(), profiles: vec![], sets: vec![], device: "cpu".into() };
-        let plan = load_plan(&base, registry)?;
+        let plan = load_plan(&base, registry, Some(root))?;
         keys.extend(plan.keys.iter().copied());
         for profile in plan.pipeline.profiles.clone() {
             let args = PipelineArgs { profiles: vec![profile], ..base.clone() };
-            keys.extend(load_plan(&args, registry)?.keys);
+            keys.extend(load_plan(&args, registry, Some(root))?.keys);
         }
     }
     Ok(keys)

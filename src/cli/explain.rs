@@ -17,7 +17,7 @@ pub struct ExplainArgs {
 }
 
 pub fn run(args: &ExplainArgs, registry: &Registry, cache_root: &std::path::Path) -> CliResult {
-    let plan = load_plan(&args.pipeline, registry)?;
+    let plan = load_plan(&args.pipeline, registry, Some(cache_root))?;
     let p = &plan.pipeline;
     let Some(i) = p.instance(&args.instance) else {
         let names: Vec<&str> = p.instances.iter().map(|x| x.name.as_str()).collect();

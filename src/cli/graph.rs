@@ -19,7 +19,7 @@ fn quote(s: &str) -> String {
 }
 
 pub fn run(args: &GraphArgs, registry: &Registry) -> CliResult {
-    let plan = load_plan(&args.pipeline, registry)?;
+    let plan = load_plan(&args.pipeline, registry, None)?;
     let p = &plan.pipeline;
     let mut out = String::new();
     if args.format == "dot" {

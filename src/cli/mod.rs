@@ -9,13 +9,13 @@ mod run_cmd;
 mod stages_cmd;
 mod validate;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::cache::Cache;
-use crate::exec::Registry;
+use crate::exec::{FileHasher, Identifier, Registry};
 use crate::plan::{self, Plan, Settings};
 use crate::spec::{self, SpecErrors, SpecOptions};
 
@@ -147,13 +147,21 @@ pub fn device_class(device: &str) -> Result<String, CliError> {
     }
 }
 
-/// Reads, validates and plans a pipeline.
-pub fn load_plan(args: &PipelineArgs, registry: &Registry) -> Result<Plan, CliError> {
+/// Reads, validates and plans a pipeline; file hashes are remembered in the cache root when one
+/// is given (`validate` passes none: it writes nothing).
+pub fn load_plan(args: &PipelineArgs, registry: &Registry, cache_root: Option<&Path>) -> Result<Plan, CliError> {
     let settings = Settings { device_class: device_class(&args.device)? };
     let options = SpecOptions { profiles: args.profiles.clone(), sets: args.sets.clone() };
     let catalog = registry.catalog();
     let pipeline = spec::load(&args.pipeline, &catalog, &options).map_err(CliError::Spec)?;
-    plan::build(pipeline, &catalog, &settings, registry).map_err(CliError::Spec)
+    let files = match cache_root {
+        Some(root) => FileHasher::persistent(root.join("file-hashes.json")),
+        None => FileHasher::in_memory(),
+    };
+    let plan =
+        plan::build(pipeline, &catalog, &settings, &Identifier { registry, files: &files }).map_err(CliError::Spec)?;
+    files.save();
+    Ok(plan)
 }
 
 pub fn open_cache(root: &std::path::Path) -> Cache {

@@ -17,7 +17,7 @@ pub struct PlanArgs {
 }
 
 pub fn run(args: &PlanArgs, registry: &Registry, cache_root: &std::path::Path) -> CliResult {
-    let plan = load_plan(&args.pipeline, registry)?;
+    let plan = load_plan(&args.pipeline, registry, Some(cache_root))?;
     let cache = open_cache(cache_root);
     let entries = cache.entries()?;
     let statuses = status_of(&plan, &cache, &entries);

@@ -20,7 +20,7 @@ pub struct RunArgs {
 }
 
 pub fn run(args: &RunArgs, registry: &Registry, cache_root: &Path, quiet: bool) -> CliResult {
-    let plan = load_plan(&args.pipeline, registry)?;
+    let plan = load_plan(&args.pipeline, registry, Some(cache_root))?;
     let cache = open_cache(cache_root);
     let cancel = CancelFlag::default();
     install_ctrlc(&cancel);

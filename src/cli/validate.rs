@@ -4,7 +4,7 @@ use super::{load_plan, CliResult, PipelineArgs};
 use crate::exec::Registry;
 
 pub fn run(args: &PipelineArgs, registry: &Registry) -> CliResult {
-    let plan = load_plan(args, registry)?;
+    let plan = load_plan(args, registry, None)?;
     let p = &plan.pipeline;
     let sweeps: std::collections::BTreeSet<&str> =
         p.instances.iter().filter_map(|i| i.sweep.as_ref().map(|s| s.sweep.as_str())).collect();

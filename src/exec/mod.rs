@@ -1,6 +1,7 @@
 //! Running a plan: the `Stage` trait that stage kinds implement, the context they run in, the
 //! registry of kinds, the executor, progress and session files. Names no concrete stage.
 
+mod identity;
 mod progress;
 mod run;
 mod session;
@@ -14,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value as Json};
 
 pub use crate::spec::schema::{ArtifactType, Default as ParamDefault, InputDef, KindSchema, ParamDef, ParamType};
+pub use identity::FileHasher;
 pub use progress::Progress;
 pub use run::{run, RunOptions, RunOutcome};
 pub use session::{session_path, Session};
@@ -28,7 +30,7 @@ pub trait Stage: Send + Sync {
 
     /// Extra key material known before running, e.g. the content hash of a local file a
     /// parameter names. Errors are reported as bad input (exit 2).
-    fn identity(&self, _params: &Map<String, Json>) -> Result<Option<Json>, String> {
+    fn identity(&self, _params: &Map<String, Json>, _files: &FileHasher) -> Result<Option<Json>, String> {
         Ok(None)
     }
 
@@ -140,10 +142,16 @@ impl Registry {
     }
 }
 
-impl crate::plan::Identity for Registry {
+/// Identifies external inputs for keys: the registry's kinds with a file hasher.
+pub struct Identifier<'a> {
+    pub registry: &'a Registry,
+    pub files: &'a FileHasher,
+}
+
+impl crate::plan::Identity for Identifier<'_> {
     fn identity(&self, kind: &str, params: &Map<String, Json>) -> Result<Option<Json>, String> {
-        let stage = self.get(kind).ok_or_else(|| format!("unknown stage kind `{kind}`"))?;
+        let stage = self.registry.get(kind).ok_or_else(|| format!("unknown stage kind `{kind}`"))?;
         stage.check(params)?;
-        stage.identity(params)
+        stage.identity(params, self.files)
     }
 }

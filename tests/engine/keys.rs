@@ -27,7 +27,9 @@ fn changing_one_level_changes_it_and_every_later_level_only() {
     let before = plan_keys(&sb, &[&p]);
     let after = plan_keys(&sb, &[&p, "--set", "sweeps.level.over.factor=[0.5, 0.3, 0.125]"]);
     let key = |list: &[(String, String)], name: &str| list.iter().find(|(n, _)| n == name).unwrap().1.clone();
-    for unchanged in ["base", "baseline", "level[factor=0.5].pruned", "level[factor=0.5].tuned", "level[factor=0.5].after"] {
+    for unchanged in
+        ["base", "baseline", "level[factor=0.5].pruned", "level[factor=0.5].tuned", "level[factor=0.5].after"]
+    {
         assert_eq!(key(&before, unchanged), key(&after, unchanged), "{unchanged} should keep its key");
     }
     assert_ne!(key(&before, "level[factor=0.25].pruned"), key(&after, "level[factor=0.3].pruned"));
@@ -60,7 +62,8 @@ fn pipelines_sharing_a_prefix_share_its_entries() {
     let plan = sb.run(&["plan", b.to_str().unwrap()]).expect(0).stdout();
     assert!(plan.contains("1 instances") || plan.contains("2 cached"), "{plan}");
     let doc = sb.run(&["plan", b.to_str().unwrap(), "--format", "json"]).expect(0).json();
-    let status: Vec<&str> = doc["instances"].as_array().unwrap().iter().map(|i| i["status"].as_str().unwrap()).collect();
+    let status: Vec<&str> =
+        doc["instances"].as_array().unwrap().iter().map(|i| i["status"].as_str().unwrap()).collect();
     assert_eq!(status, ["cached", "cached", "to run"]);
 }
 

@@ -79,7 +79,10 @@ fn explain_shows_key_material_and_the_nearest_cached_difference() {
     sb.run(&["run", &p, "-q"]).expect(0);
     let cached = sb.run(&["explain", &p, "level[factor=0.5].tuned"]).expect(0).stdout();
     assert!(cached.contains("status    cached"), "{cached}");
-    let changed = sb.run(&["explain", &p, "level[factor=0.5].tuned", "--set", "sweeps.level.stages.tuned.steps=9"]).expect(0).stdout();
+    let changed = sb
+        .run(&["explain", &p, "level[factor=0.5].tuned", "--set", "sweeps.level.stages.tuned.steps=9"])
+        .expect(0)
+        .stdout();
     assert!(changed.contains("nearest cached entry:"), "{changed}");
     assert!(changed.contains("(pipeline toy-chain, instance level[factor=0.5].tuned)"), "{changed}");
     assert!(changed.contains("differs: params.steps: 4 → 9"), "{changed}");

@@ -61,7 +61,10 @@ fn a_killed_run_resumes_from_its_checkpoint_with_identical_results() {
     let after = sb.session("resumable.json");
     assert_eq!(after["status"], "complete");
     assert_eq!(results(&after), uninterrupted(), "resumed results equal uninterrupted ones");
-    assert!(!sb.path().join("cache/partial").read_dir().map(|mut r| r.next().is_some()).unwrap_or(false), "partial state removed once finished");
+    assert!(
+        !sb.path().join("cache/partial").read_dir().map(|mut r| r.next().is_some()).unwrap_or(false),
+        "partial state removed once finished"
+    );
     // What the killed process left in cache/tmp is not an entry; gc clears it.
     sb.run(&["cache", "gc"]).expect(0);
     no_leftovers(&sb);

@@ -39,7 +39,9 @@ fn every_malformed_pipeline_gives_its_exact_error_and_writes_nothing() {
         assert_eq!(errors, vec![format!("error: {}", exp.error)], "{path}: errors\n{err}");
         match exp.at.as_str() {
             "none" => assert!(!err.contains("-->"), "{path}: no location expected\n{err}"),
-            at if at.starts_with("--set") => assert!(err.contains(&format!("--> {at}\n")), "{path}: location {at}\n{err}"),
+            at if at.starts_with("--set") => {
+                assert!(err.contains(&format!("--> {at}\n")), "{path}: location {at}\n{err}")
+            }
             at => assert!(err.contains(&format!("--> {path}:{at}\n")), "{path}: location {at}\n{err}"),
         }
         if let Some(help) = &exp.help {
@@ -69,7 +71,8 @@ fn profiles_and_sets_apply_in_order_and_set_values_parse_as_toml() {
     let sb = Sandbox::new();
     let path = repo().join("tests/pipelines/chain.toml");
     let p = path.to_str().unwrap();
-    let doc = sb.run(&["plan", p, "--format", "json", "--profile", "tiny", "--set", "stages.base.size=5"]).expect(0).json();
+    let doc =
+        sb.run(&["plan", p, "--format", "json", "--profile", "tiny", "--set", "stages.base.size=5"]).expect(0).json();
     let base = &doc["instances"][0];
     assert_eq!(base["name"], "base");
     assert_eq!(base["params"]["size"], 5, "--set after the profile wins");

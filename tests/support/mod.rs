@@ -97,7 +97,9 @@ impl Sandbox {
 
     /// Lines of the TOY_LOG computation log (instance and key of every computation).
     pub fn log_lines(&self, log: &str) -> Vec<String> {
-        std::fs::read_to_string(self.path().join(log)).map(|t| t.lines().map(str::to_string).collect()).unwrap_or_default()
+        std::fs::read_to_string(self.path().join(log))
+            .map(|t| t.lines().map(str::to_string).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -153,7 +155,9 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub fn has_checkpoint(cache: &Path) -> bool {
     let Ok(rd) = std::fs::read_dir(cache.join("partial")) else { return false };
     rd.flatten().any(|k| {
-        std::fs::read_dir(k.path()).map(|r| r.flatten().any(|c| c.file_name().to_string_lossy().starts_with("ckpt-"))).unwrap_or(false)
+        std::fs::read_dir(k.path())
+            .map(|r| r.flatten().any(|c| c.file_name().to_string_lossy().starts_with("ckpt-")))
+            .unwrap_or(false)
     })
 }
 

@@ -82,13 +82,13 @@ impl Stage for ToyLoad {
     fn check(&self, params: &Map<String, Json>) -> Result<(), String> {
         typed_params::<LoadParams>(params).map(|_| ())
     }
-    fn identity(&self, params: &Map<String, Json>) -> Result<Option<Json>, String> {
+    fn identity(&self, params: &Map<String, Json>, files: &rpt_flow::exec::FileHasher) -> Result<Option<Json>, String> {
         let p: LoadParams = typed_params(params)?;
         match p.source {
             None => Ok(None),
             Some(path) => {
-                let bytes = std::fs::read(&path).map_err(|e| format!("cannot read source `{path}`: {e}"))?;
-                Ok(Some(json!({ "source_blake3": blake3::hash(&bytes).to_hex().to_string() })))
+                let hash = files.hash_file(Path::new(&path)).map_err(|e| format!("source: {e:#}"))?;
+                Ok(Some(json!({ "source_blake3": hash })))
             }
         }
     }
