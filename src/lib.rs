@@ -4,6 +4,7 @@
 //! → `exec` (runs a plan, owns the `Stage` trait) with `cache` (content-addressed store) beside
 //! them; `stages` is the only module that knows both the engine and `model`.
 
+pub mod analysis;
 pub mod cache;
 pub mod cli;
 pub mod exec;
