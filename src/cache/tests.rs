@@ -537,11 +537,28 @@ fn partial_save_latest_remove() {
     fs::create_dir(p.dir().join("ckpt-x")).unwrap();
     assert_eq!(p.latest().unwrap().unwrap().step, 5);
 
+    // A crash after the rename but before older checkpoints were deleted leaves several
+    // complete ones: the highest step wins.
+    fs::create_dir(p.dir().join("ckpt-000000000002")).unwrap();
+    assert_eq!(p.latest().unwrap().unwrap().step, 5);
+    fs::create_dir(p.dir().join("ckpt-000000000007")).unwrap();
+    let l = p.latest().unwrap().unwrap();
+    assert_eq!(
+        (l.step, l.dir.clone()),
+        (7, p.dir().join("ckpt-000000000007"))
+    );
+
     // A lower step saved later becomes the latest (the others are dropped).
     p.save(3, |d| Ok(fs::write(d.join("state"), b"three")?))
         .unwrap();
     assert_eq!(p.latest().unwrap().unwrap().step, 3);
-    assert!(!p.dir().join("ckpt-000000000005").exists());
+    for gone in [
+        "ckpt-000000000002",
+        "ckpt-000000000005",
+        "ckpt-000000000007",
+    ] {
+        assert!(!p.dir().join(gone).exists(), "{gone}");
+    }
 
     // Steps beyond 12 digits still order numerically.
     p.save(1_000_000_000_000, |_| Ok(())).unwrap();
