@@ -7,8 +7,8 @@
 use std::{fs, path::PathBuf};
 
 use rpt_flow::data::{
-    chunks, llama_cpp, token_stream, train_bpe, write_text_column, Bos, DataError, HubOptions, Source, WindowOptions,
-    WIKITEXT_REVISION,
+    chunks, llama_cpp, rolling, scored_bytes, token_bytes, token_stream, train_bpe, write_text_column, Bos, DataError,
+    HubOptions, Source, WindowOptions, WIKITEXT_REVISION,
 };
 use serde_json::json;
 
@@ -108,6 +108,25 @@ fn file_and_offline_hub_give_the_same_text_and_tokens() {
         assert_eq!(hub_stream.bytes, file_stream.bytes);
     }
     assert!(file_stream.ids.len() > 100_000, "{} tokens", file_stream.ids.len());
+}
+
+#[test]
+fn scored_bytes_cover_the_text_when_every_token_is_scored() {
+    let corpus: Vec<String> =
+        Source::parse_name("synthetic:facts").unwrap().text().unwrap().text.lines().map(String::from).collect();
+    let tok = train_bpe(&corpus, 700).unwrap();
+    let table = token_bytes(&tok).unwrap();
+    assert_eq!(table[0], 0, "BOS stands for no text");
+    let stream =
+        token_stream(&file_source(), &HubOptions::offline_at("/nonexistent"), &tok, "synthetic-700", false).unwrap();
+    let total: u64 = stream.ids.iter().map(|&id| table[id as usize] as u64).sum();
+    assert_eq!(total, 1_296_370, "token bytes do not add up to the text's bytes");
+    let opts = WindowOptions { seq_len: 512, bos: Bos::StreamStart, bos_id: Some(0), max_windows: None };
+    let every = rolling(&stream.ids, &opts, 384).unwrap();
+    assert_eq!(scored_bytes(&every, &table), 1_296_370);
+    let half = llama_cpp(&stream.ids, &WindowOptions { bos: Bos::WindowStart, ..opts }).unwrap();
+    let covered = scored_bytes(&half, &table);
+    assert!(covered > 1_296_370 / 3 && covered < 1_296_370 * 2 / 3, "llama-cpp scored {covered} bytes");
 }
 
 #[test]

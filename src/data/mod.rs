@@ -16,6 +16,7 @@
 //! BPE trainer ([`train_bpe`]) for tiny builtin models.
 
 mod bpe;
+mod bytes;
 mod error;
 mod file;
 mod hub;
@@ -30,6 +31,7 @@ mod train;
 mod windows;
 
 pub use bpe::{train_bpe, BOS_TOKEN, EOS_TOKEN};
+pub use bytes::{scored_bytes, token_bytes};
 pub use error::DataError;
 pub use hub::{HubOptions, WikiText, WIKITEXT_REPO, WIKITEXT_REVISION};
 pub use lines::{hf_text_rows, join_rows};

@@ -280,7 +280,10 @@ fn distractor(rng: &mut SplitMix64) -> String {
     let city = COUNTRIES[rng.index(COUNTRIES.len())].1;
     let mut pick = |xs: &[&'static str]| xs[rng.index(xs.len())];
     let name = pick(&NAMES_OF_PEOPLE);
-    let other = pick(&NAMES_OF_PEOPLE);
+    let mut other = pick(&NAMES_OF_PEOPLE);
+    while other == name {
+        other = pick(&NAMES_OF_PEOPLE);
+    }
     let num = pick(&NUMBERS);
     let obj = pick(&OBJECTS);
     let animal = pick(&ANIMALS);
