@@ -48,6 +48,16 @@ fn test_split_rows_and_text() {
 }
 
 #[test]
+fn tokenised_wikitext_file_has_the_same_row_rule() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/wikitext-2/test.txt");
+    assert!(std::path::Path::new(path).is_file(), "{path} is missing (see shared/data/README.md)");
+    let text = Source::from_value(&json!({ "path": path })).unwrap().text().unwrap();
+    assert_eq!(text.rows, 4358);
+    assert_eq!(text.bytes(), 1_262_229, "bytes of \"\\n\\n\".join(rows) of wikitext-2/test.txt");
+    assert!(text.text.starts_with("\n\n = Robert <unk> = \n\n"));
+}
+
+#[test]
 fn byte_level_window_counts() {
     // A BPE without merges (vocab = 2 specials + 256 bytes) makes one token per byte, so the
     // stream length is the text's byte count: 1,296,370.

@@ -92,7 +92,7 @@ impl HubOptions {
             why,
         };
         if self.offline {
-            return Err(not_cached(" and HF_HUB_OFFLINE is set".into()).into());
+            return Err(not_cached(" and offline mode is on (HF_HUB_OFFLINE)".into()).into());
         }
         let mut builder = ApiBuilder::from_cache(Cache::new(self.cache_dir.clone()))
             .with_token(self.token.clone())
