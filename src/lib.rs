@@ -4,5 +4,11 @@
 //! → `exec` (runs a plan, owns the `Stage` trait) with `cache` (content-addressed store) beside
 //! them; `stages` is the only module that knows both the engine and `model`.
 
+pub mod analysis;
 pub mod cache;
+pub mod cli;
+pub mod exec;
 pub mod model;
+pub mod plan;
+pub mod spec;
+pub mod stages;

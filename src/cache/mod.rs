@@ -6,6 +6,26 @@
 //! - `tmp/<key>.<pid>.<nonce>/`: an entry being written; renamed into place on commit.
 //! - `partial/<key>/ckpt-<step>/`: resumable state of an unfinished stage.
 //! - `locks/<key>.lock`: per-key advisory lock file.
+//!
+//! Conventions for users of this module:
+//! - Hold [`Cache::lock`] on a key from [`Cache::begin`] (or from resuming its partial state)
+//!   until [`PendingEntry::commit`]; a second process then waits on the lock and finds the
+//!   entry afterwards with [`Cache::contains`]. `gc` never removes anything whose key lock is
+//!   held, including temporary directories.
+//! - Hold [`Cache::lock_shared`] while reading an entry as an input, so `gc` leaves it alone.
+//! - Locks are per open file, also within one process: taking `lock_shared` on a key while the
+//!   same process holds `lock` on it blocks forever.
+
+mod entry;
+mod fsutil;
+mod gc;
+mod key;
+mod lock;
+mod partial;
+mod verify;
+
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -25,15 +45,17 @@ impl Key {
     }
     /// 64 lowercase hex digits.
     pub fn to_hex(&self) -> String {
-        todo!()
+        key::encode(&self.0)
     }
     /// Parses 64 hex digits.
     pub fn from_hex(s: &str) -> Option<Key> {
-        todo!()
+        key::decode(s).map(Key)
     }
     /// First 12 hex digits, for display.
     pub fn short(&self) -> String {
-        todo!()
+        let mut hex = self.to_hex();
+        hex.truncate(12);
+        hex
     }
 }
 
@@ -47,7 +69,7 @@ impl std::fmt::Debug for Key {
         write!(f, "Key({})", self.short())
     }
 }
-// Serialize/Deserialize as the hex string.
+// Serialize/Deserialize as the hex string: see key.rs.
 
 /// One file of an entry, hashed at commit time.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -95,24 +117,47 @@ pub struct Cache {
 }
 
 /// An entry being written. Dropping it without `commit` removes the temporary directory.
-pub struct PendingEntry {}
+pub struct PendingEntry {
+    key: Key,
+    root: PathBuf,
+    tmp: PathBuf,
+    /// Renamed into place: nothing to clean up.
+    done: bool,
+}
 
 /// A held advisory lock on one key (released on drop).
-pub struct KeyLock {}
+pub struct KeyLock {
+    file: std::fs::File,
+    key: Key,
+    shared: bool,
+}
 
 /// Resumable state of one unfinished stage.
-pub struct PartialDir {}
+pub struct PartialDir {
+    key: Key,
+    /// Cache root (for moving removed state to `tmp/`).
+    root: PathBuf,
+    /// `<root>/partial/<key>`.
+    dir: PathBuf,
+}
 
+#[derive(Debug, Clone)]
 pub struct Checkpoint {
     pub step: u64,
     pub dir: PathBuf,
 }
 
+/// What `gc` removes. An entry goes when it matches either filter (not in `keep`, or unused
+/// for longer than `older_than`); with both None no entry is removed. Partial state goes when
+/// its key has a committed entry or is not in `keep`. Temporary items of processes that are
+/// gone are always removed. Nothing whose key lock is held elsewhere is touched.
+#[derive(Debug, Clone, Default)]
 pub struct GcOptions {
     /// Keep only these keys (None: no reachability filter).
     pub keep: Option<HashSet<Key>>,
     /// Remove entries whose last use (or creation) is older than this.
     pub older_than: Option<Duration>,
+    /// Report what would be removed, delete nothing (and create no lock files).
     pub dry_run: bool,
 }
 
@@ -120,6 +165,7 @@ pub struct GcOptions {
 pub struct GcReport {
     pub removed_entries: Vec<(Key, u64)>,
     pub removed_partials: Vec<Key>,
+    /// Abandoned items in `tmp/` and `.tmp-*` directories inside kept partial dirs.
     pub removed_tmp: Vec<PathBuf>,
     pub skipped_locked: Vec<Key>,
     pub bytes_freed: u64,
@@ -151,81 +197,116 @@ impl Cache {
     }
     /// `<root>/<2 hex>/<key>`.
     pub fn entry_dir(&self, key: &Key) -> PathBuf {
-        todo!()
+        let hex = key.to_hex();
+        self.root.join(&hex[..2]).join(hex)
+    }
+    /// `<root>/locks/<key>.lock`.
+    pub fn lock_path(&self, key: &Key) -> PathBuf {
+        self.root
+            .join(fsutil::LOCKS)
+            .join(format!("{}.lock", key.to_hex()))
     }
     /// True when a committed entry (with its manifest) exists.
     pub fn contains(&self, key: &Key) -> bool {
-        todo!()
+        self.entry_dir(key).join(entry::MANIFEST).is_file()
     }
+    /// The manifest of a committed entry; Ok(None) when there is none, Err when unreadable.
     pub fn manifest(&self, key: &Key) -> Result<Option<Manifest>> {
-        todo!()
+        entry::read_manifest(&self.entry_dir(key))
     }
-    /// All committed entries, with sizes and last use.
+    /// All committed entries, with sizes and last use, sorted by key. Entries whose manifest
+    /// cannot be read are left out (with a warning); `verify` reports them.
     pub fn entries(&self) -> Result<Vec<EntrySummary>> {
-        todo!()
+        entry::entries(self)
     }
     /// Starts writing an entry in a temporary directory on the same filesystem.
     pub fn begin(&self, key: &Key) -> Result<PendingEntry> {
-        todo!()
+        entry::begin(self, key)
     }
     /// Blocking exclusive lock on a key.
     pub fn lock(&self, key: &Key) -> Result<KeyLock> {
-        todo!()
+        lock::lock(self, key)
     }
     /// Non-blocking exclusive lock; None if another holder has it.
     pub fn try_lock(&self, key: &Key) -> Result<Option<KeyLock>> {
-        todo!()
+        lock::try_lock(self, key)
     }
     /// Blocking shared lock (held while an entry is being read as an input).
     pub fn lock_shared(&self, key: &Key) -> Result<KeyLock> {
-        todo!()
+        lock::lock_shared(self, key)
     }
+    /// `<root>/partial/<key>` (nothing is created until `save`).
     pub fn partial(&self, key: &Key) -> PartialDir {
-        todo!()
+        PartialDir {
+            key: *key,
+            root: self.root.clone(),
+            dir: self.root.join(fsutil::PARTIAL).join(key.to_hex()),
+        }
     }
     /// Records that `pipeline` used the entry now (atomic write of last_used.json).
+    /// Errors when the entry is not committed.
     pub fn touch(&self, key: &Key, pipeline: &str) -> Result<()> {
-        todo!()
+        entry::touch(self, key, pipeline)
     }
     /// Re-hashes every file of every entry against its manifest.
     pub fn verify(&self) -> Result<Vec<VerifyProblem>> {
-        todo!()
+        verify::verify(self)
     }
+    /// Removes garbage; see [`GcOptions`]. Anything whose key lock is held elsewhere is left
+    /// alone (and listed in `skipped_locked`).
     pub fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
-        todo!()
+        gc::gc(self, opts)
     }
 }
 
 impl PendingEntry {
     /// Directory the stage writes its artifact files into.
     pub fn dir(&self) -> &Path {
-        todo!()
+        &self.tmp
+    }
+    pub fn key(&self) -> Key {
+        self.key
     }
     /// Hashes the files, writes manifest.json, fsyncs, renames into place.
-    pub fn commit(self, info: EntryInfo) -> Result<Manifest> {
-        todo!()
+    ///
+    /// Only regular files (in any subdirectories) may be written; `manifest.json` and
+    /// `last_used.json` are reserved at the top level. If the entry was committed meanwhile
+    /// by someone else, ours is discarded and the existing manifest is returned.
+    pub fn commit(mut self, info: EntryInfo) -> Result<Manifest> {
+        entry::commit(&mut self, info)
+    }
+}
+
+impl Drop for PendingEntry {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
     }
 }
 
 impl PartialDir {
     pub fn dir(&self) -> &Path {
-        todo!()
+        &self.dir
     }
     /// True when any checkpoint exists.
     pub fn exists(&self) -> bool {
-        todo!()
+        matches!(self.latest(), Ok(Some(_)))
     }
     /// The newest complete checkpoint.
     pub fn latest(&self) -> Result<Option<Checkpoint>> {
-        todo!()
+        self.latest_impl()
     }
     /// Writes a checkpoint atomically: `write` fills a temporary directory, which is fsynced
     /// and renamed to `ckpt-<step>`; older checkpoints are then removed.
+    ///
+    /// Every other checkpoint is removed, also one with a higher step: the checkpoint just
+    /// saved is what `latest` returns afterwards. If `write` fails, nothing changes.
     pub fn save(&self, step: u64, write: impl FnOnce(&Path) -> Result<()>) -> Result<Checkpoint> {
-        todo!()
+        self.save_impl(step, write)
     }
-    /// Removes all partial state of this key.
+    /// Removes all partial state of this key (Ok when there is none).
     pub fn remove(&self) -> Result<()> {
-        todo!()
+        self.remove_impl()
     }
 }

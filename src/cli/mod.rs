@@ -1,0 +1,169 @@
+//! The command line: one file per subcommand. `main` takes the stage registry so that the
+//! shipped binary and test harnesses share every line of it.
+
+mod cache_cmd;
+mod explain;
+mod graph;
+mod plan_cmd;
+mod run_cmd;
+mod stages_cmd;
+mod validate;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::cache::Cache;
+use crate::exec::{FileHasher, Identifier, Registry};
+use crate::plan::{self, Plan, Settings};
+use crate::spec::{self, SpecErrors, SpecOptions};
+
+/// Exit codes (documented in docs/cli.md).
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_BAD_INPUT: u8 = 2;
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+#[derive(Parser)]
+#[command(name = "rpt-flow", version, about = "Declarative, cached LLM compression and analysis experiments", long_about = None)]
+struct Cli {
+    /// Cache root.
+    #[arg(long, global = true, env = "RPT_CACHE", default_value = "cache")]
+    cache: PathBuf,
+    /// No progress output (errors and results still print).
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a pipeline; print every problem with file:line:col. Writes nothing.
+    Validate(PipelineArgs),
+    /// Show the expanded instances in execution order with keys and cache status.
+    Plan(plan_cmd::PlanArgs),
+    /// Draw the DAG (Graphviz dot or Mermaid).
+    Graph(graph::GraphArgs),
+    /// Run what is not cached; write sessions/YYYY-MM-DD/<pipeline>.json.
+    Run(run_cmd::RunArgs),
+    /// Show what went into an instance's key, and how it differs from the nearest cached entry.
+    Explain(explain::ExplainArgs),
+    /// List stage kinds with their parameters.
+    Stages(stages_cmd::StagesArgs),
+    /// Inspect and maintain the cache.
+    #[command(subcommand)]
+    Cache(cache_cmd::CacheCommand),
+}
+
+/// A pipeline file with its profiles and overrides.
+#[derive(Args, Clone)]
+pub struct PipelineArgs {
+    /// The pipeline TOML file.
+    pub pipeline: PathBuf,
+    /// Apply a `[profiles.<name>]` table (repeatable, applied in order).
+    #[arg(long = "profile", short = 'p')]
+    pub profiles: Vec<String>,
+    /// Override a value: --set stages.base.model=builtin:tiny-bitnet (repeatable).
+    #[arg(long = "set", short = 's', value_name = "PATH=VALUE")]
+    pub sets: Vec<String>,
+    /// Device: cpu, cuda or cuda:N (its class is part of every key).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// Why a command did not succeed.
+pub enum CliError {
+    /// A bad pipeline: printed with locations, exit 2.
+    Spec(SpecErrors),
+    /// Bad arguments or files: exit 2.
+    Usage(String),
+    /// Something failed while running: exit 1.
+    Failed(String),
+    Interrupted,
+}
+
+impl From<anyhow::Error> for CliError {
+    fn from(e: anyhow::Error) -> CliError {
+        CliError::Failed(format!("{e:#}"))
+    }
+}
+
+pub type CliResult = Result<(), CliError>;
+
+/// Runs the CLI with the given stage kinds and returns the process exit code.
+pub fn main(registry: Registry) -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match &cli.command {
+        Command::Validate(a) => validate::run(a, &registry),
+        Command::Plan(a) => plan_cmd::run(a, &registry, &cli.cache),
+        Command::Graph(a) => graph::run(a, &registry),
+        Command::Run(a) => run_cmd::run(a, &registry, &cli.cache, cli.quiet),
+        Command::Explain(a) => explain::run(a, &registry, &cli.cache),
+        Command::Stages(a) => stages_cmd::run(a, &registry),
+        Command::Cache(c) => cache_cmd::run(c, &registry, &cli.cache),
+    };
+    match result {
+        Ok(()) => ExitCode::from(EXIT_OK),
+        Err(CliError::Spec(e)) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_BAD_INPUT)
+        }
+        Err(CliError::Usage(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(EXIT_BAD_INPUT)
+        }
+        Err(CliError::Failed(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(EXIT_FAILED)
+        }
+        Err(CliError::Interrupted) => ExitCode::from(EXIT_INTERRUPTED),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Checks `--device` and returns its class (`cpu` or `cuda`).
+pub fn device_class(device: &str) -> Result<String, CliError> {
+    let (class, ordinal) = device.split_once(':').unwrap_or((device, "0"));
+    match class {
+        "cpu" if !device.contains(':') => Ok("cpu".into()),
+        "cuda" if ordinal.parse::<usize>().is_ok() => {
+            if cfg!(feature = "cuda") {
+                Ok("cuda".into())
+            } else {
+                Err(CliError::Usage(format!(
+                    "--device {device}: this rpt-flow was built without CUDA; rebuild with `cargo build --release --features cuda`"
+                )))
+            }
+        }
+        _ => Err(CliError::Usage(format!("--device `{device}` is not cpu, cuda or cuda:N"))),
+    }
+}
+
+/// Reads, validates and plans a pipeline; file hashes are remembered in the cache root when one
+/// is given (`validate` passes none: it writes nothing).
+pub fn load_plan(args: &PipelineArgs, registry: &Registry, cache_root: Option<&Path>) -> Result<Plan, CliError> {
+    let settings = Settings { device_class: device_class(&args.device)? };
+    let options = SpecOptions { profiles: args.profiles.clone(), sets: args.sets.clone() };
+    let catalog = registry.catalog();
+    let pipeline = spec::load(&args.pipeline, &catalog, &options).map_err(CliError::Spec)?;
+    let files = match cache_root {
+        Some(root) => FileHasher::persistent(root.join("file-hashes.json")),
+        None => FileHasher::in_memory(),
+    };
+    let plan =
+        plan::build(pipeline, &catalog, &settings, &Identifier { registry, files: &files }).map_err(CliError::Spec)?;
+    files.save();
+    Ok(plan)
+}
+
+pub fn open_cache(root: &std::path::Path) -> Cache {
+    Cache::open(root)
+}

@@ -1,0 +1,116 @@
+//! `rpt-flow stages`: every stage kind with its inputs and parameters, from the same definitions
+//! the validator uses.
+
+use clap::Args;
+use serde_json::json;
+
+use super::{CliError, CliResult};
+use crate::exec::{ParamDefault, Registry};
+use crate::spec::diag::nearest;
+use crate::spec::schema::KindSchema;
+
+#[derive(Args)]
+pub struct StagesArgs {
+    /// Only this kind.
+    pub kind: Option<String>,
+    #[arg(long, default_value = "text", value_parser = ["text", "markdown", "json"])]
+    pub format: String,
+}
+
+pub fn run(args: &StagesArgs, registry: &Registry) -> CliResult {
+    let mut kinds: Vec<&KindSchema> = registry.iter().map(|s| s.schema()).collect();
+    if let Some(k) = &args.kind {
+        let names: Vec<&str> = kinds.iter().map(|s| s.kind).collect();
+        kinds.retain(|s| s.kind == k);
+        if kinds.is_empty() {
+            let hint = nearest(k, names.iter().copied()).map(|n| format!("; did you mean `{n}`?")).unwrap_or_default();
+            return Err(CliError::Usage(format!("no stage kind `{k}`{hint}")));
+        }
+    }
+    match args.format.as_str() {
+        "json" => {
+            let doc: Vec<_> = kinds
+                .iter()
+                .map(|s| {
+                    json!({
+                        "kind": s.kind, "version": s.version, "help": s.help, "output": s.output.name(),
+                        "inputs": s.inputs.iter().map(|i| json!({"name": i.name, "type": i.ty.name(), "required": i.required, "help": i.help})).collect::<Vec<_>>(),
+                        "params": s.params.iter().map(|p| json!({"name": p.name, "type": p.ty.short(), "default": default_text(&p.default), "help": p.help})).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&doc).map_err(anyhow::Error::from)?);
+        }
+        "markdown" => print!("{}", markdown(&kinds)),
+        _ => print!("{}", text(&kinds)),
+    }
+    Ok(())
+}
+
+fn default_text(d: &ParamDefault) -> String {
+    d.describe()
+}
+
+fn text(kinds: &[&KindSchema]) -> String {
+    let mut out = String::new();
+    if kinds.is_empty() {
+        out.push_str("no stage kinds are registered in this binary\n");
+    }
+    for s in kinds {
+        out.push_str(&format!("{} (v{}) → {}\n    {}\n", s.kind, s.version, s.output.name(), s.help));
+        for i in s.inputs {
+            out.push_str(&format!(
+                "    input  {:<16} {:<22} {}{}\n",
+                i.name,
+                i.ty.name(),
+                i.help,
+                if i.required { "" } else { " (optional)" }
+            ));
+        }
+        for p in s.params {
+            out.push_str(&format!(
+                "    param  {:<16} {:<22} {} [default: {}]\n",
+                p.name,
+                p.ty.short(),
+                p.help,
+                p.default.describe()
+            ));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn markdown(kinds: &[&KindSchema]) -> String {
+    let mut out = String::new();
+    for s in kinds {
+        out.push_str(&format!(
+            "## `{}` (version {})\n\n{}\n\nOutput: {}.\n\n",
+            s.kind,
+            s.version,
+            s.help,
+            s.output.name()
+        ));
+        out.push_str("| name | input/param | type | default | meaning |\n|---|---|---|---|---|\n");
+        for i in s.inputs {
+            out.push_str(&format!(
+                "| `{}` | input | {} | {} | {} |\n",
+                i.name,
+                i.ty.name(),
+                if i.required { "required" } else { "optional" },
+                i.help
+            ));
+        }
+        for p in s.params {
+            out.push_str(&format!(
+                "| `{}` | param | `{}` | `{}` | {} |\n",
+                p.name,
+                p.ty.short().replace('|', "\\|"),
+                p.default.describe(),
+                p.help
+            ));
+        }
+        out.push('\n');
+    }
+    out
+}

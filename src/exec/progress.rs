@@ -1,0 +1,143 @@
+//! Progress for people: indicatif bars on a terminal, plain log lines otherwise, nothing with
+//! `--quiet`.
+
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Reporter for one run; `stage` gives the reporter a stage uses.
+pub struct Progress {
+    mode: Mode,
+    overall: Option<ProgressBar>,
+    multi: Option<MultiProgress>,
+    current: Mutex<Option<ProgressBar>>,
+    state: Mutex<PlainState>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Bars,
+    Lines,
+    Quiet,
+}
+
+struct PlainState {
+    label: String,
+    len: u64,
+    pos: u64,
+    last: Instant,
+}
+
+const LINE_EVERY: Duration = Duration::from_secs(10);
+
+impl Progress {
+    pub fn new(total: usize, quiet: bool) -> Progress {
+        let mode = if quiet {
+            Mode::Quiet
+        } else if std::io::stderr().is_terminal() {
+            Mode::Bars
+        } else {
+            Mode::Lines
+        };
+        let (multi, overall) = if mode == Mode::Bars {
+            let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+            let bar = multi.add(ProgressBar::new(total as u64));
+            bar.set_style(
+                ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} instances {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            bar.set_prefix("pipeline");
+            (Some(multi), Some(bar))
+        } else {
+            (None, None)
+        };
+        Progress {
+            mode,
+            overall,
+            multi,
+            current: Mutex::new(None),
+            state: Mutex::new(PlainState { label: String::new(), len: 0, pos: 0, last: Instant::now() }),
+        }
+    }
+
+    /// A silent reporter (for tests and library use).
+    pub fn hidden() -> Progress {
+        Progress::new(0, true)
+    }
+
+    /// A line about the run (instance started, cached, finished).
+    pub fn line(&self, msg: &str) {
+        match self.mode {
+            Mode::Quiet => {}
+            Mode::Lines => eprintln!("{msg}"),
+            Mode::Bars => {
+                if let Some(m) = &self.multi {
+                    let _ = m.println(msg);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn instance_done(&self) {
+        if let Some(b) = &self.overall {
+            b.inc(1);
+        }
+    }
+
+    pub(crate) fn begin_stage(&self, label: &str) {
+        let mut st = self.state.lock().expect("progress lock");
+        *st = PlainState { label: label.to_string(), len: 0, pos: 0, last: Instant::now() };
+        if let (Mode::Bars, Some(m)) = (self.mode, &self.multi) {
+            let bar = m.add(ProgressBar::new(0));
+            bar.set_style(
+                ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            bar.set_prefix("stage");
+            bar.set_message(label.to_string());
+            *self.current.lock().expect("progress lock") = Some(bar);
+        }
+    }
+
+    pub(crate) fn end_stage(&self) {
+        if let Some(bar) = self.current.lock().expect("progress lock").take() {
+            bar.finish_and_clear();
+        }
+    }
+
+    pub(crate) fn finish(&self) {
+        if let Some(b) = &self.overall {
+            b.finish_and_clear();
+        }
+    }
+
+    /// Total work units of the current stage (steps, windows…).
+    pub fn set_length(&self, len: u64) {
+        self.state.lock().expect("progress lock").len = len;
+        if let Some(bar) = &*self.current.lock().expect("progress lock") {
+            bar.set_length(len);
+        }
+    }
+
+    /// Work units done so far in the current stage.
+    pub fn set_position(&self, pos: u64) {
+        if let Some(bar) = &*self.current.lock().expect("progress lock") {
+            bar.set_position(pos);
+        }
+        let mut st = self.state.lock().expect("progress lock");
+        st.pos = pos;
+        if self.mode == Mode::Lines && st.last.elapsed() >= LINE_EVERY {
+            st.last = Instant::now();
+            eprintln!("    {}: {}/{}", st.label, st.pos, st.len);
+        }
+    }
+
+    pub fn inc(&self, n: u64) {
+        let pos = self.state.lock().expect("progress lock").pos + n;
+        self.set_position(pos);
+    }
+}

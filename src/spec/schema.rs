@@ -1,0 +1,202 @@
+//! What a stage kind accepts: its parameters, input slots and output artifact type. Declared once
+//! per kind; the validator, `rpt-flow stages`, defaults and hashing all read these definitions.
+
+use serde_json::Value as Json;
+
+/// What a stage produces and what an input slot accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ArtifactType {
+    /// A model directory in Hugging Face layout (config.json, model.safetensors, tokenizer files).
+    Model,
+    /// Only metrics (no files needed downstream).
+    Metrics,
+    /// Generated or prepared text.
+    Text,
+    /// Tensors of activations or statistics.
+    Tensors,
+}
+
+impl ArtifactType {
+    /// With an article where English wants one: "a model", "metrics".
+    pub fn noun(self) -> &'static str {
+        match self {
+            ArtifactType::Model => "a model",
+            other => other.name(),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            ArtifactType::Model => "model",
+            ArtifactType::Metrics => "metrics",
+            ArtifactType::Text => "text",
+            ArtifactType::Tensors => "tensors",
+        }
+    }
+}
+
+/// The type of a parameter value.
+#[derive(Clone, Copy, Debug)]
+pub enum ParamType {
+    Bool,
+    Int {
+        min: Option<i64>,
+        max: Option<i64>,
+    },
+    /// Integers are accepted and stored as floats.
+    Float {
+        min: Option<f64>,
+        max: Option<f64>,
+    },
+    Str,
+    /// One of these strings.
+    Enum(&'static [&'static str]),
+    List(&'static ParamType),
+    /// Any table (checked by the stage itself).
+    Table,
+    /// Any one of these types (the first that fits).
+    Either(&'static [ParamType]),
+    /// Anything.
+    Any,
+}
+
+impl ParamType {
+    pub const INT: ParamType = ParamType::Int { min: None, max: None };
+    pub const UINT: ParamType = ParamType::Int { min: Some(0), max: None };
+    pub const FLOAT: ParamType = ParamType::Float { min: None, max: None };
+    pub const FRACTION: ParamType = ParamType::Float { min: Some(0.0), max: Some(1.0) };
+
+    /// Human description, e.g. "a float in [0, 1]", "one of \"a\", \"b\"".
+    pub fn describe(&self) -> String {
+        match self {
+            ParamType::Bool => "a boolean".into(),
+            ParamType::Int { min, max } => {
+                format!("an integer{}", range_text(min.map(|x| x as f64), max.map(|x| x as f64)))
+            }
+            ParamType::Float { min, max } => format!("a number{}", range_text(*min, *max)),
+            ParamType::Str => "a string".into(),
+            ParamType::Enum(options) => {
+                format!("one of {}", options.iter().map(|o| format!("\"{o}\"")).collect::<Vec<_>>().join(", "))
+            }
+            ParamType::List(inner) => format!("a list of {}", strip_article(&inner.describe())),
+            ParamType::Table => "a table".into(),
+            ParamType::Either(options) => options.iter().map(|o| o.describe()).collect::<Vec<_>>().join(" or "),
+            ParamType::Any => "any value".into(),
+        }
+    }
+
+    /// Short name for `rpt-flow stages`.
+    pub fn short(&self) -> String {
+        match self {
+            ParamType::Bool => "bool".into(),
+            ParamType::Int { .. } => "int".into(),
+            ParamType::Float { .. } => "float".into(),
+            ParamType::Str => "string".into(),
+            ParamType::Enum(options) => options.join("|"),
+            ParamType::List(inner) => format!("[{}]", inner.short()),
+            ParamType::Table => "table".into(),
+            ParamType::Either(options) => options.iter().map(|o| o.short()).collect::<Vec<_>>().join(" | "),
+            ParamType::Any => "any".into(),
+        }
+    }
+}
+
+fn strip_article(s: &str) -> String {
+    s.strip_prefix("an ").or_else(|| s.strip_prefix("a ")).map(|r| format!("{r}s")).unwrap_or_else(|| s.to_string())
+}
+
+fn range_text(min: Option<f64>, max: Option<f64>) -> String {
+    match (min, max) {
+        (Some(a), Some(b)) => format!(" in [{a}, {b}]"),
+        (Some(a), None) => format!(" ≥ {a}"),
+        (None, Some(b)) => format!(" ≤ {b}"),
+        (None, None) => String::new(),
+    }
+}
+
+/// The default of a parameter.
+#[derive(Clone, Copy, Debug)]
+pub enum Default {
+    /// Must be given.
+    Required,
+    /// May be absent; then it is absent from the resolved parameters.
+    Optional,
+    /// The pipeline's `seed` (so changing `[pipeline] seed` reaches only stages that use one).
+    PipelineSeed,
+    /// This value, written as JSON.
+    Json(&'static str),
+}
+
+impl Default {
+    pub fn value(&self, pipeline_seed: i64) -> Option<Json> {
+        match self {
+            Default::Required | Default::Optional => None,
+            Default::PipelineSeed => Some(Json::from(pipeline_seed)),
+            Default::Json(s) => Some(serde_json::from_str(s).expect("stage default is valid JSON")),
+        }
+    }
+    pub fn describe(&self) -> String {
+        match self {
+            Default::Required => "required".into(),
+            Default::Optional => "optional".into(),
+            Default::PipelineSeed => "pipeline seed".into(),
+            Default::Json(s) => s.to_string(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ParamDef {
+    pub name: &'static str,
+    pub ty: ParamType,
+    pub default: Default,
+    pub help: &'static str,
+}
+
+/// A named input slot: its value in TOML is the name of another stage.
+#[derive(Clone, Copy, Debug)]
+pub struct InputDef {
+    pub name: &'static str,
+    pub ty: ArtifactType,
+    pub required: bool,
+    pub help: &'static str,
+}
+
+/// Everything the validator and planner need to know about a stage kind.
+#[derive(Debug)]
+pub struct KindSchema {
+    pub kind: &'static str,
+    /// Bump when the stage's results change for the same parameters; old cache entries then stop
+    /// matching.
+    pub version: u32,
+    pub help: &'static str,
+    pub inputs: &'static [InputDef],
+    pub params: &'static [ParamDef],
+    pub output: ArtifactType,
+}
+
+impl KindSchema {
+    pub fn param(&self, name: &str) -> Option<&ParamDef> {
+        self.params.iter().find(|p| p.name == name)
+    }
+    pub fn input(&self, name: &str) -> Option<&InputDef> {
+        self.inputs.iter().find(|p| p.name == name)
+    }
+    /// Every key a stage table of this kind may hold.
+    pub fn keys(&self) -> impl Iterator<Item = &'static str> + '_ {
+        std::iter::once("kind").chain(self.inputs.iter().map(|i| i.name)).chain(self.params.iter().map(|p| p.name))
+    }
+}
+
+/// The set of stage kinds a pipeline may use.
+pub struct Catalog<'a> {
+    pub kinds: Vec<&'a KindSchema>,
+}
+
+impl<'a> Catalog<'a> {
+    pub fn get(&self, kind: &str) -> Option<&'a KindSchema> {
+        self.kinds.iter().copied().find(|k| k.kind == kind)
+    }
+    pub fn names(&self) -> impl Iterator<Item = &'a str> + '_ {
+        self.kinds.iter().map(|k| k.kind)
+    }
+}

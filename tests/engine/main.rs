@@ -1,0 +1,12 @@
+//! The engine end to end through its CLI, with toy stage kinds (tests/support/toy_stages.rs).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod cache_cmds;
+mod concurrency;
+mod keys;
+mod plan;
+mod resume;
+mod run;
+mod validate;

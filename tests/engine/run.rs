@@ -1,0 +1,129 @@
+//! `run`: session files, caching across runs, failures and --keep-going.
+
+use crate::support::{repo, results, Sandbox};
+
+fn chain() -> String {
+    repo().join("tests/pipelines/chain.toml").display().to_string()
+}
+
+#[test]
+fn run_writes_a_session_and_a_second_run_computes_nothing() {
+    let sb = Sandbox::new();
+    let p = chain();
+    let first = sb.cmd(&["run", &p, "--profile", "tiny"]).env("TOY_LOG", "log").output().unwrap();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(String::from_utf8_lossy(&first.stdout).contains("11 instances: 11 computed, 0 cached"));
+    assert_eq!(sb.log_lines("log").len(), 11, "each instance computed once");
+
+    let s = sb.session("toy-chain.tiny.json");
+    assert_eq!(s["pipeline"], "toy-chain");
+    assert_eq!(s["status"], "complete");
+    assert_eq!(s["profiles"][0], "tiny");
+    let stages = s["stages"].as_object().unwrap();
+    assert_eq!(stages.len(), 11);
+    let plan = sb.run(&["plan", &p, "--profile", "tiny", "--format", "json"]).expect(0).json();
+    for i in plan["instances"].as_array().unwrap() {
+        let st = &stages[i["name"].as_str().unwrap()];
+        assert_eq!(st["key"], i["key"], "session key = plan key");
+        assert_eq!(st["kind"], i["kind"]);
+        assert_eq!(st["cached"], false);
+        assert_eq!(st["status"], "done");
+        assert!(st["seconds"].as_f64().unwrap() >= 0.0);
+        assert_eq!(st["params"], i["params"]);
+        assert!(st["metrics"].is_object());
+    }
+    let size = stages["base"]["metrics"]["size"].as_u64().unwrap();
+    assert_eq!(size, 4, "the tiny profile's size reached the stage");
+    let mean = stages["baseline"]["metrics"]["mean"].as_f64().unwrap();
+    let sum = stages["base"]["metrics"]["sum"].as_f64().unwrap();
+    assert!((mean - sum / 4.0).abs() < 1e-12, "baseline reads base's weights");
+    assert_eq!(stages["level[factor=0.5].tuned"]["sweep"]["values"]["factor"], 0.5);
+
+    let second = sb.cmd(&["run", &p, "--profile", "tiny"]).env("TOY_LOG", "log").output().unwrap();
+    assert!(second.status.success());
+    assert!(String::from_utf8_lossy(&second.stdout).contains("nothing to compute: all 11 instances were cached"));
+    assert_eq!(sb.log_lines("log").len(), 11, "nothing recomputed");
+    let s2 = sb.session("toy-chain.tiny.json");
+    assert!(s2["stages"].as_object().unwrap().values().all(|v| v["cached"] == true && v["status"] == "cached"));
+    assert_eq!(results(&s), results(&s2), "cached results equal computed ones");
+}
+
+#[test]
+fn results_are_bit_identical_across_fresh_caches() {
+    let (a, b) = (Sandbox::new(), Sandbox::new());
+    let p = chain();
+    a.run(&["run", &p, "-q"]).expect(0);
+    b.run(&["run", &p, "-q"]).expect(0);
+    assert_eq!(results(&a.session("toy-chain.json")), results(&b.session("toy-chain.json")));
+}
+
+#[test]
+fn cache_and_session_locations_can_be_overridden() {
+    let sb = Sandbox::new();
+    let p = chain();
+    sb.run(&["run", &p, "-q", "--cache", "c1", "--sessions", "s1"]).expect(0);
+    assert!(sb.path().join("c1").is_dir() && sb.path().join("s1").is_dir());
+    assert!(!sb.path().join("cache").exists() && !sb.path().join("sessions").exists());
+    let out = sb.cmd(&["run", &p]).env("RPT_CACHE", "c1").env("RPT_SESSIONS", "s2").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to compute"), "RPT_CACHE is honoured");
+    assert!(sb.path().join("s2").is_dir());
+}
+
+const FAILING: &str = r#"
+[pipeline]
+name = "failing"
+
+[stages.base]
+kind = "toy-load"
+
+[stages.broken]
+kind = "toy-fail"
+input = "base"
+message = "the stage broke on purpose"
+
+[stages.after_broken]
+kind = "toy-eval"
+input = "broken_model"
+
+[stages.broken_model]
+kind = "toy-scale"
+input = "base"
+factor = 2
+fail_at_step = 0
+
+[stages.independent]
+kind = "toy-eval"
+input = "base"
+"#;
+
+#[test]
+fn a_failure_stops_the_run_records_the_error_and_commits_nothing() {
+    let sb = Sandbox::new();
+    let p = sb.write("failing.toml", FAILING);
+    let run = sb.run(&["run", p.to_str().unwrap()]).expect(1);
+    assert!(run.stderr().contains("broken: the stage broke on purpose"), "{}", run.stderr());
+    let s = sb.session("failing.json");
+    assert_eq!(s["status"], "failed");
+    assert_eq!(s["stages"]["broken"]["status"], "failed");
+    assert_eq!(s["stages"]["broken"]["error"], "the stage broke on purpose");
+    assert_eq!(s["stages"]["independent"]["status"], "pending", "fail-fast stops at the first failure");
+    let key = s["stages"]["broken"]["key"].as_str().unwrap();
+    assert!(!sb.path().join("cache").join(&key[..2]).join(key).exists(), "a failed stage leaves no entry");
+    let tmp = sb.path().join("cache/tmp");
+    assert!(!tmp.exists() || std::fs::read_dir(&tmp).unwrap().next().is_none(), "no half-written leftovers");
+}
+
+#[test]
+fn keep_going_runs_independent_branches_and_skips_dependents() {
+    let sb = Sandbox::new();
+    let p = sb.write("failing.toml", FAILING);
+    let run = sb.run(&["run", p.to_str().unwrap(), "--keep-going"]).expect(1);
+    let err = run.stderr();
+    assert!(err.contains("2 instance(s) failed"), "{err}");
+    assert!(err.contains("broken_model: toy failure at step 0"), "{err}");
+    assert!(err.contains("not run because an input failed: after_broken"), "{err}");
+    let s = sb.session("failing.json");
+    assert_eq!(s["stages"]["independent"]["status"], "done");
+    assert_eq!(s["stages"]["after_broken"]["status"], "skipped");
+    assert_eq!(s["stages"]["after_broken"]["error"], "not run: input `broken_model` failed");
+}

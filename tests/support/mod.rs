@@ -1,0 +1,174 @@
+//! Running the engine's CLI as a user does: the `toy-flow` binary (rpt-flow's CLI with toy
+//! stages) in a fresh temporary directory, reading the files it writes.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value as Json;
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `target/<profile>/examples/toy-flow`, built by `cargo test` with the tests (examples are
+/// compiled by default); built here if missing.
+pub fn toy_flow() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let bin = profile_dir.join("examples").join("toy-flow");
+    if !bin.exists() {
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--example", "toy-flow"]).current_dir(repo());
+        if release {
+            cmd.arg("--release");
+        }
+        assert!(cmd.status().expect("cargo runs").success(), "building the toy-flow example failed");
+    }
+    bin
+}
+
+/// A temporary working directory to run the CLI in.
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        Sandbox { dir: tempfile::tempdir().expect("temp dir") }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a file (relative to the sandbox) and returns its path.
+    pub fn write(&self, name: &str, content: &str) -> PathBuf {
+        let p = self.path().join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(&p, content).unwrap();
+        p
+    }
+
+    /// Copies a file of the repository into the sandbox under the same name.
+    pub fn copy(&self, repo_path: &str) -> PathBuf {
+        let content = std::fs::read_to_string(repo().join(repo_path)).unwrap();
+        self.write(Path::new(repo_path).file_name().unwrap().to_str().unwrap(), &content)
+    }
+
+    /// The CLI with the sandbox as working directory and no cache/session overrides.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(toy_flow());
+        c.args(args)
+            .current_dir(self.path())
+            .env_remove("RPT_CACHE")
+            .env_remove("RPT_SESSIONS")
+            .env_remove("TOY_EVAL_VERSION")
+            .env("RAYON_NUM_THREADS", "1")
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        Run(self.cmd(args).output().expect("toy-flow runs"))
+    }
+
+    pub fn spawn(&self, args: &[&str], envs: &[(&str, &str)]) -> Child {
+        let mut c = self.cmd(args);
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("toy-flow starts")
+    }
+
+    /// The session file written today for this pipeline file name.
+    pub fn session(&self, file: &str) -> Json {
+        let today = time::OffsetDateTime::now_utc().date().to_string();
+        let p = self.path().join("sessions").join(today).join(file);
+        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// Lines of the TOY_LOG computation log (instance and key of every computation).
+    pub fn log_lines(&self, log: &str) -> Vec<String> {
+        std::fs::read_to_string(self.path().join(log))
+            .map(|t| t.lines().map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// A finished command.
+pub struct Run(pub Output);
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.0.status.code().unwrap_or(-1)
+    }
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.0.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.0.stderr).into_owned()
+    }
+    /// Asserts the exit code, showing both streams when it differs.
+    pub fn expect(self, code: i32) -> Run {
+        assert_eq!(self.code(), code, "exit code\n--- stdout\n{}\n--- stderr\n{}", self.stdout(), self.stderr());
+        self
+    }
+    pub fn json(&self) -> Json {
+        serde_json::from_str(&self.stdout()).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", self.stdout()))
+    }
+}
+
+/// `plan --format json` → (instance name, key) in execution order.
+pub fn plan_keys(sb: &Sandbox, args: &[&str]) -> Vec<(String, String)> {
+    let mut a = vec!["plan", "--format", "json"];
+    a.extend_from_slice(args);
+    let doc = sb.run(&a).expect(0).json();
+    doc["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["name"].as_str().unwrap().to_string(), i["key"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+/// Polls until `f` is true or the timeout passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Any checkpoint directory under cache/partial?
+pub fn has_checkpoint(cache: &Path) -> bool {
+    let Ok(rd) = std::fs::read_dir(cache.join("partial")) else { return false };
+    rd.flatten().any(|k| {
+        std::fs::read_dir(k.path())
+            .map(|r| r.flatten().any(|c| c.file_name().to_string_lossy().starts_with("ckpt-")))
+            .unwrap_or(false)
+    })
+}
+
+/// A session's per-instance results without the fields that legitimately differ between runs.
+pub fn results(session: &Json) -> Json {
+    let mut stages = session["stages"].clone();
+    for (_, s) in stages.as_object_mut().unwrap() {
+        let o = s.as_object_mut().unwrap();
+        o.remove("seconds");
+        o.remove("cached");
+        o.remove("status");
+    }
+    stages
+}
