@@ -1,0 +1,86 @@
+//! BitNet b1.58 quantisers (notes §3), computed in f32 exactly as transformers'
+//! `WeightQuant` / `ActQuant` do, and cast back to the input dtype.
+//!
+//! Rounding is half-to-even like `torch.round`. candle's `round` rounds half away from zero, so we
+//! use the exact f32 identity `rne(x) = (x + 1.5·2²³) − 1.5·2²³`, valid for |x| ≤ 2²², after
+//! clamping `x` into a range where the final clamp gives the same answer. It uses only `affine` and
+//! `clamp`, so it runs on every device.
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// 1.5 · 2²³: adding and subtracting it rounds an f32 with |x| ≤ 2²² to the nearest integer,
+/// ties to even (IEEE round-to-nearest-even of the addition).
+const RNE_MAGIC: f64 = 12_582_912.0;
+
+/// Round half to even, elementwise, for an f32 tensor whose values lie in [-2²², 2²²].
+pub fn round_half_even(x: &Tensor) -> Result<Tensor> {
+    debug_assert_eq!(x.dtype(), DType::F32);
+    x.affine(1.0, RNE_MAGIC)?.affine(1.0, -RNE_MAGIC)
+}
+
+/// Minimum of the scales' denominators (transformers: `clamp_(min=1e-5)`).
+const EPS: f64 = 1e-5;
+
+/// Per-tensor absmean scale `s = 1 / max(mean|W|, 1e-5)` as a `[1, 1]` f32 tensor (broadcastable).
+pub fn weight_inv_scale(w: &Tensor) -> Result<Tensor> {
+    // torch sums in f32 with its own (cascaded) order, so β can differ from ours in the last
+    // bit; that only matters if ±β sits on a bf16 rounding boundary.
+    let beta = w.to_dtype(DType::F32)?.abs()?.mean_all()?.clamp(EPS, f64::INFINITY)?;
+    beta.recip()?.reshape((1, 1))
+}
+
+/// Ternary codes `T = clamp(round(W·s), −1, 1)` (f32) and `s` for a 2-D weight.
+pub fn ternarize(w: &Tensor) -> Result<(Tensor, Tensor)> {
+    let s = weight_inv_scale(w)?;
+    let ws = w.to_dtype(DType::F32)?.broadcast_mul(&s)?.clamp(-2.0, 2.0)?;
+    let t = round_half_even(&ws)?.clamp(-1.0, 1.0)?;
+    Ok((t, s))
+}
+
+/// Weight fake-quant `Ŵ = T / s` (notes §3.2), cast back to the weight's dtype.
+pub fn weight_fake_quant(w: &Tensor) -> Result<Tensor> {
+    let (t, s) = ternarize(w)?;
+    t.broadcast_div(&s)?.to_dtype(w.dtype())
+}
+
+/// Per-token absmax activation fake-quant (notes §3.1): `s = 127 / max(max|x|, 1e-5)` over the
+/// last dim, `x̂ = clamp(round(x·s), −128, 127) / s`, cast back to the activation dtype.
+pub fn act_fake_quant(x: &Tensor) -> Result<Tensor> {
+    let xf = x.to_dtype(DType::F32)?;
+    let gamma = xf.abs()?.max_keepdim(D::Minus1)?.clamp(EPS, f64::INFINITY)?;
+    // torch evaluates `127 / gamma` as `reciprocal(gamma) * 127` (two roundings); so do we, or
+    // exact .5 ties (common with bf16 inputs) round differently.
+    let s = (gamma.recip()? * 127.0)?;
+    let q = xf.broadcast_mul(&s)?.clamp(-129.0, 128.0)?;
+    let q = round_half_even(&q)?.clamp(-128.0, 127.0)?;
+    q.broadcast_div(&s)?.to_dtype(x.dtype())
+}
+
+/// Straight-through estimator: the value of `q`, the gradient of `x` (`x + (q − x).detach()`).
+pub fn ste(x: &Tensor, q: &Tensor) -> Result<Tensor> {
+    x + (q - x)?.detach()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn rounds_ties_to_even() -> Result<()> {
+        let x = Tensor::new(&[0.5f32, 1.5, 2.5, -0.5, -1.5, -2.5, 0.49999997, 126.5, -127.5, 3.7], &Device::Cpu)?;
+        let r: Vec<f32> = round_half_even(&x)?.to_vec1()?;
+        assert_eq!(r, vec![0.0, 2.0, 2.0, 0.0, -2.0, -2.0, 0.0, 126.0, -128.0, 4.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn weight_quant_is_ternary_times_absmean() -> Result<()> {
+        let w = Tensor::new(&[[0.2f32, -0.9], [0.05, 1.7]], &Device::Cpu)?;
+        let (t, s) = ternarize(&w)?;
+        let beta = (0.2 + 0.9 + 0.05 + 1.7) / 4.0;
+        assert!((1.0 / s.flatten_all()?.to_vec1::<f32>()?[0] - beta).abs() < 1e-6);
+        assert_eq!(t.to_vec2::<f32>()?, vec![vec![0.0, -1.0], vec![0.0, 1.0]]);
+        Ok(())
+    }
+}
