@@ -56,9 +56,13 @@ pub fn act_fake_quant(x: &Tensor) -> Result<Tensor> {
     q.broadcast_div(&s)?.to_dtype(x.dtype())
 }
 
-/// Straight-through estimator: the value of `q`, the gradient of `x` (`x + (q − x).detach()`).
+/// Straight-through estimator: the value of `q`, the gradient of `x`.
+///
+/// Written `q.detach() + (x − x.detach())` rather than `x + (q − x).detach()`: the second term is
+/// exactly zero, so the forward value is exactly `q` in every dtype (the usual form rounds twice
+/// in bf16).
 pub fn ste(x: &Tensor, q: &Tensor) -> Result<Tensor> {
-    x + (q - x)?.detach()
+    q.detach() + (x - x.detach())?
 }
 
 #[cfg(test)]
