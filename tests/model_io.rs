@@ -31,7 +31,7 @@ fn weights(fixture_name: &str) -> HashMap<String, Tensor> {
 }
 
 fn load_err(dir: &Path, opts: &LoadOptions) -> String {
-    format!("{:#}", Model::load(dir.to_str().unwrap(), opts).err().expect("load should fail"))
+    format!("{:#}", Model::load(dir.to_str().unwrap(), opts).expect_err("load should fail"))
 }
 
 #[test]

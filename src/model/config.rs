@@ -183,8 +183,10 @@ impl ModelConfig {
             }
         }
         let num_kv_heads = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
-        if hf.num_attention_heads == 0 || hf.hidden_size % hf.num_attention_heads != 0 {
-            if hf.head_dim.is_none() {
+        if (hf.num_attention_heads == 0 || !hf.hidden_size.is_multiple_of(hf.num_attention_heads))
+            && hf.head_dim.is_none()
+        {
+            {
                 bail!(
                     "hidden_size {} is not a multiple of num_attention_heads {}",
                     hf.hidden_size,
@@ -192,14 +194,14 @@ impl ModelConfig {
                 );
             }
         }
-        if num_kv_heads == 0 || hf.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !hf.num_attention_heads.is_multiple_of(num_kv_heads) {
             bail!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {num_kv_heads}",
                 hf.num_attention_heads
             );
         }
         let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1));
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             bail!("head_dim {head_dim} must be even for RoPE");
         }
         let (weight_format, default_quantization) = match (&hf.quantization_config, arch) {

@@ -1,8 +1,8 @@
 //! KV-cached decoding: greedy or sampled (temperature, top-p, seed), stop tokens, max_new_tokens.
 
+use super::causal_lm::Model;
 use super::hooks::Hooks;
 use super::kv_cache::KvCache;
-use super::model::Model;
 use super::rng::Rng;
 use super::tokenizer::{Bos, TextTokenizer};
 use anyhow::{bail, Result};

@@ -4,9 +4,9 @@
 use super::attention::Attention;
 use super::bitlinear::{ProjWeight, Projection};
 use super::block::Block;
+use super::causal_lm::{Model, PROJECTIONS};
 use super::config::{Arch, ModelConfig, Quantization, WeightFormat};
 use super::mlp::Mlp;
-use super::model::{Model, PROJECTIONS};
 use super::norm::RmsNorm;
 use super::rng::Rng;
 use super::rope::Rope;

@@ -26,7 +26,7 @@ pub fn unpack(bytes: &[u8], rows: usize, cols: usize) -> Result<Vec<f32>> {
 
 /// Pack `[out, cols]` ternary values (row-major, each in {-1, 0, 1}) into `[out/4, cols]` bytes.
 pub fn pack(values: &[f32], out: usize, cols: usize) -> Result<Vec<u8>> {
-    if out % 4 != 0 || values.len() != out * cols {
+    if !out.is_multiple_of(4) || values.len() != out * cols {
         bail!("cannot pack a [{out}, {cols}] weight (out must be a multiple of 4)");
     }
     let rows = out / 4;
@@ -35,9 +35,9 @@ pub fn pack(values: &[f32], out: usize, cols: usize) -> Result<Vec<u8>> {
         let src = &values[i * rows * cols..(i + 1) * rows * cols];
         for (b, &v) in bytes.iter_mut().zip(src) {
             let code = match v {
-                v if v == -1.0 => 0u8,
-                v if v == 0.0 => 1,
-                v if v == 1.0 => 2,
+                -1.0 => 0u8,
+                0.0 => 1,
+                1.0 => 2,
                 other => bail!("cannot pack non-ternary value {other}"),
             };
             *b |= code << (2 * i);
