@@ -50,9 +50,10 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x, mode, cache_w)?;
-        let k = self.k_proj.forward(x, mode, cache_w)?;
-        let v = self.v_proj.forward(x, mode, cache_w)?;
+        let xq = self.q_proj.prepare_input(x, mode)?; // shared by q, k, v
+        let q = self.q_proj.apply(&xq, mode, cache_w)?;
+        let k = self.k_proj.apply(&xq, mode, cache_w)?;
+        let v = self.v_proj.apply(&xq, mode, cache_w)?;
         let q = q.reshape((b, t, nh, d))?.transpose(1, 2)?;
         let k = k.reshape((b, t, nkv, d))?.transpose(1, 2)?;
         let v = v.reshape((b, t, nkv, d))?.transpose(1, 2)?.contiguous()?;

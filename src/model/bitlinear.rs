@@ -64,25 +64,33 @@ impl Projection {
         Ok(w)
     }
 
+    /// The input as this projection multiplies it: activation fake-quant for ternary (under a
+    /// straight-through estimator in training), unchanged otherwise. Projections that read the
+    /// same tensor (q/k/v, gate/up) share one call.
+    pub fn prepare_input(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        match (self.quant, mode) {
+            (Quantization::None, _) => Ok(x.clone()),
+            (Quantization::Ternary, Mode::Infer) => act_fake_quant(x),
+            (Quantization::Ternary, Mode::Train) => ste(x, &act_fake_quant(x)?),
+        }
+    }
+
     /// `x [.., in] → [.., out]`. `cache` allows reusing the quantised weight between calls
     /// (inference only; the model turns it off while its parameters are being trained).
     pub fn forward(&self, x: &Tensor, mode: Mode, cache: bool) -> Result<Tensor> {
+        self.apply(&self.prepare_input(x, mode)?, mode, cache)
+    }
+
+    /// Multiply an input already passed through [`Projection::prepare_input`].
+    pub fn apply(&self, x: &Tensor, mode: Mode, cache: bool) -> Result<Tensor> {
         let ternary = self.quant == Quantization::Ternary;
-        let (w, x) = match mode {
-            Mode::Infer => {
-                let w = self.infer_weight(cache)?;
-                let x = if ternary { act_fake_quant(x)? } else { x.clone() };
-                (w, x)
-            }
-            Mode::Train => {
-                let w = match &self.weight {
-                    ProjWeight::Dense(v) if ternary => ste(v.as_tensor(), &weight_fake_quant(v.as_tensor())?)?,
-                    ProjWeight::Dense(v) => v.as_tensor().clone(),
-                    ProjWeight::Packed { codes, .. } => codes.as_detached_tensor(),
-                };
-                let x = if ternary { ste(x, &act_fake_quant(x)?)? } else { x.clone() };
-                (w, x)
-            }
+        let w = match mode {
+            Mode::Infer => self.infer_weight(cache)?,
+            Mode::Train => match &self.weight {
+                ProjWeight::Dense(v) if ternary => ste(v.as_tensor(), &weight_fake_quant(v.as_tensor())?)?,
+                ProjWeight::Dense(v) => v.as_tensor().clone(),
+                ProjWeight::Packed { codes, .. } => codes.as_detached_tensor(),
+            },
         };
         let dims = x.dims().to_vec();
         let (out, inp) = w.dims2()?;

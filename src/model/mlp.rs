@@ -19,8 +19,9 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor, mode: Mode, cache_w: bool) -> Result<Tensor> {
-        let g = self.gate_proj.forward(x, mode, cache_w)?;
-        let u = self.up_proj.forward(x, mode, cache_w)?;
+        let xq = self.gate_proj.prepare_input(x, mode)?; // shared by gate and up
+        let g = self.gate_proj.apply(&xq, mode, cache_w)?;
+        let u = self.up_proj.apply(&xq, mode, cache_w)?;
         let g = match self.activation {
             Activation::Relu2 => g.relu()?.sqr()?,
             // torch evaluates SiLU of bf16 in f32 and rounds once.
