@@ -77,7 +77,11 @@ fn act_quant_row(src: impl Iterator<Item = f32> + Clone, mut put: impl FnMut(usi
     let g = src.clone().fold(0f32, |m, v| m.max(v.abs())).max(EPS as f32);
     let s = (1.0 / g) * 127.0;
     for (i, v) in src.enumerate() {
-        put(i, (v * s).round_ties_even().clamp(-128.0, 127.0) / s);
+        // Same identity as `round_half_even` (vectorises; `round_ties_even` is a libm call
+        // without SSE4.1).
+        let q = (v * s).clamp(-129.0, 128.0);
+        let r = (q + RNE_MAGIC as f32) - RNE_MAGIC as f32;
+        put(i, r.clamp(-128.0, 127.0) / s);
     }
 }
 
