@@ -243,3 +243,15 @@ fn tokenizer_bos_policy() {
     assert_eq!(none[..], ids[1..]);
     assert_eq!(tok.decode(&none, true).unwrap(), prompt);
 }
+
+/// Writes Rust-saved copies of the fixtures for `tests/fixtures/check_saved.py` (transformers
+/// must load them unchanged): `RPT_SAVE_DIR=/tmp/saved cargo test --test model_io -- --ignored`.
+#[test]
+#[ignore = "writes to $RPT_SAVE_DIR for the Python check"]
+fn save_fixtures_for_transformers() {
+    let out = std::path::PathBuf::from(std::env::var("RPT_SAVE_DIR").expect("set RPT_SAVE_DIR"));
+    for (name, dtype) in [("bitnet_tiny", DType::BF16), ("bitnet_tiny_packed", DType::F32), ("llama_tiny", DType::F32)]
+    {
+        load(name, dtype, None).save(&out.join(name)).unwrap();
+    }
+}
