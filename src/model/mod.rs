@@ -1,1 +1,33 @@
 //! BitNet b1.58 and Llama in candle. Knows nothing of the engine.
+//!
+//! See `docs/model.md` for the public API and the parity contract with transformers.
+
+pub mod attention;
+pub mod bitlinear;
+pub mod block;
+pub mod causal_lm;
+pub mod config;
+pub mod generate;
+pub mod hooks;
+pub mod hub;
+pub mod io;
+pub mod kv_cache;
+pub mod loss;
+pub mod mlp;
+pub mod mode;
+pub mod norm;
+pub mod pack;
+pub mod quant;
+pub mod rng;
+pub mod rope;
+pub mod tokenizer;
+
+pub use causal_lm::Model;
+pub use config::{Activation, Arch, ModelConfig, Quantization, WeightFormat};
+pub use generate::{GenerateOptions, Generation, Sampling, StopReason};
+pub use hooks::{HookPoint, Hooks};
+pub use io::LoadOptions;
+pub use kv_cache::KvCache;
+pub use loss::causal_lm_loss;
+pub use mode::Mode;
+pub use tokenizer::{Bos, TextTokenizer};

@@ -1,0 +1,93 @@
+//! `cargo bench --bench model`: forward tokens/s and one training step (forward + backward +
+//! AdamW) of a mid-size random BitNet (hidden 512, 8 layers, 8 heads / 4 KV heads, intermediate
+//! 1376, vocab 32000; batch 4 × 256) on CPU, f32 and bf16, median of `BENCH_REPS` (default 5)
+//! after one warm-up.
+//!
+//! Environment: `BENCH_REPS`, `BENCH_BATCH`, `BENCH_SEQ`, `BENCH_DTYPES` (e.g. `f32,bf16`),
+//! `BENCH_TRAIN` (0 to skip training), `BENCH_TORCH_JSON` (output of scripts/bench_torch.py, to
+//! print the candle/torch ratio). Set `CANDLE_NUM_THREADS=1 RAYON_NUM_THREADS=1` on a one-core
+//! machine, and the same thread count in the torch script.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use rpt_flow::model::{causal_lm_loss, Arch, LoadOptions, Model, ModelConfig};
+use std::time::Instant;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time<F: FnMut() -> anyhow::Result<()>>(reps: usize, mut f: F) -> anyhow::Result<f64> {
+    f()?; // warm-up
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let s = Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64());
+    }
+    Ok(median(t))
+}
+
+fn main() -> anyhow::Result<()> {
+    // `cargo bench` passes `--bench`; ignore arguments.
+    let reps = env("BENCH_REPS", 5);
+    let (b, t) = (env("BENCH_BATCH", 4), env("BENCH_SEQ", 256));
+    let train = env("BENCH_TRAIN", 1) != 0;
+    let dtypes = std::env::var("BENCH_DTYPES").unwrap_or_else(|_| "f32,bf16".into());
+    let cfg = ModelConfig::tiny(Arch::Bitnet, 32000, 512, 1376, 8, 8, 4);
+    let torch: Option<serde_json::Value> = std::env::var("BENCH_TORCH_JSON")
+        .ok()
+        .map(|p| serde_json::from_str(&std::fs::read_to_string(p).expect("torch json")).expect("json"));
+    println!(
+        "bitnet hidden 512, 8 layers, 8/4 heads, ffn 1376, vocab 32000; batch {b}x{t}; reps {reps} (median after 1 warm-up); threads {}",
+        candle_core::utils::get_num_threads()
+    );
+    let ids: Vec<u32> = (0..b * t).map(|i| ((i * 7919) % 32000) as u32).collect();
+    let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
+    let mut results = serde_json::Map::new();
+    for d in dtypes.split(',') {
+        let dtype = match d {
+            "f32" => DType::F32,
+            "bf16" => DType::BF16,
+            other => anyhow::bail!("unknown dtype {other}"),
+        };
+        let opts = LoadOptions { dtype, device: Device::Cpu, quantization: None };
+        let model = Model::random(&cfg, 0, &opts)?;
+        let fwd = time(reps, || {
+            model.forward(&ids)?;
+            Ok(())
+        })?;
+        let tok_s = (b * t) as f64 / fwd;
+        let mut line = format!("{d:>5}  forward {fwd:8.3} s  {tok_s:9.1} tok/s");
+        let mut r = serde_json::json!({"forward_s": fwd, "forward_tok_s": tok_s});
+        if train {
+            let mut opt = AdamW::new(model.parameters(), ParamsAdamW { lr: 1e-4, ..Default::default() })?;
+            let step = time(reps, || {
+                let loss = causal_lm_loss(&model.forward_train(&ids)?, &ids)?;
+                opt.backward_step(&loss)?;
+                Ok(())
+            })?;
+            line += &format!("   train step {step:8.3} s");
+            r["train_step_s"] = step.into();
+        }
+        if let Some(tj) = torch.as_ref().and_then(|j| j.get(d)) {
+            if let Some(tf) = tj.get("forward_s").and_then(|v| v.as_f64()) {
+                line += &format!("   forward candle/torch time {:.2}x", fwd / tf);
+            }
+            if let (Some(ts), Some(s)) =
+                (tj.get("train_step_s").and_then(|v| v.as_f64()), r.get("train_step_s").and_then(|v| v.as_f64()))
+            {
+                line += &format!("   train candle/torch time {:.2}x", s / ts);
+            }
+        }
+        println!("{line}");
+        results.insert(d.to_string(), r);
+    }
+    println!("{}", serde_json::Value::Object(results));
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! Grouped-query self-attention with RoPE, an optional KV cache and (BitNet) `attn_sub_norm`
+//! before `o_proj`.
+
+use super::bitlinear::Projection;
+use super::mode::Mode;
+use super::norm::RmsNorm;
+use super::rope::Rope;
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// Self-attention of one layer.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub(crate) q_proj: Projection,
+    pub(crate) k_proj: Projection,
+    pub(crate) v_proj: Projection,
+    pub(crate) o_proj: Projection,
+    pub(crate) sub_norm: Option<RmsNorm>,
+    pub(crate) num_heads: usize,
+    pub(crate) num_kv_heads: usize,
+    pub(crate) head_dim: usize,
+}
+
+/// Additive causal mask `[t, offset + t]` (0 or −inf), f32.
+fn causal_mask(t: usize, offset: usize, dev: &Device) -> Result<Tensor> {
+    let total = offset + t;
+    let m: Vec<f32> =
+        (0..t).flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    Tensor::from_vec(m, (t, total), dev)
+}
+
+/// `[b, kv, T, d] → [b, kv·rep, T, d]`, kv head `j` serving query heads `j·rep .. j·rep+rep`.
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?.expand((b, kv, rep, t, d))?.reshape((b, kv * rep, t, d))
+}
+
+impl Attention {
+    /// `x [b, t, hidden]`; `offset` = number of cached positions; `kv` = this layer's cache slot.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        offset: usize,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        mode: Mode,
+        cache_w: bool,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let xq = self.q_proj.prepare_input(x, mode)?; // shared by q, k, v
+        let q = self.q_proj.apply(&xq, mode, cache_w)?;
+        let k = self.k_proj.apply(&xq, mode, cache_w)?;
+        let v = self.v_proj.apply(&xq, mode, cache_w)?;
+        let q = q.reshape((b, t, nh, d))?.transpose(1, 2)?;
+        let k = k.reshape((b, t, nkv, d))?.transpose(1, 2)?;
+        let v = v.reshape((b, t, nkv, d))?.transpose(1, 2)?.contiguous()?;
+        let q = rope.apply(&q, offset, mode)?;
+        let k = rope.apply(&k, offset, mode)?;
+        let (k, v) = match kv {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let rep = nh / nkv;
+        let k = repeat_kv(&k, rep)?;
+        let v = repeat_kv(&v, rep)?;
+        let scale = (d as f64).powf(-0.5);
+        let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let mask = causal_mask(t, offset, x.device())?;
+        let att = att.to_dtype(DType::F32)?.broadcast_add(&mask)?;
+        let att = match mode {
+            Mode::Infer => candle_nn::ops::softmax_last_dim(&att)?,
+            Mode::Train => candle_nn::ops::softmax(&att, D::Minus1)?,
+        };
+        let att = att.to_dtype(x.dtype())?;
+        let o = att.matmul(&v.contiguous()?)?; // [b, nh, t, d]
+        let o = o.transpose(1, 2)?.reshape((b, t, nh * d))?;
+        let o = match &self.sub_norm {
+            Some(n) => n.forward(&o, mode)?,
+            None => o,
+        };
+        self.o_proj.forward(&o, mode, cache_w)
+    }
+}

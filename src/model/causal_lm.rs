@@ -1,0 +1,280 @@
+//! The causal LM: embedding → blocks → final norm → LM head (tied or not).
+
+use super::bitlinear::{ProjWeight, Projection};
+use super::block::{Block, BlockCtx};
+use super::config::{ModelConfig, Quantization, WeightFormat};
+use super::hooks::{apply, HookPoint, Hooks};
+use super::kv_cache::KvCache;
+use super::mode::Mode;
+use super::norm::RmsNorm;
+use super::rope::Rope;
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Result, Tensor, Var};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// The seven projection names of a layer, in checkpoint order.
+pub const PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// A BitNet b1.58 or Llama causal language model.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub(crate) cfg: ModelConfig,
+    pub(crate) dtype: DType,
+    pub(crate) device: Device,
+    pub(crate) quant: Quantization,
+    pub(crate) embed: Var,
+    /// `None` = tied to the embedding.
+    pub(crate) lm_head: Option<Var>,
+    pub(crate) layers: Vec<Block>,
+    pub(crate) norm: RmsNorm,
+    pub(crate) rope: Rope,
+    /// Whether inference may cache quantised weights (off once parameters were handed out).
+    pub(crate) weight_cache: Arc<AtomicBool>,
+    /// Directory the model was loaded from (tokenizer files are copied from there on save).
+    pub(crate) source_dir: Option<PathBuf>,
+}
+
+impl Model {
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn quantization(&self) -> Quantization {
+        self.quant
+    }
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+    pub fn weight_format(&self) -> WeightFormat {
+        self.cfg.weight_format
+    }
+    /// Directory the model was loaded from, if any.
+    pub fn source_dir(&self) -> Option<&std::path::Path> {
+        self.source_dir.as_deref()
+    }
+
+    /// All-position logits `[b, t, vocab]` (f32) for token ids `[b, t]` (u32), inference path.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.run(ids, Mode::Infer, None, None)
+    }
+
+    /// As [`Model::forward`], running `hooks` at every residual point.
+    pub fn forward_with_hooks(&self, ids: &Tensor, hooks: &mut Hooks<'_>) -> Result<Tensor> {
+        self.run(ids, Mode::Infer, None, Some(hooks))
+    }
+
+    /// Incremental forward: appends `ids [b, t]` to `cache` and returns their logits.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache, hooks: Option<&mut Hooks<'_>>) -> Result<Tensor> {
+        self.run(ids, Mode::Infer, Some(cache), hooks)
+    }
+
+    /// Training forward: only ops with a backward, straight-through estimators for both
+    /// quantisers. Same logits as [`Model::forward`].
+    pub fn forward_train(&self, ids: &Tensor) -> Result<Tensor> {
+        self.run(ids, Mode::Train, None, None)
+    }
+
+    /// Training forward with hooks (interventions are part of the graph).
+    pub fn forward_train_with_hooks(&self, ids: &Tensor, hooks: &mut Hooks<'_>) -> Result<Tensor> {
+        self.run(ids, Mode::Train, None, Some(hooks))
+    }
+
+    pub(crate) fn run(
+        &self,
+        ids: &Tensor,
+        mode: Mode,
+        mut cache: Option<&mut KvCache>,
+        hooks: Option<&mut Hooks<'_>>,
+    ) -> Result<Tensor> {
+        let mut hooks = hooks;
+        let (b, t) = ids.dims2()?;
+        let ids = ids.to_dtype(DType::U32)?;
+        let embed = match mode {
+            Mode::Infer => self.embed.as_detached_tensor(),
+            Mode::Train => self.embed.as_tensor().clone(),
+        };
+        let h = embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let mut h = apply(&mut hooks, HookPoint::Embed, h)?;
+        let offset = cache.as_ref().map_or(0, |c| c.seq_len());
+        let ctx = BlockCtx {
+            rope: &self.rope,
+            offset,
+            mode,
+            cache_w: mode == Mode::Infer && self.weight_cache.load(Ordering::Relaxed),
+        };
+        for (l, block) in self.layers.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| c.slot(l));
+            h = block.forward(l, h, &ctx, slot, &mut hooks)?;
+        }
+        if let Some(c) = cache.as_mut() {
+            c.advance(t);
+        }
+        let h = self.norm.forward(&h, mode)?;
+        let h = apply(&mut hooks, HookPoint::FinalNorm, h)?;
+        let head = match (&self.lm_head, mode) {
+            (Some(w), Mode::Train) => w.as_tensor().clone(),
+            (Some(w), Mode::Infer) => w.as_detached_tensor(),
+            (None, _) => embed,
+        };
+        let logits = h.reshape((b * t, self.cfg.hidden_size))?.matmul(&head.t()?)?;
+        logits.reshape((b, t, self.cfg.vocab_size))?.to_dtype(DType::F32)
+    }
+
+    fn projection_ref(&self, name: &str) -> anyhow::Result<&Projection> {
+        let rest = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.strip_suffix(".weight"))
+            .with_context(|| format!("{name:?} is not a projection weight name"))?;
+        let (l, proj) = rest.split_once('.').context("bad projection name")?;
+        let l: usize = l.parse().context("bad layer index")?;
+        let block = self.layers.get(l).with_context(|| format!("no layer {l} in {name:?}"))?;
+        Ok(match proj {
+            "self_attn.q_proj" => &block.self_attn.q_proj,
+            "self_attn.k_proj" => &block.self_attn.k_proj,
+            "self_attn.v_proj" => &block.self_attn.v_proj,
+            "self_attn.o_proj" => &block.self_attn.o_proj,
+            "mlp.gate_proj" => &block.mlp.gate_proj,
+            "mlp.up_proj" => &block.mlp.up_proj,
+            "mlp.down_proj" => &block.mlp.down_proj,
+            _ => bail!("unknown projection {proj:?} in {name:?}"),
+        })
+    }
+
+    /// Names of all projection weights (`model.layers.{l}.{self_attn|mlp}.{x}_proj.weight`).
+    pub fn projection_names(&self) -> Vec<String> {
+        (0..self.layers.len())
+            .flat_map(|l| PROJECTIONS.iter().map(move |p| format!("model.layers.{l}.{p}.weight")))
+            .collect()
+    }
+
+    /// A projection's stored weight `[out, in]`: the latent matrix, or for a packed checkpoint the
+    /// ternary codes `T` (the effective weight is `T · weight_scale`).
+    pub fn projection(&self, name: &str) -> anyhow::Result<Tensor> {
+        Ok(self.projection_ref(name)?.var().as_detached_tensor())
+    }
+
+    /// All projections, name → stored weight.
+    pub fn projections(&self) -> anyhow::Result<BTreeMap<String, Tensor>> {
+        self.projection_names().into_iter().map(|n| Ok((n.clone(), self.projection(&n)?))).collect()
+    }
+
+    /// Overwrite a projection's stored weight (same shape; converted to the model dtype). For a
+    /// packed model the values must stay ternary to be saved.
+    pub fn set_projection(&self, name: &str, w: &Tensor) -> anyhow::Result<()> {
+        let p = self.projection_ref(name)?;
+        let var = p.var();
+        if w.dims() != var.dims() {
+            bail!("set_projection({name}): shape {:?}, expected {:?}", w.dims(), var.dims());
+        }
+        var.set(&w.to_dtype(self.dtype)?.to_device(&self.device)?)?;
+        p.invalidate();
+        Ok(())
+    }
+
+    /// The trainable parameters by checkpoint name (the tied LM head appears once, as the
+    /// embedding). Handing them out turns the inference weight cache off, since an optimizer
+    /// changes them in place; call [`Model::refresh`] after training to turn it back on.
+    pub fn named_parameters(&self) -> Vec<(String, Var)> {
+        self.weight_cache.store(false, Ordering::Relaxed);
+        self.invalidate_all();
+        let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (l, b) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}.");
+            v.push((p.clone() + "input_layernorm.weight", b.input_layernorm.weight.clone()));
+            v.push((p.clone() + "post_attention_layernorm.weight", b.post_attention_layernorm.weight.clone()));
+            if let Some(n) = &b.self_attn.sub_norm {
+                v.push((p.clone() + "self_attn.attn_sub_norm.weight", n.weight.clone()));
+            }
+            if let Some(n) = &b.mlp.sub_norm {
+                v.push((p.clone() + "mlp.ffn_sub_norm.weight", n.weight.clone()));
+            }
+            for (name, proj) in PROJECTIONS.iter().zip(b.projections()) {
+                if let ProjWeight::Dense(var) = &proj.weight {
+                    v.push((format!("{p}{name}.weight"), var.clone()));
+                }
+            }
+        }
+        v.push(("model.norm.weight".into(), self.norm.weight.clone()));
+        if let Some(h) = &self.lm_head {
+            v.push(("lm_head.weight".into(), h.clone()));
+        }
+        v
+    }
+
+    /// The trainable parameters as a list (for `candle_nn::AdamW::new`). See
+    /// [`Model::named_parameters`]; packed projections are frozen and not included.
+    pub fn parameters(&self) -> Vec<Var> {
+        self.named_parameters().into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// Re-enable the inference weight cache after parameters were changed behind the model's back.
+    pub fn refresh(&self) {
+        self.invalidate_all();
+        self.weight_cache.store(true, Ordering::Relaxed);
+    }
+
+    fn invalidate_all(&self) {
+        for b in &self.layers {
+            for p in b.projections() {
+                p.invalidate();
+            }
+        }
+    }
+
+    /// Every stored tensor by checkpoint name, in the checkpoint layout of [`Model::weight_format`]
+    /// (packed projections as `u8` codes + `weight_scale`).
+    pub fn state_dict(&self) -> anyhow::Result<BTreeMap<String, Tensor>> {
+        let mut out = BTreeMap::new();
+        for (name, var) in self.named_parameters_no_side_effects() {
+            out.insert(name, var.as_detached_tensor());
+        }
+        for (l, b) in self.layers.iter().enumerate() {
+            for (name, proj) in PROJECTIONS.iter().zip(b.projections()) {
+                if let ProjWeight::Packed { codes, scale } = &proj.weight {
+                    let key = format!("model.layers.{l}.{name}.weight");
+                    let packed = super::io::pack_tensor(codes.as_tensor()).with_context(|| key.clone())?;
+                    out.insert(key.clone(), packed);
+                    out.insert(format!("model.layers.{l}.{name}.weight_scale"), scale.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn named_parameters_no_side_effects(&self) -> Vec<(String, Var)> {
+        let was = self.weight_cache.load(Ordering::Relaxed);
+        let v = self.named_parameters();
+        self.weight_cache.store(was, Ordering::Relaxed);
+        v
+    }
+}
+
+impl Block {
+    pub(crate) fn projections(&self) -> [&Projection; 7] {
+        [
+            &self.self_attn.q_proj,
+            &self.self_attn.k_proj,
+            &self.self_attn.v_proj,
+            &self.self_attn.o_proj,
+            &self.mlp.gate_proj,
+            &self.mlp.up_proj,
+            &self.mlp.down_proj,
+        ]
+    }
+}

@@ -1,0 +1,120 @@
+//! Model sources: a local directory or `hf:org/name[@revision]` through hf-hub.
+//!
+//! hf-hub's sync API honours `HF_HOME` (cache location), `HF_ENDPOINT` and `HF_TOKEN`. With
+//! `HF_HUB_OFFLINE=1` nothing is fetched: the files are read from the local hub cache
+//! (`$HF_HOME/hub/models--org--name/{refs,snapshots}`), as transformers does. Pin revisions
+//! (a commit hash): the current `main` of the BitNet repos has been re-uploaded with zeroed MLP
+//! tensors (notes §7, pitfall 3).
+
+use anyhow::{bail, Context, Result};
+use hf_hub::{Repo, RepoType};
+use std::path::{Path, PathBuf};
+
+/// A parsed `hf:org/name[@revision]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubSpec {
+    pub repo: String,
+    pub revision: String,
+}
+
+impl HubSpec {
+    /// Parse `hf:org/name[@revision]` (revision defaults to `main`); `None` if not a hub spec.
+    pub fn parse(source: &str) -> Result<Option<Self>> {
+        let Some(rest) = source.strip_prefix("hf:") else { return Ok(None) };
+        let (repo, revision) = match rest.split_once('@') {
+            Some((r, rev)) => (r, rev),
+            None => (rest, "main"),
+        };
+        if repo.split('/').count() != 2 || repo.split('/').any(|s| s.is_empty()) || revision.is_empty() {
+            bail!("bad hub model {source:?}: expected hf:org/name[@revision]");
+        }
+        Ok(Some(Self { repo: repo.to_string(), revision: revision.to_string() }))
+    }
+}
+
+fn offline() -> bool {
+    matches!(std::env::var("HF_HUB_OFFLINE").as_deref(), Ok("1") | Ok("true") | Ok("TRUE") | Ok("yes"))
+}
+
+/// Resolve a source to a local directory holding config.json and the weights.
+pub fn resolve(source: &str) -> Result<PathBuf> {
+    match HubSpec::parse(source)? {
+        None => {
+            let p = PathBuf::from(source);
+            if !p.join("config.json").exists() {
+                bail!("{}: not a model directory (no config.json)", p.display());
+            }
+            Ok(p)
+        }
+        Some(spec) if offline() => resolve_offline(&hf_hub::Cache::from_env(), &spec),
+        Some(spec) => resolve_online(&spec),
+    }
+}
+
+fn is_commit(rev: &str) -> bool {
+    rev.len() == 40 && rev.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// Find a snapshot in the local hub cache (`cache` = the `hub` directory).
+pub fn resolve_offline(cache: &hf_hub::Cache, spec: &HubSpec) -> Result<PathBuf> {
+    let repo_dir = cache.path().join(Repo::new(spec.repo.clone(), RepoType::Model).folder_name());
+    let commit = if is_commit(&spec.revision) {
+        spec.revision.clone()
+    } else {
+        let r = repo_dir.join("refs").join(&spec.revision);
+        std::fs::read_to_string(&r)
+            .with_context(|| format!("HF_HUB_OFFLINE: {} not cached (no {})", spec.repo, r.display()))?
+            .trim()
+            .to_string()
+    };
+    let snap = repo_dir.join("snapshots").join(&commit);
+    if !snap.join("config.json").exists() {
+        bail!("HF_HUB_OFFLINE: {}@{} has no cached config.json at {}", spec.repo, spec.revision, snap.display());
+    }
+    if super::io::weight_files(&snap).map(|f| f.iter().all(|p| p.exists())).ok() != Some(true) {
+        bail!("HF_HUB_OFFLINE: {}@{}: weights not (fully) cached in {}", spec.repo, spec.revision, snap.display());
+    }
+    Ok(snap)
+}
+
+fn resolve_online(spec: &HubSpec) -> Result<PathBuf> {
+    let token = std::env::var("HF_TOKEN").ok().or_else(|| hf_hub::Cache::from_env().token());
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_token(token)
+        .with_progress(false)
+        .build()
+        .context("building the hf-hub client")?;
+    let repo = api.repo(Repo::with_revision(spec.repo.clone(), RepoType::Model, spec.revision.clone()));
+    let get = |f: &str| repo.get(f).with_context(|| format!("fetching {f} from {}@{}", spec.repo, spec.revision));
+    let config = get("config.json")?;
+    let dir = config.parent().map(Path::to_path_buf).context("config path has no parent")?;
+    match get("model.safetensors") {
+        Ok(_) => {}
+        Err(_) => {
+            get("model.safetensors.index.json")?;
+            for f in super::io::weight_files(&dir)? {
+                let name = f.file_name().and_then(|n| n.to_str()).context("bad shard name")?.to_string();
+                get(&name)?;
+            }
+        }
+    }
+    for f in super::io::AUX_FILES {
+        let _ = repo.get(f); // optional files
+    }
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_specs() {
+        let s = HubSpec::parse("hf:microsoft/bitnet-b1.58-2B-4T-bf16@abc").unwrap().unwrap();
+        assert_eq!(s.repo, "microsoft/bitnet-b1.58-2B-4T-bf16");
+        assert_eq!(s.revision, "abc");
+        assert_eq!(HubSpec::parse("hf:a/b").unwrap().unwrap().revision, "main");
+        assert!(HubSpec::parse("hf:ab").is_err());
+        assert!(HubSpec::parse("/local/dir").unwrap().is_none());
+    }
+}

@@ -1,0 +1,47 @@
+//! Rotary position embedding, rotate-half layout (HF), plain (no scaling).
+
+use super::mode::Mode;
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Precomputed `cos`/`sin` tables `[max_pos, head_dim/2]`, computed in f32 and cast to the model
+/// dtype as transformers does.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    max_pos: usize,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f64, max_pos: usize, dtype: DType, dev: &Device) -> Result<Self> {
+        let half = head_dim / 2;
+        let base = theta as f32;
+        let inv: Vec<f32> = (0..half).map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32)).collect();
+        let mut cos = Vec::with_capacity(max_pos * half);
+        let mut sin = Vec::with_capacity(max_pos * half);
+        for p in 0..max_pos {
+            for &f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (max_pos, half), dev)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (max_pos, half), dev)?.to_dtype(dtype)?;
+        Ok(Self { cos, sin, max_pos })
+    }
+
+    /// Rotate `x` `[b, heads, t, head_dim]` for positions `offset..offset+t`.
+    pub fn apply(&self, x: &Tensor, offset: usize, mode: Mode) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        if offset + t > self.max_pos {
+            candle_core::bail!("position {} exceeds max_position_embeddings {}", offset + t, self.max_pos);
+        }
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        match mode {
+            Mode::Infer => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin),
+            Mode::Train => candle_nn::rotary_emb::rope_slow(x, &cos, &sin),
+        }
+    }
+}
