@@ -1,0 +1,301 @@
+//! `load`: a model from the hub, a local directory, a builtin, or random initialisation.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _, Result};
+use serde::Deserialize;
+use serde_json::{json, Map, Value as Json};
+
+use super::model_artifact::{self as artifact, ModelSettings};
+use crate::data::Source;
+use crate::exec::{
+    typed_params, ArtifactType, FileHasher, KindSchema, ParamDef, ParamDefault, ParamType, Stage, StageContext,
+};
+use crate::model::{hub::HubSpec, LoadOptions, Model, ModelConfig, Quantization};
+
+pub static SCHEMA: KindSchema = KindSchema {
+    kind: "load",
+    version: 1,
+    help: "Loads a model: \"hf:org/name[@revision]\", \"builtin:<name>\", { path = \"dir\" }, or { random = {config.json fields}, seed = N, tokenizer = <text source> }.",
+    inputs: &[],
+    params: &[
+        ParamDef {
+            name: "model",
+            ty: ParamType::Either(&[ParamType::Str, ParamType::Table]),
+            default: ParamDefault::Required,
+            help: "model source",
+        },
+        ParamDef {
+            name: "dtype",
+            ty: ParamType::Enum(&["f32", "bf16"]),
+            default: ParamDefault::Json("\"f32\""),
+            help: "compute dtype (f16 is refused for bitnet)",
+        },
+        ParamDef {
+            name: "quantization",
+            ty: ParamType::Enum(&["auto", "ternary", "none"]),
+            default: ParamDefault::Json("\"auto\""),
+            help: "auto = as transformers decides from config.json",
+        },
+    ],
+    output: ArtifactType::Model,
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    model: Json,
+    dtype: String,
+    quantization: String,
+}
+
+/// The parsed `model = …` value.
+enum ModelSource {
+    Hub(HubSpec),
+    Builtin(String),
+    Dir(PathBuf),
+    Random { config: Map<String, Json>, seed: u64, tokenizer: Option<Json> },
+}
+
+fn parse_source(v: &Json) -> Result<ModelSource, String> {
+    match v {
+        Json::String(s) => {
+            if let Some(spec) = HubSpec::parse(s).map_err(|e| format!("{e:#}"))? {
+                Ok(ModelSource::Hub(spec))
+            } else if let Some(name) = s.strip_prefix("builtin:") {
+                Ok(ModelSource::Builtin(name.to_string()))
+            } else {
+                Err(format!(
+                    "model `{s}`: expected \"hf:org/name[@revision]\", \"builtin:<name>\", {{ path = \"dir\" }} or {{ random = {{…}}, seed = N }}"
+                ))
+            }
+        }
+        Json::Object(t) => {
+            if let Some(path) = t.get("path") {
+                if t.len() != 1 {
+                    return Err("model = { path = \"dir\" } takes no other keys".into());
+                }
+                let p = path.as_str().ok_or("model.path must be a string")?;
+                return Ok(ModelSource::Dir(PathBuf::from(p)));
+            }
+            let config = t.get("random").and_then(Json::as_object).cloned().ok_or(
+                "a model table is { path = \"dir\" } or { random = {config.json fields}, seed = N, tokenizer = <text source> }",
+            )?;
+            for k in t.keys() {
+                if !["random", "seed", "tokenizer"].contains(&k.as_str()) {
+                    return Err(format!("unknown key `{k}` in model = {{ random = … }}: use random, seed, tokenizer"));
+                }
+            }
+            let seed = match t.get("seed") {
+                None => 0,
+                Some(s) => s.as_u64().ok_or("model.seed must be a non-negative integer")?,
+            };
+            Ok(ModelSource::Random { config, seed, tokenizer: t.get("tokenizer").cloned() })
+        }
+        _ => Err("model must be a string or a table".into()),
+    }
+}
+
+/// A random-init config: config.json fields with defaults for a small bitnet; bitnet gets the
+/// online quantization_config of the hub bf16 checkpoints so that it loads ternary by default.
+fn random_config(fields: &Map<String, Json>, bos_eos: Option<(u32, u32)>) -> Result<ModelConfig> {
+    let mut raw = json!({
+        "model_type": "bitnet",
+        "hidden_act": "relu2",
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": true,
+        "initializer_range": 0.02,
+    });
+    let obj = raw.as_object_mut().expect("object");
+    for (k, v) in fields {
+        obj.insert(k.clone(), v.clone());
+    }
+    if obj.get("model_type").and_then(Json::as_str) == Some("llama") && !fields.contains_key("hidden_act") {
+        obj.insert("hidden_act".into(), json!("silu"));
+    }
+    let arch = obj["model_type"].as_str().unwrap_or("").to_string();
+    obj.insert("architectures".into(), json!([if arch == "llama" { "LlamaForCausalLM" } else { "BitNetForCausalLM" }]));
+    if arch == "bitnet" && !obj.contains_key("quantization_config") {
+        obj.insert(
+            "quantization_config".into(),
+            json!({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}),
+        );
+    }
+    if let Some((bos, eos)) = bos_eos {
+        obj.entry("bos_token_id").or_insert(json!(bos));
+        obj.entry("eos_token_id").or_insert(json!(eos));
+    }
+    ModelConfig::from_json(raw).context("model = { random = … }")
+}
+
+pub struct Load;
+
+impl Stage for Load {
+    fn schema(&self) -> &'static KindSchema {
+        &SCHEMA
+    }
+
+    fn check(&self, params: &Map<String, Json>) -> Result<(), String> {
+        let p: Params = typed_params(params)?;
+        if let ModelSource::Random { tokenizer: Some(t), .. } = parse_source(&p.model)? {
+            Source::from_value(&t).map_err(|e| format!("model.tokenizer: {e:#}"))?;
+        }
+        Ok(())
+    }
+
+    fn identity(&self, params: &Map<String, Json>, files: &FileHasher) -> Result<Option<Json>, String> {
+        let p: Params = typed_params(params)?;
+        Ok(Some(match parse_source(&p.model)? {
+            ModelSource::Hub(spec) => {
+                let commit = pinned_revision(&spec);
+                json!({ "hub": spec.repo, "revision": commit.as_deref().unwrap_or(&spec.revision), "pinned": commit.is_some() })
+            }
+            ModelSource::Builtin(name) => match super::builtin::identity(&name) {
+                Some(id) => id,
+                None => return Err(super::builtin::unknown(&name)),
+            },
+            ModelSource::Dir(dir) => {
+                if !dir.join("config.json").exists() {
+                    return Err(format!("model directory `{}` has no config.json", dir.display()));
+                }
+                json!({ "files": files.hash_tree(&dir).map_err(|e| format!("{e:#}"))? })
+            }
+            ModelSource::Random { tokenizer, .. } => match tokenizer {
+                None => Json::Null,
+                Some(t) => {
+                    let src = Source::from_value(&t).map_err(|e| format!("model.tokenizer: {e:#}"))?;
+                    json!({ "tokenizer_text": src.identity().map_err(|e| format!("{e:#}"))? })
+                }
+            },
+        }))
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<Json> {
+        let p: Params = ctx.params()?;
+        let device = artifact::device(ctx.device)?;
+        let dtype = artifact::dtype_of(&p.dtype)?;
+        let quantization = match p.quantization.as_str() {
+            "auto" => None,
+            q => Some(Quantization::parse(q)?),
+        };
+        let opts = LoadOptions { dtype, device: device.clone(), quantization };
+        let source = parse_source(&p.model).map_err(anyhow::Error::msg)?;
+        let out = ctx.out_dir;
+        let (model, origin) = match source {
+            ModelSource::Hub(spec) => {
+                let dir = crate::model::hub::resolve(&format!("hf:{}@{}", spec.repo, spec.revision))?;
+                let model = Model::from_dir(&dir, &opts)?;
+                let settings = settings_of(&model, Some(dir.clone()));
+                artifact::write_settings(out, &settings)?;
+                (model, json!({ "hub": spec.repo, "revision": spec.revision, "snapshot": dir }))
+            }
+            ModelSource::Dir(dir) => {
+                let model = Model::from_dir(&dir, &opts)?;
+                copy_model_files(&dir, out)?;
+                artifact::write_settings(out, &settings_of(&model, None))?;
+                (model, json!({ "path": dir }))
+            }
+            ModelSource::Builtin(name) => {
+                let dir = super::builtin::materialise(&name, out)?;
+                let model = Model::from_dir(&dir, &opts)?;
+                artifact::write_settings(out, &settings_of(&model, None))?;
+                (model, json!({ "builtin": name }))
+            }
+            ModelSource::Random { config, seed, tokenizer } => {
+                let tok = match &tokenizer {
+                    None => None,
+                    Some(t) => Some(train_tokenizer(t, &config)?),
+                };
+                let bos_eos = tok.as_ref().map(|_| (0, 1));
+                let cfg = random_config(&config, bos_eos)?;
+                let model = Model::random(&cfg, seed, &opts)?;
+                let settings = settings_of(&model, None);
+                artifact::save(&model, out, None, &settings)?;
+                if let Some(t) = tok {
+                    t.save(out.join("tokenizer.json"), false)
+                        .map_err(|e| anyhow::anyhow!("saving tokenizer.json: {e}"))?;
+                }
+                (model, json!({ "random": config, "seed": seed }))
+            }
+        };
+        describe(&model, origin)
+    }
+}
+
+/// A revision pinned to a commit: given as 40 hex digits, or read from the local hub cache.
+fn pinned_revision(spec: &HubSpec) -> Option<String> {
+    let is_commit = |s: &str| s.len() == 40 && s.chars().all(|c| c.is_ascii_hexdigit());
+    if is_commit(&spec.revision) {
+        return Some(spec.revision.clone());
+    }
+    let cache = hf_hub::Cache::from_env();
+    let folder = hf_hub::Repo::new(spec.repo.clone(), hf_hub::RepoType::Model).folder_name();
+    let r = std::fs::read_to_string(cache.path().join(folder).join("refs").join(&spec.revision)).ok()?;
+    Some(r.trim().to_string()).filter(|s| is_commit(s))
+}
+
+fn settings_of(model: &Model, source: Option<PathBuf>) -> ModelSettings {
+    ModelSettings {
+        dtype: artifact::dtype_name(model.dtype()).to_string(),
+        quantization: model.quantization().name().to_string(),
+        source,
+    }
+}
+
+/// Copies (hard-links where possible) the model files of a local directory into the entry.
+fn copy_model_files(src: &Path, out: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name_s = name.to_string_lossy();
+        let wanted = name_s.ends_with(".safetensors")
+            || name_s.ends_with(".json")
+            || name_s.ends_with(".jinja")
+            || name_s == "tokenizer.model";
+        if !entry.file_type()?.is_file() || !wanted || name_s == artifact::SETTINGS_FILE {
+            continue;
+        }
+        let dst = out.join(&name);
+        if std::fs::hard_link(entry.path(), &dst).is_err() {
+            std::fs::copy(entry.path(), &dst).with_context(|| format!("copying {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn train_tokenizer(source: &Json, config: &Map<String, Json>) -> Result<tokenizers::Tokenizer> {
+    let vocab = config
+        .get("vocab_size")
+        .and_then(Json::as_u64)
+        .context("model = { random = … } with a tokenizer needs random.vocab_size")?;
+    let rows = Source::from_value(source)?.rows_with(&crate::data::HubOptions::from_env())?;
+    crate::data::train_bpe(&rows, vocab as usize)
+}
+
+/// Metrics common to every load: size, format, and how many latent weights quantise to 0.
+fn describe(model: &Model, origin: Json) -> Result<Json> {
+    let cfg = model.config();
+    let parameters: usize = model.state_dict()?.values().map(|t| t.elem_count()).sum();
+    let mut m = json!({
+        "source": origin,
+        "arch": format!("{:?}", cfg.arch).to_lowercase(),
+        "parameters": parameters,
+        "layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "vocab_size": cfg.vocab_size,
+        "dtype": artifact::dtype_name(model.dtype()),
+        "quantization": model.quantization().name(),
+        "weight_format": format!("{:?}", model.weight_format()).to_lowercase(),
+    });
+    if cfg.is_bitnet() {
+        let (per, overall) = artifact::ternary_zero_fractions(model)?;
+        m["ternary_zero_fraction"] = json!(overall);
+        m["ternary_zero_per_tensor"] = json!(per);
+    }
+    if parameters == 0 {
+        bail!("the model has no parameters");
+    }
+    Ok(m)
+}

@@ -1,0 +1,152 @@
+//! The `model` artifact: a directory in Hugging Face layout (config.json, model.safetensors,
+//! tokenizer files), plus `rpt-model.json` (how downstream stages must open it: dtype,
+//! quantisation, and — for hub snapshots — the source directory it references instead of a copy)
+//! and, after pruning, `mask.safetensors` (u8 per projection: 1 = kept, 0 = pruned).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::exec::InputArtifact;
+use crate::model::{LoadOptions, Model, Quantization, TextTokenizer};
+
+pub const SETTINGS_FILE: &str = "rpt-model.json";
+pub const MASK_FILE: &str = "mask.safetensors";
+
+/// How to open a model artifact.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ModelSettings {
+    /// "f32" or "bf16".
+    pub dtype: String,
+    /// "ternary" or "none" (resolved at load time).
+    pub quantization: String,
+    /// The directory holding the weights when they are not copied into the entry (an immutable
+    /// hub snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<PathBuf>,
+}
+
+pub fn dtype_of(name: &str) -> Result<DType> {
+    match name {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        other => bail!("dtype `{other}` is not f32 or bf16"),
+    }
+}
+
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    }
+}
+
+/// `cpu`, `cuda`, `cuda:N` → a candle device.
+pub fn device(name: &str) -> Result<Device> {
+    match name.split_once(':').unwrap_or((name, "0")) {
+        ("cpu", _) => Ok(Device::Cpu),
+        ("cuda", n) => {
+            let ordinal: usize = n.parse().with_context(|| format!("device `{name}`"))?;
+            Device::new_cuda(ordinal).with_context(|| format!("opening {name} (built with --features cuda?)"))
+        }
+        _ => bail!("device `{name}` is not cpu, cuda or cuda:N"),
+    }
+}
+
+/// A model artifact opened for use.
+pub struct OpenModel {
+    pub model: Model,
+    pub tokenizer: Option<TextTokenizer>,
+    /// Where config.json and the tokenizer files are.
+    pub dir: PathBuf,
+    pub settings: ModelSettings,
+    /// blake3 of tokenizer.json (identifies the tokenizer for token caches).
+    pub tokenizer_id: String,
+}
+
+impl OpenModel {
+    pub fn tokenizer(&self) -> Result<&TextTokenizer> {
+        self.tokenizer.as_ref().with_context(|| format!("the model in {} has no tokenizer.json", self.dir.display()))
+    }
+}
+
+pub fn read_settings(entry: &Path) -> Result<ModelSettings> {
+    let path = entry.join(SETTINGS_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Opens the model of an input artifact on `device`.
+pub fn open(input: &InputArtifact, device: &Device) -> Result<OpenModel> {
+    open_dir(&input.dir, device)
+}
+
+pub fn open_dir(entry: &Path, device: &Device) -> Result<OpenModel> {
+    let settings = read_settings(entry)?;
+    let dir = settings.source.clone().unwrap_or_else(|| entry.to_path_buf());
+    let opts = LoadOptions {
+        dtype: dtype_of(&settings.dtype)?,
+        device: device.clone(),
+        quantization: Some(Quantization::parse(&settings.quantization)?),
+    };
+    let model = Model::from_dir(&dir, &opts).with_context(|| format!("loading the model in {}", dir.display()))?;
+    let tok_path = dir.join("tokenizer.json");
+    let (tokenizer, tokenizer_id) = if tok_path.exists() {
+        let id = blake3::hash(&std::fs::read(&tok_path)?).to_hex().to_string();
+        (Some(TextTokenizer::from_file(&tok_path, model.config())?), id)
+    } else {
+        (None, String::new())
+    };
+    Ok(OpenModel { model, tokenizer, dir, settings, tokenizer_id })
+}
+
+/// Saves `model` into `out` with its tokenizer files (copied from `aux_from`) and settings.
+pub fn save(model: &Model, out: &Path, aux_from: Option<&Path>, settings: &ModelSettings) -> Result<()> {
+    model.save_with_aux(out, aux_from).with_context(|| format!("saving the model to {}", out.display()))?;
+    write_settings(out, settings)
+}
+
+pub fn write_settings(out: &Path, settings: &ModelSettings) -> Result<()> {
+    std::fs::write(out.join(SETTINGS_FILE), serde_json::to_string_pretty(settings)?)?;
+    Ok(())
+}
+
+/// The pruning mask of an artifact (projection name → u8 tensor, 1 = kept), if it has one.
+pub fn read_mask(entry: &Path, device: &Device) -> Result<Option<BTreeMap<String, Tensor>>> {
+    let path = entry.join(MASK_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let tensors =
+        candle_core::safetensors::load(&path, device).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(tensors.into_iter().collect()))
+}
+
+pub fn write_mask(out: &Path, mask: &BTreeMap<String, Tensor>) -> Result<()> {
+    let path = out.join(MASK_FILE);
+    let map: std::collections::HashMap<String, Tensor> = mask.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    candle_core::safetensors::save(&map, &path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Fraction of each projection's weights that are 0 after ternary quantisation
+/// (round-half-even(W/β) = 0 with β = mean|W|), and the overall fraction.
+pub fn ternary_zero_fractions(model: &Model) -> Result<(BTreeMap<String, f64>, f64)> {
+    let mut per = BTreeMap::new();
+    let (mut zeros, mut total) = (0f64, 0f64);
+    for (name, w) in model.projections()? {
+        if w.dtype() == DType::U8 {
+            continue; // packed: already ternary codes
+        }
+        let (codes, _) = crate::model::quant::ternarize(&w.to_dtype(DType::F32)?)?;
+        let n = codes.elem_count() as f64;
+        let z = codes.eq(0f64)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
+        per.insert(name, z / n);
+        zeros += z;
+        total += n;
+    }
+    Ok((per, if total > 0.0 { zeros / total } else { 0.0 }))
+}

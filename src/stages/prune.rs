@@ -1,0 +1,317 @@
+//! `prune`: magnitude pruning of the projection weights to a total sparsity, globally, per
+//! tensor or per row. Cumulative: positions already pruned (the input's mask) stay pruned and
+//! count towards the level. Ties are broken deterministically (tensor name order, then position).
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context as _, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+use serde_json::{json, Map, Value as Json};
+
+use super::model_artifact as artifact;
+use crate::exec::{
+    typed_params, ArtifactType, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage, StageContext,
+};
+
+pub static SCHEMA: KindSchema = KindSchema {
+    kind: "prune",
+    version: 1,
+    help: "Magnitude pruning of the targeted projections to a total sparsity (cumulative over earlier pruning); writes mask.safetensors with the model.",
+    inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to prune (latent weights)" }],
+    params: &[
+        ParamDef { name: "sparsity", ty: ParamType::FRACTION, default: ParamDefault::Required, help: "fraction of the targeted weights that are zero afterwards" },
+        ParamDef {
+            name: "scope",
+            ty: ParamType::Enum(&["global", "per-tensor", "per-row"]),
+            default: ParamDefault::Json("\"global\""),
+            help: "where the sparsity is measured: over all targets, each tensor, or each output row",
+        },
+        ParamDef {
+            name: "targets",
+            ty: ParamType::List(&ParamType::Str),
+            default: ParamDefault::Json("[\"model.layers.*_proj.weight\"]"),
+            help: "glob patterns (* and ?) over projection names; default: the seven projections of every layer",
+        },
+    ],
+    output: ArtifactType::Model,
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    sparsity: f64,
+    scope: String,
+    targets: Vec<String>,
+}
+
+pub struct Prune;
+
+impl Stage for Prune {
+    fn schema(&self) -> &'static KindSchema {
+        &SCHEMA
+    }
+
+    fn check(&self, params: &Map<String, Json>) -> Result<(), String> {
+        let p: Params = typed_params(params)?;
+        if p.targets.is_empty() {
+            return Err("targets is empty: name at least one pattern".into());
+        }
+        Ok(())
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<Json> {
+        let p: Params = ctx.params()?;
+        let input = ctx.input("input")?;
+        let device = artifact::device(ctx.device)?;
+        let open = artifact::open(input, &device)?;
+        let model = &open.model;
+        let names: Vec<String> =
+            model.projection_names().into_iter().filter(|n| p.targets.iter().any(|t| glob_match(t, n))).collect();
+        if names.is_empty() {
+            bail!("no projection matches targets {:?} (names look like model.layers.0.mlp.up_proj.weight)", p.targets);
+        }
+        let old_mask = artifact::read_mask(&input.dir, &Device::Cpu)?.unwrap_or_default();
+        let bitnet = model.config().is_bitnet();
+        let ternary_before = if bitnet { Some(artifact::ternary_zero_fractions(model)?.0) } else { None };
+
+        // Magnitudes and keep-masks of every target, in name order.
+        let mut values = Vec::with_capacity(names.len());
+        let mut keep = Vec::with_capacity(names.len());
+        let mut shapes = Vec::with_capacity(names.len());
+        for name in &names {
+            ctx.check_cancelled()?;
+            let w = model.projection(name)?;
+            if w.dtype() == DType::U8 {
+                bail!("`{name}` is packed (2-bit codes): prune a latent checkpoint (e.g. the -bf16 repo)");
+            }
+            let (rows, cols) = w.dims2()?;
+            shapes.push((rows, cols));
+            values.push(w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+            keep.push(match old_mask.get(name) {
+                Some(m) => m.flatten_all()?.to_vec1::<u8>()?,
+                None => vec![1u8; rows * cols],
+            });
+        }
+        let already: u64 = keep.iter().map(|k| k.iter().filter(|&&x| x == 0).count() as u64).sum();
+
+        match p.scope.as_str() {
+            "global" => prune_groups(&values.iter().map(Vec::as_slice).collect::<Vec<_>>(), &mut keep, p.sparsity),
+            "per-tensor" => {
+                for (v, k) in values.iter().zip(keep.iter_mut()) {
+                    prune_groups(&[v.as_slice()], std::slice::from_mut(k), p.sparsity);
+                }
+            }
+            _ => {
+                for ((v, k), (_, cols)) in values.iter().zip(keep.iter_mut()).zip(&shapes) {
+                    for (row, krow) in v.chunks(*cols).zip(k.chunks_mut(*cols)) {
+                        prune_row(row, krow, p.sparsity);
+                    }
+                }
+            }
+        }
+
+        // Apply: pruned positions become exact zeros in the stored dtype.
+        let mut mask_tensors = BTreeMap::new();
+        let mut per_tensor = Map::new();
+        let (mut zeros, mut total) = (0u64, 0u64);
+        for (i, name) in names.iter().enumerate() {
+            let (rows, cols) = shapes[i];
+            let w = model.projection(name)?;
+            let m = Tensor::from_vec(keep[i].clone(), (rows, cols), &Device::Cpu)?;
+            let pruned = w.broadcast_mul(&m.to_dtype(w.dtype())?.to_device(w.device())?)?;
+            model.set_projection(name, &pruned)?;
+            let z = keep[i].iter().filter(|&&x| x == 0).count() as u64;
+            zeros += z;
+            total += (rows * cols) as u64;
+            per_tensor.insert(name.clone(), json!({ "sparsity": z as f64 / (rows * cols) as f64 }));
+            mask_tensors.insert(name.clone(), m);
+        }
+        let mut metrics = json!({
+            "sparsity": zeros as f64 / total as f64,
+            "target_sparsity": p.sparsity,
+            "scope": p.scope,
+            "targets": names.len(),
+            "weights": total,
+            "zeros": zeros,
+            "already_pruned": already,
+            "pruned_now": zeros - already,
+        });
+        if let Some(before) = ternary_before {
+            let (after, _) = artifact::ternary_zero_fractions(model)?;
+            let weighted = |m: &BTreeMap<String, f64>| {
+                names.iter().zip(&shapes).map(|(n, (r, c))| m[n] * (*r * *c) as f64).sum::<f64>() / total as f64
+            };
+            metrics["ternary_zero_before"] = json!(weighted(&before));
+            metrics["ternary_zero_after"] = json!(weighted(&after));
+            for n in &names {
+                let t = per_tensor[n].as_object_mut().expect("object");
+                t.insert("ternary_zero_before".into(), json!(before[n]));
+                t.insert("ternary_zero_after".into(), json!(after[n]));
+            }
+        }
+        metrics["per_tensor"] = Json::Object(per_tensor);
+
+        ctx.check_cancelled()?;
+        let mut settings = open.settings.clone();
+        settings.source = None;
+        artifact::save(model, ctx.out_dir, Some(&open.dir), &settings)?;
+        // Keep earlier masks of tensors outside this level's targets.
+        for (name, m) in old_mask {
+            mask_tensors.entry(name).or_insert(m);
+        }
+        artifact::write_mask(ctx.out_dir, &mask_tensors).context("writing the mask")?;
+        Ok(metrics)
+    }
+}
+
+/// `*` matches any run of characters, `?` one character.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ni;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// Sort key of a magnitude: the bits of |x| order like the values (NaN sorts last).
+fn key(x: f32) -> u32 {
+    x.abs().to_bits()
+}
+
+/// Number of zeros a group of `n` weights must have at `sparsity` (nearest integer).
+fn target_zeros(n: usize, sparsity: f64) -> u64 {
+    (sparsity * n as f64).round() as u64
+}
+
+/// Prunes the smallest kept magnitudes across all groups together until `sparsity` of all their
+/// weights are pruned. Exact, O(n) memory-free radix selection on the magnitude bits: find the
+/// threshold key T and how many entries equal to T to take, then take them in order.
+fn prune_groups(values: &[&[f32]], keep: &mut [Vec<u8>], sparsity: f64) {
+    let n: usize = values.iter().map(|v| v.len()).sum();
+    let pruned: u64 = keep.iter().map(|k| k.iter().filter(|&&x| x == 0).count() as u64).sum();
+    let need = target_zeros(n, sparsity).saturating_sub(pruned);
+    if need == 0 {
+        return;
+    }
+    let kept = || {
+        values
+            .iter()
+            .zip(keep.iter())
+            .flat_map(|(v, k)| v.iter().zip(k.iter()).filter(|(_, &m)| m == 1).map(|(x, _)| key(*x)))
+    };
+    let mut high = vec![0u64; 1 << 16];
+    kept().for_each(|k| high[(k >> 16) as usize] += 1);
+    let (bucket, below_bucket) = find_bucket(&high, need);
+    let mut low = vec![0u64; 1 << 16];
+    kept().filter(|k| k >> 16 == bucket as u32).for_each(|k| low[(k & 0xffff) as usize] += 1);
+    let (lo, below_lo) = find_bucket(&low, need - below_bucket);
+    let threshold = ((bucket as u32) << 16) | lo as u32;
+    let mut take_equal = need - below_bucket - below_lo;
+    for (v, k) in values.iter().zip(keep.iter_mut()) {
+        for (x, m) in v.iter().zip(k.iter_mut()) {
+            if *m == 0 {
+                continue;
+            }
+            let kx = key(*x);
+            if kx < threshold {
+                *m = 0;
+            } else if kx == threshold && take_equal > 0 {
+                *m = 0;
+                take_equal -= 1;
+            }
+        }
+    }
+}
+
+/// The bucket in which the `need`-th smallest element (1-based) lies, and the count below it.
+fn find_bucket(hist: &[u64], need: u64) -> (usize, u64) {
+    let mut below = 0;
+    for (b, &c) in hist.iter().enumerate() {
+        if below + c >= need {
+            return (b, below);
+        }
+        below += c;
+    }
+    (hist.len() - 1, below)
+}
+
+/// Per-row pruning: sorting is cheap for one row; ties go to the lower column.
+fn prune_row(row: &[f32], keep: &mut [u8], sparsity: f64) {
+    let pruned = keep.iter().filter(|&&x| x == 0).count() as u64;
+    let need = target_zeros(row.len(), sparsity).saturating_sub(pruned) as usize;
+    if need == 0 {
+        return;
+    }
+    let mut order: Vec<(u32, usize)> =
+        row.iter().enumerate().filter(|(i, _)| keep[*i] == 1).map(|(i, x)| (key(*x), i)).collect();
+    order.select_nth_unstable(need - 1);
+    for &(_, i) in &order[..need] {
+        keep[i] = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("model.layers.*_proj.weight", "model.layers.3.mlp.up_proj.weight"));
+        assert!(glob_match("*.mlp.*", "model.layers.0.mlp.down_proj.weight"));
+        assert!(!glob_match("*.self_attn.*", "model.layers.0.mlp.down_proj.weight"));
+        assert!(glob_match("model.layers.?.mlp.up_proj.weight", "model.layers.7.mlp.up_proj.weight"));
+        assert!(!glob_match("model.layers.?.mlp.up_proj.weight", "model.layers.17.mlp.up_proj.weight"));
+    }
+
+    #[test]
+    fn global_selection_is_exact_with_ties_in_order() {
+        let a = [0.5f32, -0.1, 0.1, 2.0];
+        let b = [0.1f32, -3.0, 0.0, 0.2];
+        let mut keep = vec![vec![1u8; 4], vec![1u8; 4]];
+        prune_groups(&[&a, &b], &mut keep, 0.5); // 4 of 8: 0.0, then three of the 0.1 ties, in order
+        assert_eq!(keep, vec![vec![1, 0, 0, 1], vec![0, 1, 0, 1]]);
+        prune_groups(&[&a, &b], &mut keep, 0.75); // 2 more: 0.2 then 0.5
+        assert_eq!(keep, vec![vec![0, 0, 0, 1], vec![0, 1, 0, 0]]);
+        prune_groups(&[&a, &b], &mut keep, 0.25); // lower than achieved: nothing comes back
+        assert_eq!(keep.iter().flatten().filter(|&&x| x == 0).count(), 6);
+    }
+
+    #[test]
+    fn global_selection_matches_a_sort_on_random_data() {
+        let mut s = crate::data::SplitMix64::new(5);
+        let vals: Vec<f32> = (0..10_000).map(|_| (s.next_u64() % 2001) as f32 / 1000.0 - 1.0).collect();
+        for sparsity in [0.0, 0.013, 0.5, 0.9999, 1.0] {
+            let mut keep = vec![vec![1u8; vals.len()]];
+            prune_groups(&[&vals], &mut keep, sparsity);
+            let mut order: Vec<(u32, usize)> = vals.iter().enumerate().map(|(i, x)| (key(*x), i)).collect();
+            order.sort();
+            let k = target_zeros(vals.len(), sparsity) as usize;
+            let mut expect = vec![1u8; vals.len()];
+            order[..k].iter().for_each(|&(_, i)| expect[i] = 0);
+            assert_eq!(keep[0], expect, "sparsity {sparsity}");
+        }
+    }
+
+    #[test]
+    fn rows_prune_independently() {
+        let row = [3.0f32, -1.0, 0.5, 2.0];
+        let mut keep = vec![1u8; 4];
+        prune_row(&row, &mut keep, 0.5);
+        assert_eq!(keep, [1, 0, 0, 1]);
+    }
+}
