@@ -32,14 +32,26 @@ pub fn toy_flow() -> PathBuf {
     .clone()
 }
 
+/// The shipped binary (with the real stage kinds).
+pub fn rpt_flow() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_rpt-flow"))
+}
+
 /// A temporary working directory to run the CLI in.
 pub struct Sandbox {
     pub dir: tempfile::TempDir,
+    bin: PathBuf,
 }
 
 impl Sandbox {
+    /// Runs the toy-stage harness.
     pub fn new() -> Sandbox {
-        Sandbox { dir: tempfile::tempdir().expect("temp dir") }
+        Sandbox { dir: tempfile::tempdir().expect("temp dir"), bin: toy_flow() }
+    }
+
+    /// Runs the shipped `rpt-flow` binary.
+    pub fn real() -> Sandbox {
+        Sandbox { dir: tempfile::tempdir().expect("temp dir"), bin: rpt_flow() }
     }
 
     pub fn path(&self) -> &Path {
@@ -64,7 +76,7 @@ impl Sandbox {
 
     /// The CLI with the sandbox as working directory and no cache/session overrides.
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(toy_flow());
+        let mut c = Command::new(&self.bin);
         c.args(args)
             .current_dir(self.path())
             .env_remove("RPT_CACHE")
