@@ -3,6 +3,7 @@
 
 mod builtin;
 mod eval_ppl;
+mod finetune;
 mod generate;
 mod load;
 pub mod model_artifact;
@@ -13,6 +14,10 @@ use crate::exec::Registry;
 /// Every stage kind the shipped binary offers.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register(load::Load).register(prune::Prune).register(eval_ppl::EvalPpl).register(generate::Generate);
+    r.register(load::Load)
+        .register(prune::Prune)
+        .register(eval_ppl::EvalPpl)
+        .register(finetune::Finetune)
+        .register(generate::Generate);
     r
 }

@@ -1,0 +1,388 @@
+//! `finetune`: AdamW training of a model on a text source, quantisation-aware for BitNet
+//! (straight-through estimators; the latent weights are trained), keeping pruned positions
+//! exactly zero, checkpointing resumable state so that an interrupted run continues to the same
+//! bit-identical result.
+
+mod adamw;
+mod schedule;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value as Json};
+
+use super::model_artifact as artifact;
+use crate::data::{self, Source, TrainBatches};
+use crate::exec::{
+    typed_params, ArtifactType, FileHasher, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage,
+    StageContext,
+};
+use crate::model::Model;
+use adamw::{AdamW, Hyper};
+
+pub static SCHEMA: KindSchema = KindSchema {
+    kind: "finetune",
+    version: 1,
+    help: "AdamW fine-tuning (quantisation-aware for BitNet), pruned positions kept at zero, resumable mid-stage.",
+    inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to train" }],
+    params: &[
+        ParamDef {
+            name: "data",
+            ty: ParamType::Either(&[ParamType::Str, ParamType::Table]),
+            default: ParamDefault::Required,
+            help: "training text source",
+        },
+        ParamDef {
+            name: "steps",
+            ty: ParamType::Int { min: Some(1), max: None },
+            default: ParamDefault::Json("300"),
+            help: "optimizer steps",
+        },
+        ParamDef {
+            name: "batch",
+            ty: ParamType::Int { min: Some(1), max: None },
+            default: ParamDefault::Json("64"),
+            help: "sequences per step (the effective batch)",
+        },
+        ParamDef {
+            name: "micro_batch",
+            ty: ParamType::Int { min: Some(1), max: None },
+            default: ParamDefault::Optional,
+            help: "sequences per forward/backward (gradient accumulation); default = batch",
+        },
+        ParamDef {
+            name: "seq_len",
+            ty: ParamType::Int { min: Some(2), max: None },
+            default: ParamDefault::Json("128"),
+            help: "tokens per sequence",
+        },
+        ParamDef {
+            name: "lr",
+            ty: ParamType::Float { min: Some(0.0), max: None },
+            default: ParamDefault::Json("5e-4"),
+            help: "peak learning rate",
+        },
+        ParamDef { name: "beta1", ty: ParamType::FRACTION, default: ParamDefault::Json("0.9"), help: "AdamW β1" },
+        ParamDef { name: "beta2", ty: ParamType::FRACTION, default: ParamDefault::Json("0.999"), help: "AdamW β2" },
+        ParamDef {
+            name: "eps",
+            ty: ParamType::Float { min: Some(0.0), max: None },
+            default: ParamDefault::Json("1e-8"),
+            help: "AdamW ε",
+        },
+        ParamDef {
+            name: "weight_decay",
+            ty: ParamType::Float { min: Some(0.0), max: None },
+            default: ParamDefault::Json("0.01"),
+            help: "decoupled weight decay",
+        },
+        ParamDef {
+            name: "schedule",
+            ty: ParamType::Enum(&["cosine", "constant"]),
+            default: ParamDefault::Json("\"cosine\""),
+            help: "cosine = torch CosineAnnealingLR with T_max = steps",
+        },
+        ParamDef {
+            name: "eta_min",
+            ty: ParamType::Float { min: Some(0.0), max: None },
+            default: ParamDefault::Json("0.0"),
+            help: "cosine floor",
+        },
+        ParamDef {
+            name: "warmup_steps",
+            ty: ParamType::UINT,
+            default: ParamDefault::Json("0"),
+            help: "linear warmup steps",
+        },
+        ParamDef {
+            name: "grad_clip",
+            ty: ParamType::Float { min: Some(0.0), max: None },
+            default: ParamDefault::Optional,
+            help: "clip the global gradient norm to this",
+        },
+        ParamDef {
+            name: "trainable",
+            ty: ParamType::Enum(&["no-embeddings", "all", "projections"]),
+            default: ParamDefault::Json("\"no-embeddings\""),
+            help: "which tensors train: all but the (tied) embedding, everything, or only the projections",
+        },
+        ParamDef { name: "seed", ty: ParamType::UINT, default: ParamDefault::PipelineSeed, help: "data order seed" },
+        ParamDef {
+            name: "checkpoint_every",
+            ty: ParamType::Int { min: Some(1), max: None },
+            default: ParamDefault::Json("50"),
+            help: "steps between resumable checkpoints",
+        },
+        ParamDef {
+            name: "checkpoint_minutes",
+            ty: ParamType::Float { min: Some(0.0), max: None },
+            default: ParamDefault::Json("10.0"),
+            help: "also checkpoint when this much time passed since the last one",
+        },
+    ],
+    output: ArtifactType::Model,
+};
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    data: Json,
+    steps: u64,
+    batch: usize,
+    micro_batch: Option<usize>,
+    seq_len: usize,
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    schedule: String,
+    eta_min: f64,
+    warmup_steps: u64,
+    grad_clip: Option<f64>,
+    trainable: String,
+    seed: u64,
+    checkpoint_every: u64,
+    checkpoint_minutes: f64,
+}
+
+/// What a checkpoint holds besides tensors.
+#[derive(Serialize, Deserialize)]
+struct Progress {
+    step: u64,
+    /// (step, loss) of every step so far.
+    loss: Vec<(u64, f64)>,
+}
+
+pub struct Finetune;
+
+impl Stage for Finetune {
+    fn schema(&self) -> &'static KindSchema {
+        &SCHEMA
+    }
+
+    fn check(&self, params: &Map<String, Json>) -> Result<(), String> {
+        let p: Params = typed_params(params)?;
+        let micro = p.micro_batch.unwrap_or(p.batch);
+        if micro > p.batch || p.batch % micro != 0 {
+            return Err(format!("micro_batch {micro} must divide batch {}", p.batch));
+        }
+        Source::from_value(&p.data).map_err(|e| format!("data: {e:#}"))?;
+        Ok(())
+    }
+
+    fn identity(&self, params: &Map<String, Json>, _files: &FileHasher) -> Result<Option<Json>, String> {
+        let p: Params = typed_params(params)?;
+        let src = Source::from_value(&p.data).map_err(|e| format!("data: {e:#}"))?;
+        Ok(Some(json!({ "data": src.identity().map_err(|e| format!("data: {e:#}"))? })))
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<Json> {
+        let p: Params = ctx.params()?;
+        let input = ctx.input("input")?;
+        let device = artifact::device(ctx.device)?;
+        let open = artifact::open(input, &device)?;
+        let model = &open.model;
+        let tok = open.tokenizer()?;
+        let source = Source::from_value(&p.data)?;
+        let stream =
+            data::token_stream(&source, &data::HubOptions::from_env(), tok.inner(), &open.tokenizer_id, false)?;
+        let batches = TrainBatches::new(stream.ids.clone(), p.seq_len, p.batch, p.seed)?;
+        let micro = p.micro_batch.unwrap_or(p.batch);
+
+        let params = trainable(model, &p.trainable);
+        if params.is_empty() {
+            bail!("no trainable parameters (trainable = {:?}; packed checkpoints are frozen)", p.trainable);
+        }
+        let masks = grad_masks(&input.dir, &params, &device)?;
+        let hyper = Hyper { beta1: p.beta1, beta2: p.beta2, eps: p.eps, weight_decay: p.weight_decay };
+        let mut opt = AdamW::new(params.clone(), hyper)?;
+        let mut progress = Progress { step: 0, loss: vec![] };
+        if let Some(ck) = ctx.partial.latest()? {
+            progress = restore(&ck.dir, &params, &mut opt)?;
+            ctx.progress.line(&format!("finetune: resumed at step {} of {}", progress.step, p.steps));
+        }
+
+        ctx.progress.set_length(p.steps);
+        ctx.progress.set_position(progress.step);
+        let started = Instant::now();
+        let mut last_save = Instant::now();
+        let start_step = progress.step;
+        while progress.step < p.steps {
+            ctx.check_cancelled()?;
+            let t = progress.step;
+            let batch = batches.get(t);
+            let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
+            let mut loss_sum = 0f64;
+            for r in (0..p.batch).step_by(micro) {
+                let rows = micro.min(p.batch - r);
+                let span = r * p.seq_len..(r + rows) * p.seq_len;
+                let ids = Tensor::from_vec(batch.input_ids[span.clone()].to_vec(), (rows, p.seq_len), &device)?;
+                let targets = Tensor::from_vec(batch.targets[span].to_vec(), rows * p.seq_len, &device)?;
+                let logits = model.forward_train(&ids)?.reshape((rows * p.seq_len, ()))?.to_dtype(DType::F32)?;
+                let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
+                let weight = rows as f64 / p.batch as f64;
+                loss_sum += loss.to_scalar::<f32>()? as f64 * weight;
+                let store = (loss * weight)?.backward()?;
+                for (i, (_, var)) in params.iter().enumerate() {
+                    if let Some(g) = store.get(var.as_tensor()) {
+                        grads[i] = Some(match grads[i].take() {
+                            None => g.clone(),
+                            Some(acc) => (acc + g)?,
+                        });
+                    }
+                }
+            }
+            if !loss_sum.is_finite() {
+                bail!(
+                    "non-finite loss ({loss_sum}) at step {}; the last good state (step {}) is kept in {} — lower lr or add grad_clip, then run again",
+                    t + 1,
+                    progress.step,
+                    ctx.partial.dir().display()
+                );
+            }
+            let mut grads: Vec<Tensor> = grads
+                .into_iter()
+                .zip(&params)
+                .map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.as_tensor().zeros_like()))
+                .collect::<candle_core::Result<_>>()?;
+            for (g, m) in grads.iter_mut().zip(&masks) {
+                if let Some(m) = m {
+                    *g = g.broadcast_mul(&m.to_dtype(g.dtype())?)?;
+                }
+            }
+            if let Some(clip) = p.grad_clip {
+                clip_global_norm(&mut grads, clip)?;
+            }
+            let lr = schedule::lr_at(&p.schedule, p.lr, p.eta_min, p.warmup_steps, p.steps, t);
+            opt.step(&grads, lr)?;
+            progress.step += 1;
+            progress.loss.push((progress.step, loss_sum));
+            ctx.progress.set_position(progress.step);
+            let due = progress.step % p.checkpoint_every == 0
+                || last_save.elapsed().as_secs_f64() >= p.checkpoint_minutes * 60.0;
+            if due && progress.step < p.steps {
+                save_checkpoint(ctx, &progress, &params, &opt)?;
+                last_save = Instant::now();
+            }
+        }
+        let seconds = started.elapsed().as_secs_f64();
+
+        verify_masks(&params, &masks)?;
+        model.refresh();
+        let mut settings = open.settings.clone();
+        settings.source = None;
+        artifact::save(model, ctx.out_dir, Some(&open.dir), &settings)?;
+        let mask = input.dir.join(artifact::MASK_FILE);
+        if mask.exists() {
+            std::fs::copy(&mask, ctx.out_dir.join(artifact::MASK_FILE)).context("copying the mask")?;
+        }
+        let trained_steps = progress.step - start_step;
+        Ok(json!({
+            "steps": p.steps,
+            "final_loss": progress.loss.last().map(|l| l.1),
+            "loss": progress.loss,
+            "trainable": params.iter().map(|(_, v)| v.elem_count()).sum::<usize>(),
+            "tokens_per_second": (trained_steps as usize * p.batch * p.seq_len) as f64 / seconds.max(1e-9),
+            "seconds": seconds,
+            "peak_rss_mb": peak_rss_mb(),
+        }))
+    }
+}
+
+fn trainable(model: &Model, mode: &str) -> Vec<(String, Var)> {
+    model
+        .named_parameters()
+        .into_iter()
+        .filter(|(name, _)| match mode {
+            "all" => true,
+            "projections" => name.ends_with("_proj.weight"),
+            _ => name != "model.embed_tokens.weight" && name != "lm_head.weight",
+        })
+        .collect()
+}
+
+/// 1 where a weight may change, 0 where it was pruned (from the input's mask), per parameter.
+fn grad_masks(entry: &Path, params: &[(String, Var)], device: &Device) -> Result<Vec<Option<Tensor>>> {
+    let masks = artifact::read_mask(entry, device)?.unwrap_or_default();
+    Ok(params.iter().map(|(name, _)| masks.get(name).cloned()).collect())
+}
+
+/// Fails if any pruned position of a trained parameter is not exactly zero.
+fn verify_masks(params: &[(String, Var)], masks: &[Option<Tensor>]) -> Result<()> {
+    for ((name, var), m) in params.iter().zip(masks) {
+        let Some(m) = m else { continue };
+        let w = var.as_tensor().to_dtype(DType::F32)?;
+        let pruned = m.to_dtype(DType::F32)?.affine(-1.0, 1.0)?; // 1 where pruned
+        let moved = (w.abs()? * pruned)?.sum_all()?.to_scalar::<f32>()?;
+        if moved != 0.0 {
+            bail!("pruned weights of `{name}` moved during fine-tuning (|Σ| = {moved}): the mask was not respected");
+        }
+    }
+    Ok(())
+}
+
+fn clip_global_norm(grads: &mut [Tensor], max_norm: f64) -> Result<()> {
+    let mut sq = 0f64;
+    for g in grads.iter() {
+        sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    let norm = sq.sqrt();
+    if norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        for g in grads.iter_mut() {
+            *g = (&*g * scale)?;
+        }
+    }
+    Ok(())
+}
+
+fn save_checkpoint(ctx: &StageContext, progress: &Progress, params: &[(String, Var)], opt: &AdamW) -> Result<()> {
+    let weights: BTreeMap<String, Tensor> = params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    let state = serde_json::to_string(&json!({ "progress": progress, "adam_t": opt.t }))?;
+    let moments = opt.state();
+    ctx.partial.save(progress.step, |dir| {
+        save_tensors(&dir.join("params.safetensors"), &weights)?;
+        save_tensors(&dir.join("adamw.safetensors"), &moments)?;
+        std::fs::write(dir.join("state.json"), &state)?;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+fn restore(dir: &Path, params: &[(String, Var)], opt: &mut AdamW) -> Result<Progress> {
+    let state: Json = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
+    let progress: Progress = serde_json::from_value(state["progress"].clone())?;
+    let t = state["adam_t"].as_u64().context("checkpoint state.json lacks adam_t")?;
+    let device = params.first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
+    let weights = load_tensors(&dir.join("params.safetensors"), &device)?;
+    for (name, var) in params {
+        let w = weights.get(name).with_context(|| format!("checkpoint lacks `{name}`"))?;
+        var.set(&w.to_dtype(var.dtype())?)?;
+    }
+    opt.load_state(&load_tensors(&dir.join("adamw.safetensors"), &device)?, t)?;
+    Ok(progress)
+}
+
+fn save_tensors(path: &Path, map: &BTreeMap<String, Tensor>) -> Result<()> {
+    let map: std::collections::HashMap<String, Tensor> = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    candle_core::safetensors::save(&map, path).with_context(|| format!("writing {}", path.display()))
+}
+
+fn load_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    Ok(candle_core::safetensors::load(path, device)
+        .with_context(|| format!("reading {}", path.display()))?
+        .into_iter()
+        .collect())
+}
+
+/// Peak resident memory of this process (Linux), in MiB.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
