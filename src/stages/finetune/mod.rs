@@ -168,7 +168,7 @@ impl Stage for Finetune {
     fn check(&self, params: &Map<String, Json>) -> Result<(), String> {
         let p: Params = typed_params(params)?;
         let micro = p.micro_batch.unwrap_or(p.batch);
-        if micro > p.batch || p.batch % micro != 0 {
+        if micro > p.batch || !p.batch.is_multiple_of(micro) {
             return Err(format!("micro_batch {micro} must divide batch {}", p.batch));
         }
         Source::from_value(&p.data).map_err(|e| format!("data: {e:#}"))?;
@@ -263,7 +263,7 @@ impl Stage for Finetune {
             progress.step += 1;
             progress.loss.push((progress.step, loss_sum));
             ctx.progress.set_position(progress.step);
-            let due = progress.step % p.checkpoint_every == 0
+            let due = progress.step.is_multiple_of(p.checkpoint_every)
                 || last_save.elapsed().as_secs_f64() >= p.checkpoint_minutes * 60.0;
             if due && progress.step < p.steps {
                 save_checkpoint(ctx, &progress, &params, &opt)?;
