@@ -34,6 +34,7 @@ pub fn run(args: &PlanArgs, registry: &Registry, cache_root: &std::path::Path) -
                     "key": plan.keys[i].to_hex(),
                     "inputs": inst.inputs.iter().map(|r| p.instances[r.target].name.clone()).collect::<Vec<_>>(),
                     "status": statuses[i].label(),
+                    "entry": (statuses[i] == Status::Cached).then(|| cache.entry_dir(&plan.keys[i]).display().to_string()),
                     "reasons": statuses[i].reasons(),
                     "params": serde_json::Value::Object(inst.params.clone()),
                 })
