@@ -5,5 +5,6 @@
 mod support;
 
 mod finetune;
+mod hub;
 mod pipelines;
 mod prune;
