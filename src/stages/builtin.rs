@@ -1,5 +1,6 @@
-//! Models that ship inside the binary (`builtin:<name>`). None yet: the tiny BitNet model is
-//! trained by `pipelines/tiny-pretrain.toml` once the finetune stage exists.
+//! Models that ship inside the binary (`builtin:<name>`): `tiny-bitnet`, a 0.86M-parameter
+//! BitNet b1.58 trained by `pipelines/tiny-pretrain.toml` on the synthetic facts corpus
+//! (regenerate with `scripts/update-tiny-bitnet.sh`; bump `version` when its files change).
 
 use std::path::{Path, PathBuf};
 
@@ -13,7 +14,15 @@ struct Builtin {
     files: &'static [(&'static str, &'static [u8])],
 }
 
-const BUILTINS: &[Builtin] = &[];
+const BUILTINS: &[Builtin] = &[Builtin {
+    name: "tiny-bitnet",
+    version: 1,
+    files: &[
+        ("config.json", include_bytes!("../../assets/tiny-bitnet/config.json")),
+        ("model.safetensors", include_bytes!("../../assets/tiny-bitnet/model.safetensors")),
+        ("tokenizer.json", include_bytes!("../../assets/tiny-bitnet/tokenizer.json")),
+    ],
+}];
 
 /// Key material of a builtin, or None if there is no such builtin.
 pub fn identity(name: &str) -> Option<Json> {

@@ -4,6 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod builtin;
 mod finetune;
 mod hub;
 mod pipelines;

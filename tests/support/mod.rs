@@ -83,6 +83,7 @@ impl Sandbox {
             .env_remove("RPT_SESSIONS")
             .env_remove("TOY_EVAL_VERSION")
             .env("RAYON_NUM_THREADS", "1")
+            .env("CANDLE_NUM_THREADS", "1")
             .stdin(Stdio::null());
         c
     }
