@@ -1,5 +1,5 @@
 //! The model stages end to end through the shipped binary: shipped pipelines under their tiny
-//! profiles, pruning exactness, perplexity parity.
+//! profiles, pruning exactness, fine-tuning, hub loading, perplexity parity with transformers.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -8,4 +8,5 @@ mod builtin;
 mod finetune;
 mod hub;
 mod pipelines;
+mod ppl_parity;
 mod prune;
