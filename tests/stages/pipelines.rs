@@ -72,3 +72,38 @@ fn shipped_pipelines_validate_in_full_and_tiny_form() {
     }
     assert!(!stages.contains("toy-"), "the shipped binary lists only real stages");
 }
+
+#[test]
+fn progressive_tiny_has_before_after_and_the_control_for_every_level() {
+    let (_sb, s) = run_tiny("pipelines/progressive.toml", "progressive-sparsity.tiny.json");
+    let st = &s["stages"];
+    assert_eq!(st["base"]["metrics"]["source"]["builtin"], "tiny-bitnet");
+    assert!(st["control"]["metrics"]["final_loss"].as_f64().unwrap().is_finite());
+    assert!(st["control-after"]["metrics"]["ppl"].as_f64().unwrap().is_finite());
+    let mut previous_zeros = 0;
+    for level in ["0.05", "0.1", "0.15", "0.2", "0.25", "0.3", "0.4", "0.5"] {
+        let get = |stage: &str| st[format!("level[sparsity={level}].{stage}")]["metrics"].clone();
+        let (before, after) = (get("before")["ppl"].as_f64().unwrap(), get("after")["ppl"].as_f64().unwrap());
+        assert!(before.is_finite() && after.is_finite(), "level {level}");
+        let pruned = get("pruned");
+        let zeros = pruned["zeros"].as_u64().unwrap();
+        assert!(zeros > previous_zeros, "levels nest and grow");
+        assert_eq!(
+            pruned["already_pruned"].as_u64().unwrap(),
+            previous_zeros,
+            "level {level} starts from the previous one"
+        );
+        previous_zeros = zeros;
+        assert_eq!(get("tuned")["loss"].as_array().unwrap().len(), 5);
+        assert!(get("text")["label"].is_string());
+    }
+}
+
+#[test]
+fn tiny_pretrain_tiny_learns_something() {
+    let (_sb, s) = run_tiny("pipelines/tiny-pretrain.toml", "tiny-pretrain.tiny.json");
+    let loss = s["stages"]["trained"]["metrics"]["loss"].as_array().unwrap();
+    assert_eq!(loss.len(), 8);
+    let ppl = |n: &str| s["stages"][n]["metrics"]["ppl"].as_f64().unwrap();
+    assert!(ppl("ppl-trained") < ppl("ppl-untrained"), "eight steps already lower the perplexity");
+}
