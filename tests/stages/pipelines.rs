@@ -100,8 +100,15 @@ fn progressive_tiny_has_before_after_and_the_control_for_every_level() {
 }
 
 #[test]
-fn tiny_pretrain_tiny_learns_something() {
-    let (_sb, s) = run_tiny("pipelines/tiny-pretrain.toml", "tiny-pretrain.tiny.json");
+fn tiny_pretrain_tiny_learns_something_and_is_bit_reproducible() {
+    let (sb, s) = run_tiny("pipelines/tiny-pretrain.toml", "tiny-pretrain.tiny.json");
+    let (sb2, s2) = run_tiny("pipelines/tiny-pretrain.toml", "tiny-pretrain.tiny.json");
+    let weights = |sb: &Sandbox, s: &serde_json::Value| {
+        let key = s["stages"]["trained"]["key"].as_str().unwrap().to_string();
+        let dir = sb.path().join("cache").join(&key[..2]).join(key);
+        (std::fs::read(dir.join("model.safetensors")).unwrap(), std::fs::read(dir.join("tokenizer.json")).unwrap())
+    };
+    assert!(weights(&sb, &s) == weights(&sb2, &s2), "two fresh runs give different bytes");
     let loss = s["stages"]["trained"]["metrics"]["loss"].as_array().unwrap();
     assert_eq!(loss.len(), 8);
     let ppl = |n: &str| s["stages"][n]["metrics"]["ppl"].as_f64().unwrap();
