@@ -244,7 +244,8 @@ fn settings_of(model: &Model, source: Option<PathBuf>) -> ModelSettings {
     }
 }
 
-/// Copies (hard-links where possible) the model files of a local directory into the entry.
+/// Copies the model files of a local directory into the entry. (Not hard links: a tool that later
+/// rewrites the source file in place would silently change the cached entry too.)
 fn copy_model_files(src: &Path, out: &Path) -> Result<()> {
     for entry in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
         let entry = entry?;
@@ -257,10 +258,7 @@ fn copy_model_files(src: &Path, out: &Path) -> Result<()> {
         if !entry.file_type()?.is_file() || !wanted || name_s == artifact::SETTINGS_FILE {
             continue;
         }
-        let dst = out.join(&name);
-        if std::fs::hard_link(entry.path(), &dst).is_err() {
-            std::fs::copy(entry.path(), &dst).with_context(|| format!("copying {}", entry.path().display()))?;
-        }
+        std::fs::copy(entry.path(), out.join(&name)).with_context(|| format!("copying {}", entry.path().display()))?;
     }
     Ok(())
 }
