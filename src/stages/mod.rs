@@ -7,6 +7,7 @@ mod generate;
 mod load;
 pub mod model_artifact;
 mod prune;
+mod scoring;
 
 use crate::exec::Registry;
 
