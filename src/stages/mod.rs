@@ -4,8 +4,10 @@
 mod builtin;
 mod eval_ppl;
 mod generate;
+mod hook_residuals;
 mod load;
 pub mod model_artifact;
+mod perturb;
 mod prune;
 mod scoring;
 
@@ -15,5 +17,7 @@ use crate::exec::Registry;
 pub fn registry() -> Registry {
     let mut r = Registry::new();
     r.register(load::Load).register(prune::Prune).register(eval_ppl::EvalPpl).register(generate::Generate);
+    r.register(hook_residuals::HookResiduals);
+    r.register(perturb::Perturb);
     r
 }
