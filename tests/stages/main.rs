@@ -4,5 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod perturb;
 mod pipelines;
 mod prune;
+mod residuals;
