@@ -289,6 +289,19 @@ impl ResidualTap {
     }
 }
 
+/// The per-layer statistics as tensors: one f64 `[L]` tensor per numeric field of `layers`.
+pub const STATS_FILE: &str = "layer_stats.safetensors";
+
+fn write_stats_tensors(path: &std::path::Path, layers: &[Json]) -> Result<()> {
+    let mut tensors = std::collections::HashMap::new();
+    for key in layers[0].as_object().into_iter().flat_map(|o| o.keys()).filter(|k| *k != "layer") {
+        let v: Vec<f64> = layers.iter().map(|r| r[key].as_f64().unwrap_or(f64::NAN)).collect();
+        tensors.insert(key.clone(), Tensor::from_vec(v, layers.len(), &candle_core::Device::Cpu)?);
+    }
+    candle_core::safetensors::save(&tensors, path)?;
+    Ok(())
+}
+
 pub struct HookResiduals;
 
 impl Stage for HookResiduals {
@@ -357,6 +370,7 @@ impl Stage for HookResiduals {
                 row
             })
             .collect();
+        write_stats_tensors(&ctx.out_dir.join(STATS_FILE), &layers)?;
 
         let mut metrics = eval.ppl_metrics(&open, &sum)?;
         let m = metrics.as_object_mut().unwrap();

@@ -98,6 +98,11 @@ fn ratios_match_transformers_hidden_states() {
             assert!(rel(g, w) <= 1e-5, "layer {l} {k}: stage {g} vs transformers {w}");
         }
     }
+    // The same numbers in the entry's tensor file.
+    let file = entry(&sb, "res").join("layer_stats.safetensors");
+    let t: BTreeMap<String, Tensor> = candle_core::safetensors::load(file, &Device::Cpu).unwrap().into_iter().collect();
+    let br = t["branching_ratio"].to_vec1::<f64>().unwrap();
+    assert_eq!(br, layers.iter().map(|r| r["branching_ratio"].as_f64().unwrap()).collect::<Vec<_>>());
     // Not vacuous: the layers differ from each other and from the identity.
     let b0 = layers[0]["branching_ratio"].as_f64().unwrap();
     assert!((b0 - 1.0).abs() > 1e-3 && (b0 - layers[1]["branching_ratio"].as_f64().unwrap()).abs() > 1e-6);
