@@ -3,19 +3,18 @@
 
 use std::time::Instant;
 
-use anyhow::{Context as _, Result};
-use candle_core::{DType, Tensor, D};
+use anyhow::Result;
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
 use super::model_artifact as artifact;
+use super::scoring;
 use crate::analysis::perplexity::NllSum;
-use crate::data::{self, Bos, Protocol, Source, Window, WindowOptions};
+use crate::data::{Protocol, Source};
 use crate::exec::{
     typed_params, ArtifactType, FileHasher, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage,
     StageContext,
 };
-use crate::model::Model;
 
 pub static SCHEMA: KindSchema = KindSchema {
     kind: "eval-ppl",
@@ -105,18 +104,9 @@ impl Stage for EvalPpl {
         let p: Params = ctx.params()?;
         let device = artifact::device(ctx.device)?;
         let open = artifact::open(ctx.input("input")?, &device)?;
-        let tok = open.tokenizer()?;
-        let source = Source::from_value(&p.data)?;
-        let stream =
-            data::token_stream(&source, &data::HubOptions::from_env(), tok.inner(), &open.tokenizer_id, false)?;
         let protocol = Protocol::parse(&p.protocol, p.stride)?;
-        let opts = WindowOptions {
-            seq_len: p.seq_len,
-            bos: Bos::parse(&p.bos)?,
-            bos_id: tok.bos_id,
-            max_windows: p.max_windows,
-        };
-        let windows = data::windows(protocol, &stream.ids, &opts)?;
+        let eval = scoring::eval_windows(&open, &p.data, protocol, p.seq_len, &p.bos, p.max_windows)?;
+        let windows = &eval.windows;
 
         ctx.progress.set_length(windows.len() as u64);
         let started = Instant::now();
@@ -124,60 +114,15 @@ impl Stage for EvalPpl {
         let mut fed = 0usize;
         for (b, batch) in windows.chunks(p.batch).enumerate() {
             ctx.check_cancelled()?;
-            for (nll, n) in window_nlls(&open.model, batch)? {
+            for (nll, n) in scoring::window_nlls(&open.model, batch)? {
                 sum.add(nll, n);
             }
             fed += batch.iter().map(|w| w.input_ids.len()).sum::<usize>();
             ctx.progress.set_position(((b + 1) * p.batch).min(windows.len()) as u64);
         }
         let seconds = started.elapsed().as_secs_f64();
-        let bits_per_byte = match data::token_bytes(tok.inner()) {
-            Ok(table) => json!(sum.bits_per_byte(data::scored_bytes(&windows, &table))),
-            Err(_) => Json::Null, // not a byte-level tokenizer: bytes per token unknown
-        };
-        Ok(json!({
-            "ppl": sum.perplexity(),
-            "nll": sum.mean(),
-            "tokens": sum.tokens,
-            "windows": windows.len(),
-            "bits_per_byte": bits_per_byte,
-            "tokens_per_second": fed as f64 / seconds.max(1e-9),
-            "protocol": {
-                "name": p.protocol,
-                "seq_len": p.seq_len,
-                "stride": p.stride,
-                "bos": p.bos,
-                "max_windows": p.max_windows,
-                "data": source.display_name(),
-                "stream_tokens": stream.ids.len(),
-                "text_bytes": stream.bytes,
-                "model_dtype": open.settings.dtype,
-                "quantization": open.settings.quantization,
-            },
-        }))
+        let mut metrics = eval.ppl_metrics(&open, &sum)?;
+        metrics["tokens_per_second"] = json!(fed as f64 / seconds.max(1e-9));
+        Ok(metrics)
     }
-}
-
-/// Summed NLL (nats) and scored-token count of each window. Windows of equal length are stacked
-/// into one forward pass.
-fn window_nlls(model: &Model, windows: &[Window]) -> Result<Vec<(f64, u64)>> {
-    let same_len = windows.iter().all(|w| w.input_ids.len() == windows[0].input_ids.len());
-    if !same_len {
-        return windows.iter().map(|w| window_nlls(model, std::slice::from_ref(w)).map(|v| v[0])).collect();
-    }
-    let t = windows[0].input_ids.len();
-    let ids: Vec<u32> = windows.iter().flat_map(|w| w.input_ids.iter().copied()).collect();
-    let ids = Tensor::from_vec(ids, (windows.len(), t), model.device())?;
-    let logits = model.forward(&ids).context("forward pass")?; // [b, t, vocab] f32
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    let mut out = Vec::with_capacity(windows.len());
-    for (i, w) in windows.iter().enumerate() {
-        let pos = w.logit_positions();
-        let rows = logp.get(i)?.narrow(0, pos.start, pos.len())?; // [scored, vocab]
-        let targets = Tensor::new(w.target_ids(), model.device())?.unsqueeze(1)?;
-        let picked = rows.gather(&targets, 1)?.squeeze(1)?.to_dtype(DType::F64)?;
-        let nll = -picked.sum_all()?.to_scalar::<f64>()?;
-        out.push((nll, w.scored() as u64));
-    }
-    Ok(out)
 }

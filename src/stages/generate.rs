@@ -7,12 +7,12 @@ use anyhow::{bail, Result};
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
-use super::model_artifact as artifact;
+use super::model_artifact::{self as artifact, OpenModel};
 use crate::data::synthetic;
 use crate::exec::{
     typed_params, ArtifactType, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage, StageContext,
 };
-use crate::model::{Bos, GenerateOptions, Sampling};
+use crate::model::{Bos, GenerateOptions, Hooks, Sampling};
 
 pub static SCHEMA: KindSchema = KindSchema {
     kind: "generate",
@@ -53,12 +53,12 @@ struct Params {
     repetition_threshold: f64,
 }
 
-struct Prompt {
-    prompt: String,
-    expected: Option<String>,
+pub(super) struct Prompt {
+    pub prompt: String,
+    pub expected: Option<String>,
 }
 
-fn prompts_of(v: &Json) -> Result<Vec<Prompt>, String> {
+pub(super) fn prompts_of(v: &Json) -> Result<Vec<Prompt>, String> {
     match v {
         Json::String(name) => Ok(synthetic::prompt_set(name)
             .map_err(|e| format!("prompts: {e:#}"))?
@@ -135,60 +135,91 @@ impl Stage for Generate {
         let opts = GenerateOptions { max_new_tokens: p.max_new_tokens, sampling, stop_tokens: tok.stop_ids() };
         let bos = if p.bos == "add" { Bos::Add } else { Bos::None };
         ctx.progress.set_length(prompts.len() as u64);
-        let mut outputs = Vec::new();
-        let mut counts: Map<String, Json> =
-            ["correct", "wrong", "repetitive", "unscored"].iter().map(|k| (k.to_string(), json!(0))).collect();
-        for (i, pr) in prompts.iter().enumerate() {
-            ctx.check_cancelled()?;
-            let ids = tok.encode(&pr.prompt, bos)?;
-            if ids.is_empty() {
-                bail!("prompt {:?} encodes to no tokens", pr.prompt);
-            }
-            let g = open.model.generate(&ids, &opts, None)?;
-            let generated: Vec<u32> = g.tokens.iter().copied().filter(|t| !opts.stop_tokens.contains(t)).collect();
-            let text = tok.decode(&generated, true)?;
-            let repetition = distinct_bigrams(&generated);
-            let hit = pr.expected.as_deref().map(|e| contains_word(&text, e));
-            let label = match hit {
-                Some(true) => "correct",
-                _ if repetition < p.repetition_threshold => "repetitive",
-                Some(false) => "wrong",
-                None => "unscored",
-            };
-            counts[label] = json!(counts[label].as_u64().unwrap_or(0) + 1);
-            outputs.push(json!({
-                "prompt": pr.prompt,
-                "text": text,
-                "token_ids": g.tokens,
-                "expected": pr.expected,
-                "hit": hit,
-                "repetition": repetition,
-                "label": label,
-            }));
-            ctx.progress.set_position(i as u64 + 1);
-        }
-        std::fs::write(ctx.out_dir.join("generations.json"), serde_json::to_string_pretty(&outputs)?)?;
-        let n = prompts.len() as f64;
-        let scored = n - counts["unscored"].as_u64().unwrap_or(0) as f64;
-        let correct = counts["correct"].as_u64().unwrap_or(0) as f64;
-        let repetitive = counts["repetitive"].as_u64().unwrap_or(0) as f64;
-        // One word for the table: the majority outcome.
-        let summary = if scored > 0.0 && correct / scored >= 0.5 {
-            "correct"
-        } else if repetitive / n >= 0.5 {
-            "repetitive"
-        } else if scored > 0.0 {
-            "wrong"
-        } else {
-            "unscored"
-        };
-        Ok(json!({
-            "outputs": outputs,
-            "counts": counts,
-            "accuracy": if scored > 0.0 { json!(correct / scored) } else { Json::Null },
-            "label": summary,
-        }))
+        let labelled = generate_labelled(
+            &open,
+            &prompts,
+            &opts,
+            bos,
+            p.repetition_threshold,
+            || None,
+            |i| {
+                ctx.check_cancelled()?;
+                ctx.progress.set_position(i as u64);
+                Ok(())
+            },
+        )?;
+        std::fs::write(ctx.out_dir.join("generations.json"), serde_json::to_string_pretty(&labelled["outputs"])?)?;
+        Ok(labelled)
     }
+}
+
+/// Generates a continuation of every prompt and labels it correct / wrong / repetitive /
+/// unscored. `hooks` gives the hooks for each prompt's generation (`None`: the plain model);
+/// `each(i)` runs before prompt i and once more with `prompts.len()` at the end (progress and
+/// cancellation). Returns `{ outputs, counts, accuracy, label }`.
+pub(super) fn generate_labelled<'h>(
+    open: &OpenModel,
+    prompts: &[Prompt],
+    opts: &GenerateOptions,
+    bos: Bos,
+    repetition_threshold: f64,
+    mut hooks: impl FnMut() -> Option<Hooks<'h>>,
+    mut each: impl FnMut(usize) -> Result<()>,
+) -> Result<Json> {
+    let tok = open.tokenizer()?;
+    let mut outputs = Vec::new();
+    let mut counts: Map<String, Json> =
+        ["correct", "wrong", "repetitive", "unscored"].iter().map(|k| (k.to_string(), json!(0))).collect();
+    for (i, pr) in prompts.iter().enumerate() {
+        each(i)?;
+        let ids = tok.encode(&pr.prompt, bos)?;
+        if ids.is_empty() {
+            bail!("prompt {:?} encodes to no tokens", pr.prompt);
+        }
+        let mut h = hooks();
+        let g = open.model.generate(&ids, opts, h.as_mut())?;
+        let generated: Vec<u32> = g.tokens.iter().copied().filter(|t| !opts.stop_tokens.contains(t)).collect();
+        let text = tok.decode(&generated, true)?;
+        let repetition = distinct_bigrams(&generated);
+        let hit = pr.expected.as_deref().map(|e| contains_word(&text, e));
+        let label = match hit {
+            Some(true) => "correct",
+            _ if repetition < repetition_threshold => "repetitive",
+            Some(false) => "wrong",
+            None => "unscored",
+        };
+        counts[label] = json!(counts[label].as_u64().unwrap_or(0) + 1);
+        outputs.push(json!({
+            "prompt": pr.prompt,
+            "text": text,
+            "token_ids": g.tokens,
+            "expected": pr.expected,
+            "hit": hit,
+            "repetition": repetition,
+            "label": label,
+        }));
+    }
+    each(prompts.len())?;
+    let n = prompts.len() as f64;
+    let scored = n - counts["unscored"].as_u64().unwrap_or(0) as f64;
+    let correct = counts["correct"].as_u64().unwrap_or(0) as f64;
+    let repetitive = counts["repetitive"].as_u64().unwrap_or(0) as f64;
+    // One word for the table: the majority outcome.
+    let summary = if scored > 0.0 && correct / scored >= 0.5 {
+        "correct"
+    } else if repetitive / n >= 0.5 {
+        "repetitive"
+    } else if scored > 0.0 {
+        "wrong"
+    } else {
+        "unscored"
+    };
+    Ok(json!({
+        "outputs": outputs,
+        "counts": counts,
+        "accuracy": if scored > 0.0 { json!(correct / scored) } else { Json::Null },
+        "label": summary,
+    }))
 }
 
 #[cfg(test)]

@@ -5,9 +5,12 @@ mod builtin;
 mod eval_ppl;
 mod finetune;
 mod generate;
+mod hook_residuals;
 mod load;
 pub mod model_artifact;
+mod perturb;
 mod prune;
+mod scoring;
 
 use crate::exec::Registry;
 
@@ -18,6 +21,8 @@ pub fn registry() -> Registry {
         .register(prune::Prune)
         .register(eval_ppl::EvalPpl)
         .register(finetune::Finetune)
-        .register(generate::Generate);
+        .register(generate::Generate)
+        .register(hook_residuals::HookResiduals)
+        .register(perturb::Perturb);
     r
 }

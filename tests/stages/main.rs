@@ -7,6 +7,8 @@ mod support;
 mod builtin;
 mod finetune;
 mod hub;
+mod perturb;
 mod pipelines;
 mod ppl_parity;
 mod prune;
+mod residuals;

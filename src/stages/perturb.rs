@@ -1,0 +1,263 @@
+//! `perturb`: how a small Gaussian perturbation of the embedding output grows through the layers.
+//! Each window is run clean and with noise added at `hook_embed`; δ_l = ‖h'_l − h_l‖/‖h_l‖ per
+//! token at every layer boundary, averaged over tokens and windows; growth, the Lyapunov estimate
+//! and the clean run's branching ratios. Definitions: `docs/stages.md`.
+
+use std::cell::RefCell;
+
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+use serde::Deserialize;
+use serde_json::{json, Map, Value as Json};
+
+use super::hook_residuals::ResidualTap;
+use super::model_artifact as artifact;
+use super::scoring;
+use crate::analysis::norm;
+use crate::analysis::perturb::{branching_summary, growth, relative_deviation};
+use crate::data::{Protocol, Source, SplitMix64};
+use crate::exec::{
+    typed_params, ArtifactType, FileHasher, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage,
+    StageContext,
+};
+use crate::model::{HookPoint, Hooks};
+
+pub static SCHEMA: KindSchema = KindSchema {
+    kind: "perturb",
+    version: 1,
+    help: "Adds seeded Gaussian noise to the embedding output and measures the relative deviation δ at every layer boundary: amplification, Lyapunov exponent, local exponents, branching ratios.",
+    inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to analyse" }],
+    params: &[
+        ParamDef {
+            name: "data",
+            ty: ParamType::Either(&[ParamType::Str, ParamType::Table]),
+            default: ParamDefault::Required,
+            help: "text source: \"wikitext-2-raw-v1:test\", \"synthetic:facts:test\", { path = \"file\" }",
+        },
+        ParamDef {
+            name: "seq_len",
+            ty: ParamType::Int { min: Some(2), max: None },
+            default: ParamDefault::Json("2048"),
+            help: "window length in tokens (eval-ppl's `chunks` windows)",
+        },
+        ParamDef {
+            name: "max_windows",
+            ty: ParamType::Int { min: Some(1), max: None },
+            default: ParamDefault::Optional,
+            help: "use only the first N windows",
+        },
+        ParamDef {
+            name: "bos",
+            ty: ParamType::Enum(&["none", "stream-start", "window-start"]),
+            default: ParamDefault::Json("\"stream-start\""),
+            help: "where BOS goes, as in eval-ppl",
+        },
+        ParamDef {
+            name: "eps",
+            ty: ParamType::Float { min: Some(0.0), max: None },
+            default: ParamDefault::Json("0.01"),
+            help: "noise scale (relative: a fraction of each token's embedding RMS; absolute: the standard deviation)",
+        },
+        ParamDef {
+            name: "scale",
+            ty: ParamType::Enum(&["relative", "absolute"]),
+            default: ParamDefault::Json("\"relative\""),
+            help: "how eps is read",
+        },
+        ParamDef { name: "seed", ty: ParamType::UINT, default: ParamDefault::PipelineSeed, help: "noise seed" },
+    ],
+    output: ArtifactType::Metrics,
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    data: Json,
+    seq_len: usize,
+    max_windows: Option<usize>,
+    bos: String,
+    eps: f64,
+    scale: String,
+    seed: u64,
+}
+
+/// Standard normal deviates by the Box–Muller transform on SplitMix64 uniforms.
+struct Gaussian {
+    rng: SplitMix64,
+    spare: Option<f64>,
+}
+
+impl Gaussian {
+    fn new(rng: SplitMix64) -> Gaussian {
+        Gaussian { rng, spare: None }
+    }
+
+    fn next(&mut self) -> f64 {
+        if let Some(z) = self.spare.take() {
+            return z;
+        }
+        // u1 in (0, 1] (never 0, so the log is finite), u2 in [0, 1).
+        let u1 = ((self.rng.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64;
+        let u2 = (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let r = (-2.0 * u1.ln()).sqrt();
+        let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
+        self.spare = Some(r * s);
+        r * c
+    }
+}
+
+/// The noise for one window's embedding output `x` (`[tokens, hidden]`, f32): per token, i.i.d.
+/// N(0, σ²) with σ = eps · RMS(token) (relative) or σ = eps (absolute).
+fn noise(x: &[f32], hidden: usize, eps: f64, relative: bool, rng: SplitMix64) -> Vec<f32> {
+    let mut g = Gaussian::new(rng);
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(hidden) {
+        let sigma = if relative { eps * norm(row) / (hidden as f64).sqrt() } else { eps };
+        out.extend((0..hidden).map(|_| (sigma * g.next()) as f32));
+    }
+    out
+}
+
+fn to_f32(x: &Tensor) -> candle_core::Result<Vec<f32>> {
+    x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Boundary index of a hook point: 0 = layer 0's input (the embedding output), l + 1 = layer l's
+/// output.
+fn boundary(p: HookPoint) -> Option<usize> {
+    match p {
+        HookPoint::ResidPre(0) => Some(0),
+        HookPoint::ResidPost(l) => Some(l + 1),
+        _ => None,
+    }
+}
+
+pub struct Perturb;
+
+impl Stage for Perturb {
+    fn schema(&self) -> &'static KindSchema {
+        &SCHEMA
+    }
+
+    fn check(&self, params: &Map<String, Json>) -> Result<(), String> {
+        let p: Params = typed_params(params)?;
+        Source::from_value(&p.data).map_err(|e| format!("data: {e:#}"))?;
+        Ok(())
+    }
+
+    fn identity(&self, params: &Map<String, Json>, _files: &FileHasher) -> Result<Option<Json>, String> {
+        let p: Params = typed_params(params)?;
+        let src = Source::from_value(&p.data).map_err(|e| format!("data: {e:#}"))?;
+        Ok(Some(json!({ "data": src.identity().map_err(|e| format!("data: {e:#}"))? })))
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<Json> {
+        let p: Params = ctx.params()?;
+        let device = artifact::device(ctx.device)?;
+        let open = artifact::open(ctx.input("input")?, &device)?;
+        let model = &open.model;
+        let n_layers = model.num_layers();
+        let hidden = model.config().hidden_size;
+        let relative = p.scale == "relative";
+        let eval = scoring::eval_windows(&open, &p.data, Protocol::Chunks, p.seq_len, &p.bos, p.max_windows)?;
+        ctx.progress.set_length(eval.windows.len() as u64);
+
+        // Per boundary: Σ over tokens of the per-token δ, and the tokens counted.
+        let mut dev_sum = vec![0.0f64; n_layers + 1];
+        let mut dev_n = vec![0u64; n_layers + 1];
+        let tap = RefCell::new(ResidualTap::new(n_layers, hidden, None, None, Some(0.0)));
+        let mut positions = 0u64;
+        for (i, w) in eval.windows.iter().enumerate() {
+            ctx.check_cancelled()?;
+            let ids = scoring::window_ids(model, std::slice::from_ref(w))?;
+
+            // Clean run: the stream at every boundary, and the branching statistics.
+            let clean: RefCell<Vec<Vec<f32>>> = RefCell::new(vec![Vec::new(); n_layers + 1]);
+            {
+                let mut hooks = ResidualTap::hooks(&tap);
+                hooks.observe(None, |pt, x| {
+                    if let Some(b) = boundary(pt) {
+                        clean.borrow_mut()[b] = to_f32(x)?;
+                    }
+                    Ok(())
+                });
+                model.forward_with_hooks(&ids, &mut hooks)?;
+            }
+            let clean = clean.into_inner();
+
+            // Perturbed run: noise on the embedding output, δ at every boundary.
+            let rng = SplitMix64::keyed(p.seed, &[i as u64]);
+            let mut hooks = Hooks::new();
+            hooks.intervene(Some(HookPoint::Embed), |_, x| {
+                let n = noise(&to_f32(x)?, hidden, p.eps, relative, rng.clone());
+                x + Tensor::from_vec(n, x.shape(), x.device())?.to_dtype(x.dtype())?
+            });
+            hooks.observe(None, |pt, x| {
+                if let Some(b) = boundary(pt) {
+                    let (d, n) = relative_deviation(&clean[b], &to_f32(x)?, hidden);
+                    dev_sum[b] += d * n as f64;
+                    dev_n[b] += n;
+                }
+                Ok(())
+            });
+            model.forward_with_hooks(&ids, &mut hooks)?;
+            drop(hooks);
+            positions += w.input_ids.len() as u64;
+            ctx.progress.set_position(i as u64 + 1);
+        }
+
+        let delta: Vec<f64> =
+            dev_sum.iter().zip(&dev_n).map(|(s, n)| if *n > 0 { s / *n as f64 } else { 0.0 }).collect();
+        let g = growth(&delta);
+        let tap = tap.into_inner();
+        let ratios: Vec<f64> =
+            tap.stats.as_ref().expect("statistics").iter().map(|a| a.finish().branching_ratio).collect();
+        let b = branching_summary(&ratios);
+        Ok(json!({
+            "delta": g.delta,
+            "peak_layer": g.peak_layer,
+            "amplification": g.amplification,
+            "lyapunov": g.lyapunov,
+            "local_exponents": g.local_exponents,
+            "branching": {
+                "per_layer": ratios,
+                "mean": b.mean,
+                "mean_without_first": b.mean_without_first,
+                "near_critical_layers": b.near_critical_layers,
+            },
+            "eps": p.eps,
+            "scale": p.scale,
+            "seed": p.seed,
+            "windows": eval.windows.len(),
+            "tokens": positions,
+            "protocol": eval.protocol_json(&open),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn box_muller_gives_standard_normals() {
+        let mut g = Gaussian::new(SplitMix64::new(7));
+        let z: Vec<f64> = (0..20000).map(|_| g.next()).collect();
+        let mean = z.iter().sum::<f64>() / z.len() as f64;
+        let var = z.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / z.len() as f64;
+        assert!(mean.abs() < 0.03, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.05, "variance {var}");
+        assert!(z.iter().all(|x| x.is_finite()));
+    }
+
+    #[test]
+    fn relative_noise_has_the_token_rms_times_eps() {
+        let hidden = 4096;
+        let x: Vec<f32> = (0..2 * hidden).map(|j| if j < hidden { 3.0 } else { 0.0 }).collect();
+        let n = noise(&x, hidden, 0.01, true, SplitMix64::new(1));
+        let rms = norm(&n[..hidden]) / (hidden as f64).sqrt();
+        assert!((rms - 0.03).abs() < 0.002, "rms {rms}");
+        assert!(n[hidden..].iter().all(|v| *v == 0.0), "a zero token gets no relative noise");
+        assert_eq!(n, noise(&x, hidden, 0.01, true, SplitMix64::new(1)), "seeded");
+    }
+}
