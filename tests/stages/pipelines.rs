@@ -114,3 +114,23 @@ fn tiny_pretrain_tiny_learns_something_and_is_bit_reproducible() {
     let ppl = |n: &str| s["stages"][n]["metrics"]["ppl"].as_f64().unwrap();
     assert!(ppl("ppl-trained") < ppl("ppl-untrained"), "eight steps already lower the perplexity");
 }
+
+#[test]
+fn progressive_criticality_reuses_every_cached_level() {
+    let sb = Sandbox::real();
+    let prog = repo().join("pipelines/progressive.toml");
+    let crit = repo().join("pipelines/progressive-criticality.toml");
+    sb.run(&["run", prog.to_str().unwrap(), "--profile", "tiny", "-q"]).expect(0);
+    let plan = sb.run(&["plan", crit.to_str().unwrap(), "--profile", "tiny", "--format", "json"]).expect(0).json();
+    for i in plan["instances"].as_array().unwrap() {
+        let name = i["name"].as_str().unwrap();
+        let shared = name == "base" || name.ends_with(".pruned") || name.ends_with(".tuned");
+        let expected = if shared { "cached" } else { "to run" };
+        assert_eq!(i["status"], expected, "{name}");
+    }
+    sb.run(&["run", crit.to_str().unwrap(), "--profile", "tiny", "-q"]).expect(0);
+    let s = sb.session("progressive-criticality.tiny.json");
+    let g = &s["stages"]["level[sparsity=0.5].growth"]["metrics"];
+    assert!(g["lyapunov"].as_f64().unwrap().is_finite());
+    assert_eq!(s["stages"]["level[sparsity=0.5].tuned"]["cached"], true);
+}
