@@ -9,8 +9,9 @@ use serde_json::{json, Map, Value as Json};
 
 use super::model_artifact as artifact;
 use super::scoring;
+use super::text_param;
 use crate::analysis::perplexity::NllSum;
-use crate::data::{Protocol, Source};
+use crate::data::Protocol;
 use crate::exec::{
     typed_params, ArtifactType, FileHasher, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage,
     StageContext,
@@ -22,12 +23,7 @@ pub static SCHEMA: KindSchema = KindSchema {
     help: "Perplexity (and bits per byte) on a text source under a named protocol.",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to evaluate" }],
     params: &[
-        ParamDef {
-            name: "data",
-            ty: ParamType::Either(&[ParamType::Str, ParamType::Table]),
-            default: ParamDefault::Required,
-            help: "text source: \"wikitext-2-raw-v1:test\", \"synthetic:facts:test\", { path = \"file\" }",
-        },
+        text_param::DATA,
         ParamDef {
             name: "protocol",
             ty: ParamType::Enum(&["chunks", "llama-cpp", "rolling"]),
@@ -90,14 +86,13 @@ impl Stage for EvalPpl {
     fn check(&self, params: &Map<String, Json>) -> Result<(), String> {
         let p: Params = typed_params(params)?;
         Protocol::parse(&p.protocol, p.stride).map_err(|e| format!("{e:#}"))?;
-        Source::from_value(&p.data).map_err(|e| format!("data: {e:#}"))?;
+        text_param::source(&p.data)?;
         Ok(())
     }
 
     fn identity(&self, params: &Map<String, Json>, _files: &FileHasher) -> Result<Option<Json>, String> {
         let p: Params = typed_params(params)?;
-        let src = Source::from_value(&p.data).map_err(|e| format!("data: {e:#}"))?;
-        Ok(Some(json!({ "data": src.identity().map_err(|e| format!("data: {e:#}"))? })))
+        text_param::identity(&p.data)
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Json> {

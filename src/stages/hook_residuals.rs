@@ -14,9 +14,10 @@ use serde_json::{json, Map, Value as Json};
 use super::generate::{generate_labelled, prompts_of};
 use super::model_artifact as artifact;
 use super::scoring;
+use super::text_param;
 use crate::analysis::perplexity::NllSum;
 use crate::analysis::residual::{zero_below_threshold, zero_below_token_percentile, LayerAccumulator};
-use crate::data::{Protocol, Source};
+use crate::data::Protocol;
 use crate::exec::{
     typed_params, ArtifactType, FileHasher, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage,
     StageContext,
@@ -29,12 +30,7 @@ pub static SCHEMA: KindSchema = KindSchema {
     help: "Per-layer statistics of the residual corrections c = h_out − h_in over the chunks windows of a text source; optionally zeroes small entries of c (absolute threshold or per-token percentile) and reports the zeroed fraction, perplexity and generations.",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to analyse" }],
     params: &[
-        ParamDef {
-            name: "data",
-            ty: ParamType::Either(&[ParamType::Str, ParamType::Table]),
-            default: ParamDefault::Required,
-            help: "text source: \"wikitext-2-raw-v1:test\", \"synthetic:facts:test\", { path = \"file\" }",
-        },
+        text_param::DATA,
         ParamDef {
             name: "seq_len",
             ty: ParamType::Int { min: Some(2), max: None },
@@ -311,7 +307,7 @@ impl Stage for HookResiduals {
 
     fn check(&self, params: &Map<String, Json>) -> Result<(), String> {
         let p: Params = typed_params(params)?;
-        Source::from_value(&p.data).map_err(|e| format!("data: {e:#}"))?;
+        text_param::source(&p.data)?;
         intervention_of(&p)?;
         generation_prompts(&p.generate)?;
         Ok(())
@@ -319,8 +315,7 @@ impl Stage for HookResiduals {
 
     fn identity(&self, params: &Map<String, Json>, _files: &FileHasher) -> Result<Option<Json>, String> {
         let p: Params = typed_params(params)?;
-        let src = Source::from_value(&p.data).map_err(|e| format!("data: {e:#}"))?;
-        Ok(Some(json!({ "data": src.identity().map_err(|e| format!("data: {e:#}"))? })))
+        text_param::identity(&p.data)
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Json> {

@@ -11,6 +11,7 @@ pub mod model_artifact;
 mod perturb;
 mod prune;
 mod scoring;
+mod text_param;
 
 use crate::exec::Registry;
 

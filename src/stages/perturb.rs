@@ -13,9 +13,10 @@ use serde_json::{json, Map, Value as Json};
 use super::hook_residuals::ResidualTap;
 use super::model_artifact as artifact;
 use super::scoring;
+use super::text_param;
 use crate::analysis::norm;
 use crate::analysis::perturb::{branching_summary, growth, relative_deviation};
-use crate::data::{Protocol, Source, SplitMix64};
+use crate::data::{Protocol, SplitMix64};
 use crate::exec::{
     typed_params, ArtifactType, FileHasher, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage,
     StageContext,
@@ -28,12 +29,7 @@ pub static SCHEMA: KindSchema = KindSchema {
     help: "Adds seeded Gaussian noise to the embedding output and measures the relative deviation δ at every layer boundary: amplification, Lyapunov exponent, local exponents, branching ratios.",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to analyse" }],
     params: &[
-        ParamDef {
-            name: "data",
-            ty: ParamType::Either(&[ParamType::Str, ParamType::Table]),
-            default: ParamDefault::Required,
-            help: "text source: \"wikitext-2-raw-v1:test\", \"synthetic:facts:test\", { path = \"file\" }",
-        },
+        text_param::DATA,
         ParamDef {
             name: "seq_len",
             ty: ParamType::Int { min: Some(2), max: None },
@@ -141,14 +137,13 @@ impl Stage for Perturb {
 
     fn check(&self, params: &Map<String, Json>) -> Result<(), String> {
         let p: Params = typed_params(params)?;
-        Source::from_value(&p.data).map_err(|e| format!("data: {e:#}"))?;
+        text_param::source(&p.data)?;
         Ok(())
     }
 
     fn identity(&self, params: &Map<String, Json>, _files: &FileHasher) -> Result<Option<Json>, String> {
         let p: Params = typed_params(params)?;
-        let src = Source::from_value(&p.data).map_err(|e| format!("data: {e:#}"))?;
-        Ok(Some(json!({ "data": src.identity().map_err(|e| format!("data: {e:#}"))? })))
+        text_param::identity(&p.data)
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Json> {

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value as Json};
 
 use super::model_artifact as artifact;
+use super::text_param;
 use crate::data::{self, Source, TrainBatches};
 use crate::exec::{
     typed_params, ArtifactType, FileHasher, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage,
@@ -30,12 +31,7 @@ pub static SCHEMA: KindSchema = KindSchema {
     help: "AdamW fine-tuning (quantisation-aware for BitNet), pruned positions kept at zero, resumable mid-stage.",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to train" }],
     params: &[
-        ParamDef {
-            name: "data",
-            ty: ParamType::Either(&[ParamType::Str, ParamType::Table]),
-            default: ParamDefault::Required,
-            help: "training text source",
-        },
+        text_param::DATA,
         ParamDef {
             name: "steps",
             ty: ParamType::Int { min: Some(1), max: None },
@@ -171,14 +167,13 @@ impl Stage for Finetune {
         if micro > p.batch || !p.batch.is_multiple_of(micro) {
             return Err(format!("micro_batch {micro} must divide batch {}", p.batch));
         }
-        Source::from_value(&p.data).map_err(|e| format!("data: {e:#}"))?;
+        text_param::source(&p.data)?;
         Ok(())
     }
 
     fn identity(&self, params: &Map<String, Json>, _files: &FileHasher) -> Result<Option<Json>, String> {
         let p: Params = typed_params(params)?;
-        let src = Source::from_value(&p.data).map_err(|e| format!("data: {e:#}"))?;
-        Ok(Some(json!({ "data": src.identity().map_err(|e| format!("data: {e:#}"))? })))
+        text_param::identity(&p.data)
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Json> {
