@@ -134,3 +134,12 @@ fn progressive_criticality_reuses_every_cached_level() {
     assert!(g["lyapunov"].as_f64().unwrap().is_finite());
     assert_eq!(s["stages"]["level[sparsity=0.5].tuned"]["cached"], true);
 }
+
+#[test]
+fn the_stage_reference_in_docs_is_generated_from_the_definitions() {
+    let sb = Sandbox::real();
+    let generated = sb.run(&["stages", "--format", "markdown"]).expect(0).stdout();
+    let doc = std::fs::read_to_string(repo().join("docs/stage-reference.md")).unwrap();
+    let body = doc.split_once("\n\n## ").map(|(_, rest)| format!("## {rest}")).unwrap_or_default();
+    assert!(body == generated, "docs/stage-reference.md is stale: run scripts/stage-reference.sh");
+}
