@@ -274,7 +274,7 @@ pub fn list_table(s: &Session, groups: &[&PplGroup]) -> Table {
         }
         for &i in &g.evals {
             let inst = &s.instances[i];
-            let model = position(s, i).model.map(|m| s.instances[m].name.clone()).unwrap_or_default();
+            let model = position(s, i).model.map(|m| describe_model(s, m)).unwrap_or_default();
             t.push(vec![
                 inst.name.clone(),
                 model,
@@ -426,7 +426,7 @@ pub fn intervention_tables(s: &Session, n0: usize) -> Vec<Table> {
         if let Some(b) = base {
             t.push(vec![
                 "none (baseline)".into(),
-                "0".into(),
+                "0.00".into(),
                 ppl_cell(&s.instances[b]),
                 "—".into(),
                 text_label(s, position(s, b).model),
@@ -446,7 +446,7 @@ pub fn intervention_tables(s: &Session, n0: usize) -> Vec<Table> {
                 None => "—".into(),
             };
             t.push(vec![
-                inst.metric_f64("intervention.value").map(sig).unwrap_or_else(|| inst.name.clone()),
+                inst.metric_f64("intervention.value").map(|v| v.to_string()).unwrap_or_else(|| inst.name.clone()),
                 inst.metric_f64("intervention.zeroed_fraction").map(pct_num).unwrap_or_else(|| inst.absent()),
                 ppl_cell(inst),
                 vs(ppl_of(inst), base_ppl),
@@ -486,7 +486,7 @@ pub fn perturbation_table(s: &Session, i: usize) -> Table {
         cell(inst.metric("peak_layer")),
         g("branching.mean"),
         g("branching.mean_without_first"),
-        g("eps"),
+        inst.metric_f64("eps").map(|v| v.to_string()).unwrap_or_else(|| "—".into()),
     ));
     let delta: Vec<f64> = inst
         .metric("delta")

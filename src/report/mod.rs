@@ -184,21 +184,65 @@ pub fn compare(sessions: &[Session]) -> Vec<Table> {
     out
 }
 
-/// Plots of several sessions: series of the same plot together, labelled `A: …`, `B: …`.
+/// `A: perplexity (x); B: perplexity (y)` → `perplexity (A: x; B: y)` when the parts before the
+/// parentheses agree.
+fn shorten(text: String, n: usize) -> String {
+    let parts: Vec<&str> = text.split("; ").collect();
+    if parts.len() != n || n < 2 {
+        return text;
+    }
+    let mut head = None;
+    let mut inner = Vec::new();
+    for p in &parts {
+        let Some((lab, rest)) = p.split_once(": ") else { return text };
+        let Some((h, paren)) = rest.split_once(" (") else { return text };
+        if head.is_some_and(|x| x != h) {
+            return text;
+        }
+        head = Some(h);
+        inner.push(format!("{lab}: {}", paren.trim_end_matches(')')));
+    }
+    format!("{} ({})", head.unwrap_or_default(), inner.join("; "))
+}
+
+/// Plots of several sessions: series of the same plot together, labelled `A: …`, `B: …`; axis
+/// labels and titles that differ between sessions are given per session.
 pub fn comparison_plots(sessions: &[Session]) -> Vec<Plot> {
     let mut out: Vec<Plot> = Vec::new();
+    let mut texts: Vec<Vec<(String, String, String)>> = Vec::new();
     for (i, s) in sessions.iter().enumerate() {
         for mut p in plots::plots(s) {
             for se in &mut p.series {
                 se.label = format!("{}: {}", label(i), se.label);
             }
-            match out.iter_mut().find(|q| q.name == p.name) {
-                Some(q) => {
-                    q.log_y &= p.log_y;
-                    q.series.extend(p.series);
+            let text = (label(i), p.title.clone(), p.y_label.clone());
+            match out.iter().position(|q| q.name == p.name) {
+                Some(k) => {
+                    out[k].series.extend(p.series);
+                    texts[k].push(text);
                 }
-                None => out.push(p),
+                None => {
+                    out.push(p);
+                    texts.push(vec![text]);
+                }
             }
+        }
+    }
+    for (q, t) in out.iter_mut().zip(&texts) {
+        let join = |f: fn(&(String, String, String)) -> &String| {
+            if t.iter().all(|x| f(x) == f(&t[0])) {
+                f(&t[0]).clone()
+            } else {
+                t.iter().map(|x| format!("{}: {}", x.0, f(x))).collect::<Vec<_>>().join("; ")
+            }
+        };
+        q.title = shorten(join(|x| &x.1), t.len());
+        q.y_label = shorten(join(|x| &x.2), t.len());
+        // Sessions of different sizes: a log axis once the values span more than 20×.
+        let ys: Vec<f64> = q.series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).collect();
+        let (lo, hi) = ys.iter().fold((f64::MAX, f64::MIN), |(a, b), &y| (a.min(y), b.max(y)));
+        if q.name != "residual-ratios" && lo > 0.0 && hi / lo > 20.0 {
+            q.log_y = true;
         }
     }
     out

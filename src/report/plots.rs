@@ -71,7 +71,9 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(227, 119, 194),
     RGBColor(23, 190, 207),
 ];
-const REFERENCE: RGBColor = RGBColor(110, 110, 110);
+/// Reference lines (baselines, criticality) in greys, one shade per line.
+const REFERENCE: [RGBColor; 4] =
+    [RGBColor(110, 110, 110), RGBColor(165, 165, 165), RGBColor(60, 60, 60), RGBColor(195, 195, 195)];
 
 /// Registers a TrueType font for plot text once; Err says why there is none.
 pub fn font() -> Result<&'static str, &'static str> {
@@ -127,7 +129,8 @@ fn x_range(plot: &Plot) -> Range<f64> {
 fn y_bounds(plot: &Plot) -> (f64, f64) {
     let (lo, hi) = bounds(plot.series.iter().flat_map(|s| s.points.iter().map(|p| p.1))).unwrap_or((0.0, 1.0));
     if plot.log_y {
-        (lo / 1.5, hi * 1.5)
+        // Whole decades: plotters' log axis places its key points cleanly only on those.
+        (10f64.powf(lo.log10().floor()) * 0.999, 10f64.powf(hi.log10().ceil()) * 1.001)
     } else {
         let pad = if hi > lo { (hi - lo) * 0.08 } else { lo.abs().max(1.0) * 0.1 };
         (lo - pad, hi + pad)
@@ -154,23 +157,46 @@ where
     }
     let mut chart = t!(builder.build_cartesian_2d(xr.clone(), y));
     if text {
+        let integer_x = plot.series.iter().all(|s| s.points.iter().all(|p| p.0.fract() == 0.0));
+        let x_fmt = move |v: &f64| {
+            if !integer_x {
+                super::table::sig(*v).trim_end_matches('0').trim_end_matches('.').to_string()
+            } else if (v - v.round()).abs() < 1e-9 {
+                format!("{:.0}", v)
+            } else {
+                String::new()
+            }
+        };
+        let y_fmt = |v: &f64| {
+            let t = super::table::sig(*v);
+            if t.contains('.') && !t.contains('e') {
+                t.trim_end_matches('0').trim_end_matches('.').to_string()
+            } else {
+                t
+            }
+        };
         t!(chart
             .configure_mesh()
+            .y_labels(if plot.log_y { 20 } else { 10 })
+            .x_label_formatter(&x_fmt)
+            .y_label_formatter(&y_fmt)
             .x_desc(&plot.x_label)
             .y_desc(&plot.y_label)
             .label_style(("sans-serif", 16))
             .axis_desc_style(("sans-serif", 18))
-            .light_line_style(RGBColor(235, 235, 235))
+            // plotters crowds a log axis with light lines near each decade: leave them out there.
+            .light_line_style(if plot.log_y { WHITE } else { RGBColor(235, 235, 235) })
             .draw());
     } else {
         t!(chart.configure_mesh().x_labels(0).y_labels(0).light_line_style(RGBColor(235, 235, 235)).draw());
     }
     let mut colors = COLORS.iter().cycle();
+    let mut greys = REFERENCE.iter().cycle();
     for s in &plot.series {
         let (color, points) = match s.style {
             Style::Reference => {
                 let y = s.points.first().map(|p| p.1).unwrap_or(f64::NAN);
-                (REFERENCE, vec![(xr.start, y), (xr.end, y)])
+                (*greys.next().unwrap_or(&REFERENCE[0]), vec![(xr.start, y), (xr.end, y)])
             }
             _ => (*colors.next().unwrap_or(&COLORS[0]), s.points.clone()),
         };
@@ -216,8 +242,9 @@ fn draw_any<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, plot: &Plot, text
     }
 }
 
-/// The SVG document of a plot (`text: false` draws lines and markers only).
+/// The SVG document of a plot (`text: false`, or no font, draws lines and markers only).
 pub fn svg(plot: &Plot, text: bool) -> Result<String, String> {
+    let text = text && font().is_ok();
     let mut out = String::new();
     {
         let root = SVGBackend::with_string(&mut out, (WIDTH, HEIGHT)).into_drawing_area();
@@ -228,6 +255,7 @@ pub fn svg(plot: &Plot, text: bool) -> Result<String, String> {
 
 /// PNG bytes of a plot (needs the font).
 pub fn png(plot: &Plot) -> Result<Vec<u8>, String> {
+    font()?;
     let mut rgb = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut rgb, (WIDTH, HEIGHT)).into_drawing_area();
