@@ -165,7 +165,7 @@ pub fn compare(sessions: &[Session]) -> Vec<Table> {
                     row.push(v.unwrap_or_else(|| "—".into()));
                 }
             }
-            t.push(row);
+            t.rows.push(row); // cells already escaped
         }
         for (i, tb) in &found {
             for n in &tb.notes {

@@ -34,9 +34,10 @@ impl Table {
         }
     }
 
+    /// Adds a row; a `|` inside a cell is escaped so the markdown table keeps its columns.
     pub fn push(&mut self, row: Vec<String>) {
         debug_assert_eq!(row.len(), self.columns.len(), "row width in table {}", self.id);
-        self.rows.push(row);
+        self.rows.push(row.into_iter().map(|c| if c.contains('|') { c.replace('|', "\\|") } else { c }).collect());
     }
 
     /// The table alone (header, separator, rows), columns padded to equal width.
