@@ -291,7 +291,7 @@ pub fn list_table(s: &Session, groups: &[&PplGroup]) -> Table {
     }
     t.notes = loads.iter().map(|&l| model_note(s, l)).collect();
     t.footnotes = vec![
-        "protocols: see docs/report.md and notes/perplexity-protocols.md; bits/byte does not depend on the tokenizer."
+        "protocols: chunks = Wanda/SparseGPT windows, llama-cpp = second half of each chunk scored, rolling = strided (docs/data.md); bits/byte does not depend on the tokenizer."
             .into(),
     ];
     t
