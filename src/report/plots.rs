@@ -439,8 +439,14 @@ fn loss_plot(s: &Session) -> Option<Plot> {
     let mut series = Vec::new();
     for (i, inst) in s.of_kind("finetune") {
         let Some(l) = inst.metric("loss").and_then(Json::as_array) else { continue };
-        let points: Vec<(f64, f64)> =
-            l.iter().filter_map(|pair| Some((pair.get(0)?.as_f64()?, pair.get(1)?.as_f64()?))).collect();
+        let points: Vec<(f64, f64)> = l
+            .iter()
+            .filter_map(|pair| {
+                // [step, loss] pairs, or {step, loss} objects.
+                let step = pair.get(0).or_else(|| pair.get("step"))?.as_f64()?;
+                Some((step, pair.get(1).or_else(|| pair.get("loss"))?.as_f64()?))
+            })
+            .collect();
         let p = position(s, i);
         let label = match p.prune {
             Some(_) => format!("{} sparsity", sparsity_of(s, &p).map(pct).unwrap_or_else(|| inst.name.clone())),
