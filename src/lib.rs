@@ -11,5 +11,6 @@ pub mod data;
 pub mod exec;
 pub mod model;
 pub mod plan;
+pub mod report;
 pub mod spec;
 pub mod stages;

@@ -5,6 +5,7 @@ mod cache_cmd;
 mod explain;
 mod graph;
 mod plan_cmd;
+mod report_cmd;
 mod run_cmd;
 mod stages_cmd;
 mod validate;
@@ -48,6 +49,8 @@ enum Command {
     Graph(graph::GraphArgs),
     /// Run what is not cached; write sessions/YYYY-MM-DD/<pipeline>.json.
     Run(run_cmd::RunArgs),
+    /// Tables and plots of a session (or of a pipeline's cached results); CSV/JSON rows.
+    Report(report_cmd::ReportArgs),
     /// Show what went into an instance's key, and how it differs from the nearest cached entry.
     Explain(explain::ExplainArgs),
     /// List stage kinds with their parameters.
@@ -101,6 +104,7 @@ pub fn main(registry: Registry) -> ExitCode {
         Command::Plan(a) => plan_cmd::run(a, &registry, &cli.cache),
         Command::Graph(a) => graph::run(a, &registry),
         Command::Run(a) => run_cmd::run(a, &registry, &cli.cache, cli.quiet),
+        Command::Report(a) => report_cmd::run(a, &registry, &cli.cache),
         Command::Explain(a) => explain::run(a, &registry, &cli.cache),
         Command::Stages(a) => stages_cmd::run(a, &registry),
         Command::Cache(c) => cache_cmd::run(c, &registry, &cli.cache),

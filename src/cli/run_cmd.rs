@@ -39,6 +39,7 @@ pub fn run(args: &RunArgs, registry: &Registry, cache_root: &Path, quiet: bool) 
         println!("{total} instances: {} computed, {} cached", outcome.computed, outcome.cached);
     }
     println!("session: {}", outcome.session_path.display());
+    super::report_cmd::print_main_table(&outcome.session_path);
     if outcome.interrupted {
         eprintln!(
             "interrupted: finished stages are cached and partial state is kept; run the same command to continue"

@@ -1,0 +1,149 @@
+//! `rpt-flow report`: tables and plots of a session file, of a pipeline's cached results, or of
+//! several side by side; flat CSV/JSON rows for notebooks.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde_json::json;
+
+use super::{load_plan, open_cache, CliError, CliResult, PipelineArgs};
+use crate::exec::{self, session_path, Registry};
+use crate::report::{self, flat, plots, Session};
+
+#[derive(Args)]
+pub struct ReportArgs {
+    /// Session files (`sessions/…/x.json`) or pipelines (`pipelines/x.toml`, read from the cache
+    /// without running anything). Two or more are compared side by side.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// For pipelines: apply a `[profiles.<name>]` table (repeatable).
+    #[arg(long = "profile", short = 'p')]
+    pub profiles: Vec<String>,
+    /// For pipelines: override a value (repeatable).
+    #[arg(long = "set", short = 's', value_name = "PATH=VALUE")]
+    pub sets: Vec<String>,
+    /// For pipelines: the device class the keys were computed for.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// markdown: write `<name>.md` and plots, print the tables; csv/json: print one flat row per
+    /// instance on stdout and write nothing.
+    #[arg(long, default_value = "markdown", value_parser = ["markdown", "csv", "json"])]
+    pub format: String,
+    /// Where a pipeline's report goes (as `run` would put its session).
+    #[arg(long, env = "RPT_SESSIONS", default_value = "sessions")]
+    pub sessions: PathBuf,
+    /// Write the report here instead of beside the (first) session file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Do not draw plots.
+    #[arg(long)]
+    pub no_plots: bool,
+}
+
+pub fn run(args: &ReportArgs, registry: &Registry, cache_root: &Path) -> CliResult {
+    let mut sessions = Vec::new();
+    for input in &args.inputs {
+        let s = if input.extension().is_some_and(|e| e == "toml") {
+            from_pipeline(args, input, registry, cache_root)?
+        } else {
+            Session::read(input).map_err(|e| CliError::Usage(format!("{e:#}")))?
+        };
+        sessions.push(s);
+    }
+    match args.format.as_str() {
+        "csv" | "json" => {
+            let many = sessions.len() > 1;
+            let mut rows = Vec::new();
+            for s in &sessions {
+                let label = s.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| s.stem());
+                rows.extend(flat::rows(s, many.then_some(label.as_str())));
+            }
+            print!("{}", if args.format == "csv" { flat::csv(&rows) } else { flat::json(&rows) });
+            Ok(())
+        }
+        _ => write_report(args, &sessions),
+    }
+}
+
+fn write_report(args: &ReportArgs, sessions: &[Session]) -> CliResult {
+    let first = &sessions[0];
+    let dir = match (&args.out, &first.path) {
+        (Some(d), _) => d.clone(),
+        (None, Some(p)) => p.parent().map(Path::to_path_buf).unwrap_or_default(),
+        (None, None) => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| CliError::Failed(format!("creating {}: {e}", dir.display())))?;
+    let stem = sessions.iter().map(Session::stem).collect::<Vec<_>>().join("-vs-");
+    let plots_to_draw = if args.no_plots {
+        Vec::new()
+    } else if sessions.len() == 1 {
+        plots::plots(first)
+    } else {
+        report::comparison_plots(sessions)
+    };
+    let mut written = Vec::new();
+    for p in &plots_to_draw {
+        written.push(plots::write(p, &dir, &stem)?);
+    }
+    let md = if sessions.len() == 1 {
+        report::markdown(first, &written)
+    } else {
+        report::comparison_markdown(sessions, &written)
+    };
+    let md_path = dir.join(format!("{stem}.md"));
+    std::fs::write(&md_path, &md).map_err(|e| CliError::Failed(format!("writing {}: {e}", md_path.display())))?;
+    print!("{md}");
+    println!();
+    println!("report: {}", md_path.display());
+    for w in &written {
+        let png = w.png.as_ref().map(|p| format!(", {}", p.display())).unwrap_or_default();
+        println!("plot: {}{png}", w.svg.display());
+        if let Some(n) = &w.note {
+            eprintln!("note: {}: {n}", w.plot);
+        }
+    }
+    Ok(())
+}
+
+/// The cached state of a pipeline as a session: every instance's metrics from its cache entry's
+/// manifest (`missing` when there is none). Runs nothing and touches no entry.
+fn from_pipeline(args: &ReportArgs, file: &Path, registry: &Registry, cache_root: &Path) -> Result<Session, CliError> {
+    let pargs = PipelineArgs {
+        pipeline: file.to_path_buf(),
+        profiles: args.profiles.clone(),
+        sets: args.sets.clone(),
+        device: args.device.clone(),
+    };
+    let plan = load_plan(&pargs, registry, Some(cache_root))?;
+    let cache = open_cache(cache_root);
+    let path = session_path(&args.sessions, &plan);
+    let mut doc = exec::Session::new(path.clone(), &plan, &args.device, cache_root);
+    for &i in &plan.order {
+        let inst = &plan.pipeline.instances[i];
+        let s = doc.stage_mut(&inst.name);
+        match cache.manifest(&plan.keys[i])? {
+            Some(m) => {
+                s["status"] = json!("cached");
+                s["cached"] = json!(true);
+                s["seconds"] = json!(m.seconds);
+                s["metrics"] = m.metrics;
+            }
+            None => s["status"] = json!("missing"),
+        }
+    }
+    doc.doc["status"] = json!("from cache");
+    doc.doc["started"] = json!("");
+    let mut s = Session::from_json(&doc.doc)?;
+    s.path = Some(path);
+    Ok(s)
+}
+
+/// Prints the main table of a finished run (nothing for kinds the report does not know).
+pub fn print_main_table(session_file: &Path) {
+    if let Ok(s) = Session::read(session_file) {
+        if let Some(t) = report::main_table(&s) {
+            println!();
+            print!("{}", t.markdown());
+        }
+    }
+}

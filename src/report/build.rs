@@ -1,0 +1,660 @@
+//! The tables of one session, chosen from the stage kinds present (docs/report.md).
+
+use serde_json::Value as Json;
+
+use super::lineage::{self, baseline, position, sibling, sparsity_of, Position, Protocol};
+use super::session::{Instance, Session};
+use super::table::{cell, pct, pct_num, ppl, sig, signed, Table};
+
+/// One group of perplexities: same root model, same protocol.
+pub struct PplGroup {
+    pub load: Option<usize>,
+    pub protocol: Protocol,
+    pub evals: Vec<usize>,
+}
+
+pub fn ppl_groups(s: &Session) -> Vec<PplGroup> {
+    let mut groups: Vec<PplGroup> = Vec::new();
+    for (i, inst) in s.of_kind("eval-ppl") {
+        let Some(proto) = Protocol::of(inst) else { continue };
+        let load = position(s, i).load;
+        match groups.iter_mut().find(|g| g.load == load && g.protocol == proto) {
+            Some(g) => g.evals.push(i),
+            None => groups.push(PplGroup { load, protocol: proto, evals: vec![i] }),
+        }
+    }
+    groups
+}
+
+/// How a group is shown: a pruning sweep, a progressive (prune → fine-tune) table, or a list.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Shape {
+    Sweep,
+    Progressive,
+    List,
+}
+
+pub fn shape_of(s: &Session, g: &PplGroup) -> Shape {
+    let pos: Vec<Position> = g.evals.iter().map(|&i| position(s, i)).collect();
+    if pos.iter().any(|p| p.tuned.is_some()) && pos.iter().any(|p| p.prune.is_some()) {
+        Shape::Progressive
+    } else if pos.iter().any(|p| p.prune.is_some()) {
+        Shape::Sweep
+    } else {
+        Shape::List
+    }
+}
+
+fn ppl_of(inst: &Instance) -> Option<f64> {
+    inst.metric_f64("ppl")
+}
+
+fn ppl_cell(inst: &Instance) -> String {
+    ppl_of(inst).map(ppl).unwrap_or_else(|| inst.absent())
+}
+
+fn vs(value: Option<f64>, base: Option<f64>) -> String {
+    match (value, base) {
+        (Some(v), Some(b)) if b > 0.0 => signed((v / b - 1.0) * 100.0),
+        _ => "—".into(),
+    }
+}
+
+/// `repetitive (1/5)`: the majority label of the `generate` on the same model, with the number
+/// of correct answers out of the prompts.
+fn text_label(s: &Session, model: Option<usize>) -> String {
+    let Some(g) = sibling(s, "generate", model) else { return "—".into() };
+    let inst = &s.instances[g];
+    match inst.metric_str("label") {
+        Some(label) => {
+            let n = inst.metric("outputs").and_then(Json::as_array).map(|a| a.len());
+            let c = inst.metric("counts.correct").and_then(Json::as_u64);
+            match (c, n) {
+                (Some(c), Some(n)) => format!("{label} ({c}/{n})"),
+                _ => label.to_string(),
+            }
+        }
+        None => inst.absent(),
+    }
+}
+
+/// `model `base` (key 1a2b3c4d5e6f, bitnet, f32, absmean) · device cpu`.
+pub fn model_note(s: &Session, load: Option<usize>) -> String {
+    let device = if s.device.is_empty() { "?" } else { &s.device };
+    let Some(l) = load else { return format!("model: (no load stage found) · device {device}") };
+    let inst = &s.instances[l];
+    let dtype = inst
+        .metric_str("dtype")
+        .map(str::to_string)
+        .or_else(|| inst.params.get("dtype").and_then(Json::as_str).map(str::to_string))
+        .unwrap_or_else(|| "?".into());
+    let mut what = vec![format!("key {}", short(&inst.key))];
+    if let Some(a) = inst.metric_str("arch") {
+        what.push(a.to_string());
+    }
+    what.push(format!("dtype {dtype}"));
+    if let Some(q) = inst.metric_str("quantization") {
+        what.push(format!("quantization {q}"));
+    }
+    format!("model: `{}` ({}) · device {device}", inst.name, what.join(", "))
+}
+
+pub fn short(key: &str) -> &str {
+    &key[..key.len().min(12)]
+}
+
+fn sparsity_label(s: &Session, p: &Position) -> String {
+    sparsity_of(s, p).map(pct).unwrap_or_else(|| p.prune.map(|j| s.instances[j].name.clone()).unwrap_or_default())
+}
+
+/// Labels that stay unique: a repeated sparsity gets its prune instance's name.
+fn unique_labels(s: &Session, rows: &[Position]) -> Vec<String> {
+    let labels: Vec<String> = rows.iter().map(|p| sparsity_label(s, p)).collect();
+    labels
+        .iter()
+        .zip(rows)
+        .map(|(l, p)| {
+            if labels.iter().filter(|x| *x == l).count() > 1 {
+                format!("{l} (`{}`)", p.prune.map(|j| s.instances[j].name.as_str()).unwrap_or(""))
+            } else {
+                l.clone()
+            }
+        })
+        .collect()
+}
+
+fn sort_by_sparsity(s: &Session, v: &mut [Position]) {
+    v.sort_by(|a, b| {
+        let (x, y) = (sparsity_of(s, a).unwrap_or(f64::MAX), sparsity_of(s, b).unwrap_or(f64::MAX));
+        x.partial_cmp(&y).unwrap_or(std::cmp::Ordering::Equal)
+    });
+}
+
+fn ppl_notes(s: &Session, g: &PplGroup) -> Vec<String> {
+    vec![model_note(s, g.load), format!("perplexity: {}", g.protocol.describe())]
+}
+
+fn baseline_footnote(s: &Session, g: &PplGroup, base: Option<usize>) -> String {
+    let load = g.load.map(|l| s.instances[l].name.as_str()).unwrap_or("?");
+    match base {
+        Some(b) => format!(
+            "baseline: `{}`, the eval-ppl with this protocol on `{load}` with no prune or fine-tune in between; vs baseline = (ppl / baseline − 1) × 100.",
+            s.instances[b].name
+        ),
+        None => format!("no baseline: no eval-ppl with this protocol reads `{load}` unpruned and untuned."),
+    }
+}
+
+const TEXT_NOTE: &str = "text label: majority outcome of the `generate` on the same model (correct answers / prompts).";
+
+pub fn sweep_table(s: &Session, g: &PplGroup, n: usize) -> Table {
+    let mut t = Table::new(
+        format!("pruning-sweep#{n}"),
+        "Pruning sweep",
+        &[("sparsity", true), ("ppl", true), ("vs baseline (%)", true), ("text label", false)],
+    );
+    t.notes = ppl_notes(s, g);
+    let base = baseline(s, &position(s, g.evals[0]), &g.protocol).filter(|b| g.evals.contains(b));
+    let base_ppl = base.and_then(|b| ppl_of(&s.instances[b]));
+    if let Some(b) = base {
+        let inst = &s.instances[b];
+        t.push(vec!["0% (baseline)".into(), ppl_cell(inst), "—".into(), text_label(s, position(s, b).model)]);
+    }
+    let mut rows: Vec<(Position, usize)> =
+        g.evals.iter().map(|&i| (position(s, i), i)).filter(|(p, _)| p.prune.is_some()).collect();
+    rows.sort_by(|a, b| {
+        let (x, y) = (sparsity_of(s, &a.0).unwrap_or(f64::MAX), sparsity_of(s, &b.0).unwrap_or(f64::MAX));
+        x.partial_cmp(&y).unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let labels = unique_labels(s, &rows.iter().map(|r| r.0).collect::<Vec<_>>());
+    for ((p, i), label) in rows.iter().zip(labels) {
+        let inst = &s.instances[*i];
+        t.push(vec![label, ppl_cell(inst), vs(ppl_of(inst), base_ppl), text_label(s, p.model)]);
+    }
+    t.footnotes = vec![baseline_footnote(s, g, base), TEXT_NOTE.into()];
+    t
+}
+
+pub fn progressive_table(s: &Session, g: &PplGroup, n: usize) -> Table {
+    let mut t = Table::new(
+        format!("progressive#{n}"),
+        "Progressive pruning with fine-tuning",
+        &[
+            ("sparsity", true),
+            ("ppl before", true),
+            ("ppl after", true),
+            ("vs baseline (%)", true),
+            ("recovery (%)", true),
+            ("text label", false),
+        ],
+    );
+    t.notes = ppl_notes(s, g);
+    let base = baseline(s, &position(s, g.evals[0]), &g.protocol).filter(|b| g.evals.contains(b));
+    let base_inst = base.map(|b| &s.instances[b]);
+    let base_ppl = base_inst.and_then(ppl_of);
+    let base_cell = base_inst.map(ppl_cell).unwrap_or_else(|| "—".into());
+    if let Some(b) = base {
+        t.push(vec![
+            "0% (baseline)".into(),
+            base_cell.clone(),
+            "—".into(),
+            "—".into(),
+            "—".into(),
+            text_label(s, position(s, b).model),
+        ]);
+    }
+    let pos: Vec<(Position, usize)> = g.evals.iter().map(|&i| (position(s, i), i)).collect();
+    for (p, i) in pos.iter().filter(|(p, _)| p.prune.is_none() && p.tuned.is_some()) {
+        let inst = &s.instances[*i];
+        t.push(vec![
+            "0% (fine-tune control)".into(),
+            base_cell.clone(),
+            ppl_cell(inst),
+            vs(ppl_of(inst), base_ppl),
+            "—".into(),
+            text_label(s, p.model),
+        ]);
+    }
+    let mut prunes: Vec<Position> = Vec::new();
+    for (p, _) in &pos {
+        if p.prune.is_some() && !prunes.iter().any(|q| q.prune == p.prune) {
+            prunes.push(Position { tuned: None, model: p.prune, ..*p });
+        }
+    }
+    sort_by_sparsity(s, &mut prunes);
+    let labels = unique_labels(s, &prunes);
+    for (pr, label) in prunes.iter().zip(labels) {
+        let before = pos.iter().find(|(p, _)| p.prune == pr.prune && p.tuned.is_none());
+        let after = pos.iter().find(|(p, _)| p.prune == pr.prune && p.tuned.is_some());
+        let b = before.map(|(_, i)| &s.instances[*i]);
+        let a = after.map(|(_, i)| &s.instances[*i]);
+        let (bp, ap) = (b.and_then(ppl_of), a.and_then(ppl_of));
+        let recovery = match (bp, ap, base_ppl) {
+            (Some(bp), Some(ap), Some(base)) if bp > base => signed((bp - ap) / (bp - base) * 100.0),
+            _ => "—".into(),
+        };
+        let label_model = after.map(|(p, _)| p.model).or(before.map(|(p, _)| p.model)).flatten();
+        t.push(vec![
+            label,
+            b.map(ppl_cell).unwrap_or_else(|| "—".into()),
+            a.map(ppl_cell).unwrap_or_else(|| "—".into()),
+            vs(ap.or(if a.is_none() { bp } else { None }), base_ppl),
+            recovery,
+            text_label(s, label_model),
+        ]);
+    }
+    t.footnotes = vec![
+        "ppl before: the pruned model; ppl after: the same model after its fine-tune; vs baseline uses ppl after.".into(),
+        "recovery = (before − after) / (before − baseline) × 100: the share of the pruning damage the fine-tune recovered.".into(),
+        baseline_footnote(s, g, base),
+        TEXT_NOTE.into(),
+    ];
+    t
+}
+
+pub fn list_table(s: &Session, groups: &[&PplGroup]) -> Table {
+    let mut t = Table::new(
+        "perplexity",
+        "Perplexity",
+        &[
+            ("instance", false),
+            ("model", false),
+            ("protocol", false),
+            ("data", false),
+            ("seq_len", true),
+            ("BOS", false),
+            ("ppl", true),
+            ("bits/byte", true),
+            ("tokens", true),
+        ],
+    );
+    let mut loads: Vec<Option<usize>> = Vec::new();
+    for g in groups {
+        if !loads.contains(&g.load) {
+            loads.push(g.load);
+        }
+        for &i in &g.evals {
+            let inst = &s.instances[i];
+            let model = position(s, i).model.map(|m| describe_model(s, m)).unwrap_or_default();
+            t.push(vec![
+                inst.name.clone(),
+                model,
+                g.protocol.name.clone(),
+                g.protocol.data.clone(),
+                g.protocol.seq_len.clone(),
+                g.protocol.bos.clone(),
+                ppl_cell(inst),
+                inst.metric_f64("bits_per_byte").map(sig).unwrap_or_else(|| "—".into()),
+                cell(inst.metric("tokens")),
+            ]);
+        }
+    }
+    t.notes = loads.iter().map(|&l| model_note(s, l)).collect();
+    t.footnotes = vec![
+        "protocols: chunks = Wanda/SparseGPT windows, llama-cpp = second half of each chunk scored, rolling = strided (docs/data.md); bits/byte does not depend on the tokenizer."
+            .into(),
+    ];
+    t
+}
+
+fn is_intervention(inst: &Instance) -> bool {
+    inst.metrics.contains_key("intervention") || (!inst.has_metrics() && inst.params.contains_key("intervention"))
+}
+
+pub fn residual_table(s: &Session, i: usize) -> Table {
+    let inst = &s.instances[i];
+    let mut t = Table::new(
+        format!("residuals:{}", inst.name),
+        format!("Residual statistics — `{}`", inst.name),
+        &[
+            ("layer", true),
+            ("mean \\|c\\|", true),
+            ("% zeros", true),
+            ("max \\|c\\|", true),
+            ("correction ratio", true),
+            ("branching ratio", true),
+        ],
+    );
+    let p = position(s, i);
+    t.notes.push(model_note(s, p.load));
+    let what = p.model.map(|m| describe_model(s, m)).unwrap_or_default();
+    t.notes.push(format!(
+        "measured on {what}: {} windows, {} tokens",
+        cell(inst.metric("windows")),
+        cell(inst.metric("tokens"))
+    ));
+    let layers = inst.metric("layers").and_then(Json::as_array).cloned().unwrap_or_default();
+    if layers.is_empty() {
+        t.push(vec![inst.absent(), "—".into(), "—".into(), "—".into(), "—".into(), "—".into()]);
+    }
+    let f = |l: &Json, k: &str| l.get(k).and_then(Json::as_f64);
+    for (n, l) in layers.iter().enumerate() {
+        t.push(vec![
+            l.get("layer").and_then(Json::as_u64).unwrap_or(n as u64).to_string(),
+            f(l, "mean_abs_c").map(sig).unwrap_or_else(|| "—".into()),
+            f(l, "zero_fraction").map(pct_num).unwrap_or_else(|| "—".into()),
+            f(l, "max_abs_c").map(sig).unwrap_or_else(|| "—".into()),
+            f(l, "correction_ratio").map(sig).unwrap_or_else(|| "—".into()),
+            f(l, "branching_ratio").map(sig).unwrap_or_else(|| "—".into()),
+        ]);
+    }
+    t.footnotes = vec![
+        "c = h_out − h_in, the layer's correction to the residual stream; correction ratio = mean over tokens of ‖c‖/‖h_in‖; branching ratio = mean over tokens of ‖h_out‖/‖h_in‖ (1 = critical).".into(),
+    ];
+    t
+}
+
+/// `base`, or `level[sparsity=0.1].tuned (10% sparsity, fine-tuned)`.
+pub fn describe_model(s: &Session, m: usize) -> String {
+    let p = Position { model: Some(m), ..position_of_model(s, m) };
+    let mut what = Vec::new();
+    if p.prune.is_some() {
+        what.push(format!("{} sparsity", sparsity_label(s, &p)));
+    }
+    if p.tuned.is_some() {
+        what.push("fine-tuned".to_string());
+    }
+    if what.is_empty() {
+        format!("`{}`", s.instances[m].name)
+    } else {
+        format!("`{}` ({})", s.instances[m].name, what.join(", "))
+    }
+}
+
+/// The position of a model instance itself (as if something read it).
+fn position_of_model(s: &Session, m: usize) -> Position {
+    let mut p = Position { model: Some(m), ..Position::default() };
+    let mut chain = vec![m];
+    chain.extend(lineage::ancestry(s, m));
+    for &j in &chain {
+        match s.instances[j].kind.as_str() {
+            "finetune" if p.prune.is_none() && p.tuned.is_none() => p.tuned = Some(j),
+            "prune" if p.prune.is_none() => p.prune = Some(j),
+            "load" => p.load = Some(j),
+            _ => {}
+        }
+    }
+    p
+}
+
+pub fn intervention_tables(s: &Session, n0: usize) -> Vec<Table> {
+    // Group by (measured model, mode).
+    let mut groups: Vec<(Option<usize>, String, Vec<usize>)> = Vec::new();
+    for (i, inst) in s.of_kind("hook-residuals") {
+        if !is_intervention(inst) {
+            continue;
+        }
+        let model = position(s, i).model;
+        let mode = inst
+            .metric_str("intervention.mode")
+            .or_else(|| inst.params.get("intervention").and_then(|v| v.get("mode")).and_then(Json::as_str))
+            .unwrap_or("intervention")
+            .to_string();
+        match groups.iter_mut().find(|g| g.0 == model && g.1 == mode) {
+            Some(g) => g.2.push(i),
+            None => groups.push((model, mode, vec![i])),
+        }
+    }
+    let mut out = Vec::new();
+    for (k, (model, mode, mut members)) in groups.into_iter().enumerate() {
+        let value = |i: &usize| s.instances[*i].metric_f64("intervention.value").unwrap_or(f64::MAX);
+        members.sort_by(|a, b| value(a).partial_cmp(&value(b)).unwrap_or(std::cmp::Ordering::Equal));
+        let mut t = Table::new(
+            format!("interventions#{}", n0 + k),
+            format!("Interventions — {mode} on {}", model.map(|m| describe_model(s, m)).unwrap_or_default()),
+            &[
+                (mode.as_str(), true),
+                ("% zeroed", true),
+                ("ppl", true),
+                ("vs baseline (%)", true),
+                ("text label", false),
+            ],
+        );
+        let first = &s.instances[members[0]];
+        let pos = position(s, members[0]);
+        let proto = Protocol::of(first);
+        t.notes.push(model_note(s, pos.load));
+        if let Some(p) = &proto {
+            t.notes.push(format!("perplexity: {}", p.describe()));
+        }
+        // The baseline: the same model, same protocol, no intervention; else the unmodified load.
+        let same_model = proto.as_ref().and_then(|p| {
+            s.of_kind("eval-ppl")
+                .map(|(i, _)| i)
+                .find(|&i| position(s, i).model == model && Protocol::of(&s.instances[i]).as_ref() == Some(p))
+        });
+        let base = same_model.or_else(|| proto.as_ref().and_then(|p| baseline(s, &pos, p)));
+        let base_ppl = base.and_then(|b| ppl_of(&s.instances[b]));
+        if let Some(b) = base {
+            t.push(vec![
+                "none (baseline)".into(),
+                "0.00".into(),
+                ppl_cell(&s.instances[b]),
+                "—".into(),
+                text_label(s, position(s, b).model),
+            ]);
+        }
+        for i in &members {
+            let inst = &s.instances[*i];
+            let label = match inst.metric_str("label") {
+                Some(l) => {
+                    let c = inst.metric("counts.correct").and_then(Json::as_u64);
+                    let n = inst.metric("outputs").and_then(Json::as_array).map(|a| a.len());
+                    match (c, n) {
+                        (Some(c), Some(n)) => format!("{l} ({c}/{n})"),
+                        _ => l.to_string(),
+                    }
+                }
+                None => "—".into(),
+            };
+            t.push(vec![
+                inst.metric_f64("intervention.value").map(|v| v.to_string()).unwrap_or_else(|| inst.name.clone()),
+                inst.metric_f64("intervention.zeroed_fraction").map(pct_num).unwrap_or_else(|| inst.absent()),
+                ppl_cell(inst),
+                vs(ppl_of(inst), base_ppl),
+                label,
+            ]);
+        }
+        t.footnotes = vec![
+            match base {
+                Some(b) => format!(
+                    "baseline: `{}` (same model and protocol, no intervention); vs baseline = (ppl / baseline − 1) × 100.",
+                    s.instances[b].name
+                ),
+                None => "no baseline: no eval-ppl with this protocol on this model.".into(),
+            },
+            "% zeroed: share of residual corrections c set to zero by the intervention; text label: the intervention's own generations.".into(),
+        ];
+        out.push(t);
+    }
+    out
+}
+
+pub fn perturbation_table(s: &Session, i: usize) -> Table {
+    let inst = &s.instances[i];
+    let mut t = Table::new(
+        format!("perturbation:{}", inst.name),
+        format!("Perturbation growth — `{}`", inst.name),
+        &[("layer", true), ("δ", true), ("ln(δ_l / δ_l−1)", true)],
+    );
+    let p = position(s, i);
+    t.notes.push(model_note(s, p.load));
+    let g = |k: &str| inst.metric_f64(k).map(sig).unwrap_or_else(|| "—".into());
+    t.notes.push(format!(
+        "measured on {}: λ = {} per layer, amplification δ_L/δ_0 = {}, peak layer {}, mean branching ratio {} ({} without layer 0), eps {}",
+        p.model.map(|m| describe_model(s, m)).unwrap_or_default(),
+        g("lyapunov"),
+        g("amplification"),
+        cell(inst.metric("peak_layer")),
+        g("branching.mean"),
+        g("branching.mean_without_first"),
+        inst.metric_f64("eps").map(|v| v.to_string()).unwrap_or_else(|| "—".into()),
+    ));
+    let delta: Vec<f64> = inst
+        .metric("delta")
+        .and_then(Json::as_array)
+        .map(|a| a.iter().filter_map(Json::as_f64).collect())
+        .unwrap_or_default();
+    let local: Vec<f64> = inst
+        .metric("local_exponents")
+        .and_then(Json::as_array)
+        .map(|a| a.iter().filter_map(Json::as_f64).collect())
+        .unwrap_or_default();
+    if delta.is_empty() {
+        t.push(vec![inst.absent(), "—".into(), "—".into()]);
+    }
+    for (l, d) in delta.iter().enumerate() {
+        t.push(vec![
+            if l == 0 { "0 (embedding)".into() } else { l.to_string() },
+            sig(*d),
+            if l == 0 { "—".into() } else { local.get(l - 1).copied().map(sig).unwrap_or_else(|| "—".into()) },
+        ]);
+    }
+    t.footnotes = vec!["δ_l: mean relative deviation ‖h̃_l − h_l‖/‖h_l‖ after layer l from a perturbation of size eps at the embedding; λ = ln(δ_L/δ_0)/L.".into()];
+    t
+}
+
+pub fn finetune_table(s: &Session) -> Option<Table> {
+    let mut t = Table::new(
+        "finetune",
+        "Fine-tuning",
+        &[
+            ("instance", false),
+            ("model", false),
+            ("steps", true),
+            ("final loss", true),
+            ("tokens/s", true),
+            ("seconds", true),
+        ],
+    );
+    let mut loads = Vec::new();
+    for (i, inst) in s.of_kind("finetune") {
+        let p = position(s, i);
+        if !loads.contains(&p.load) {
+            loads.push(p.load);
+        }
+        t.push(vec![
+            inst.name.clone(),
+            p.model.map(|m| describe_model(s, m)).unwrap_or_default(),
+            cell(inst.metric("steps")),
+            inst.metric_f64("final_loss").map(sig).unwrap_or_else(|| inst.absent()),
+            inst.metric_f64("tokens_per_second").map(|x| format!("{x:.0}")).unwrap_or_else(|| "—".into()),
+            inst.metric_f64("seconds").map(|x| format!("{x:.1}")).unwrap_or_else(|| "—".into()),
+        ]);
+    }
+    t.notes = loads.iter().map(|&l| model_note(s, l)).collect();
+    (!t.rows.is_empty()).then_some(t)
+}
+
+pub fn text_table(s: &Session) -> Option<Table> {
+    let mut t = Table::new(
+        "text",
+        "Fact prompts",
+        &[
+            ("instance", false),
+            ("model", false),
+            ("correct", true),
+            ("wrong", true),
+            ("repetitive", true),
+            ("unscored", true),
+            ("accuracy", true),
+            ("label", false),
+        ],
+    );
+    let mut loads = Vec::new();
+    for (i, inst) in s.of_kind("generate") {
+        let p = position(s, i);
+        if !loads.contains(&p.load) {
+            loads.push(p.load);
+        }
+        let c = |k: &str| cell(inst.metric(&format!("counts.{k}")));
+        t.push(vec![
+            inst.name.clone(),
+            p.model.map(|m| describe_model(s, m)).unwrap_or_default(),
+            c("correct"),
+            c("wrong"),
+            c("repetitive"),
+            c("unscored"),
+            inst.metric_f64("accuracy").map(pct).unwrap_or_else(|| "—".into()),
+            inst.metric_str("label").map(str::to_string).unwrap_or_else(|| inst.absent()),
+        ]);
+    }
+    t.notes = loads.iter().map(|&l| model_note(s, l)).collect();
+    t.footnotes = vec!["label: majority outcome (correct if at least half the scored answers are; repetitive if at least half the outputs loop).".into()];
+    (!t.rows.is_empty()).then_some(t)
+}
+
+pub fn models_table(s: &Session) -> Option<Table> {
+    let mut t = Table::new(
+        "models",
+        "Models",
+        &[
+            ("instance", false),
+            ("key", false),
+            ("model", false),
+            ("arch", false),
+            ("parameters", true),
+            ("layers", true),
+            ("hidden", true),
+            ("dtype", false),
+            ("quantization", false),
+            ("ternary zeros", true),
+        ],
+    );
+    for (_, inst) in s.of_kind("load") {
+        let model = match inst.params.get("model") {
+            Some(Json::String(m)) => m.clone(),
+            Some(Json::Object(o)) if o.contains_key("random") => "random init".into(),
+            Some(other) => other.to_string(),
+            None => "—".into(),
+        };
+        t.push(vec![
+            inst.name.clone(),
+            short(&inst.key).to_string(),
+            model,
+            cell(inst.metric("arch")),
+            cell(inst.metric("parameters")),
+            cell(inst.metric("layers")),
+            cell(inst.metric("hidden_size")),
+            inst.metric_str("dtype").map(str::to_string).unwrap_or_else(|| cell(inst.params.get("dtype"))),
+            inst.metric_str("quantization").map(str::to_string).unwrap_or_else(|| inst.absent()),
+            inst.metric_f64("ternary_zero_fraction").map(pct_num).unwrap_or_else(|| "—".into()),
+        ]);
+    }
+    t.notes = vec![format!("device {}", if s.device.is_empty() { "?" } else { &s.device })];
+    t.footnotes = vec!["ternary zeros: % of the quantised weights that are 0 before any pruning.".into()];
+    (!t.rows.is_empty()).then_some(t)
+}
+
+/// Every table of a session, the main one first.
+pub fn tables(s: &Session) -> Vec<Table> {
+    let groups = ppl_groups(s);
+    let mut progressive = Vec::new();
+    let mut sweeps = Vec::new();
+    let mut listed = Vec::new();
+    for g in &groups {
+        match shape_of(s, g) {
+            Shape::Progressive => progressive.push(progressive_table(s, g, progressive.len() + 1)),
+            Shape::Sweep => sweeps.push(sweep_table(s, g, sweeps.len() + 1)),
+            Shape::List => listed.push(g),
+        }
+    }
+    let mut out = progressive;
+    out.extend(sweeps);
+    out.extend(intervention_tables(s, 1));
+    for (i, inst) in s.of_kind("hook-residuals") {
+        if !is_intervention(inst) {
+            out.push(residual_table(s, i));
+        }
+    }
+    for (i, _) in s.of_kind("perturb") {
+        out.push(perturbation_table(s, i));
+    }
+    if !listed.is_empty() {
+        out.push(list_table(s, &listed));
+    }
+    out.extend(finetune_table(s));
+    out.extend(text_table(s));
+    out.extend(models_table(s));
+    out
+}

@@ -1,0 +1,152 @@
+//! Where a measurement sits in the graph: which model it measured, that model's root `load`, the
+//! nearest `prune` above it and whether a `finetune` came after that prune. Rows of the tables
+//! and "the baseline" are decided from these positions (docs/report.md).
+
+use serde_json::Value as Json;
+
+use super::session::{Instance, Session};
+
+/// The model an instance measured, described by its ancestry (indices into `Session::instances`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Position {
+    /// The instance whose model was measured (the target of the `input` slot).
+    pub model: Option<usize>,
+    /// The `load` at the root of the chain.
+    pub load: Option<usize>,
+    /// The nearest `prune` above the measured model.
+    pub prune: Option<usize>,
+    /// The nearest `finetune` between the measured model and that prune (or the load).
+    pub tuned: Option<usize>,
+}
+
+impl Position {
+    /// Unmodified: neither pruned nor fine-tuned (a baseline candidate).
+    pub fn is_base(&self) -> bool {
+        self.prune.is_none() && self.tuned.is_none()
+    }
+}
+
+/// The slot that carries the model: `input`, else the first slot.
+pub fn model_slot(inst: &Instance) -> Option<&str> {
+    inst.input("input").or_else(|| inst.inputs.first().map(|(_, n)| n.as_str()))
+}
+
+/// The chain of models above instance `i`: the model it reads, that model's input, … up to a
+/// stage without inputs.
+pub fn ancestry(s: &Session, i: usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut cur = model_slot(&s.instances[i]).and_then(|n| s.index_of(n));
+    while let Some(j) = cur {
+        if out.contains(&j) || out.len() > s.instances.len() {
+            break;
+        }
+        out.push(j);
+        cur = model_slot(&s.instances[j]).and_then(|n| s.index_of(n));
+    }
+    out
+}
+
+pub fn position(s: &Session, i: usize) -> Position {
+    let chain = ancestry(s, i);
+    let mut p = Position { model: chain.first().copied(), ..Position::default() };
+    for &j in &chain {
+        match s.instances[j].kind.as_str() {
+            "finetune" if p.prune.is_none() && p.tuned.is_none() => p.tuned = Some(j),
+            "prune" if p.prune.is_none() => p.prune = Some(j),
+            "load" => p.load = Some(j),
+            _ => {}
+        }
+    }
+    p
+}
+
+/// The sparsity a prune instance aimed at (its parameter; the metric or sweep value otherwise).
+pub fn target_sparsity(inst: &Instance) -> Option<f64> {
+    inst.param_f64("sparsity")
+        .or_else(|| inst.metric_f64("target_sparsity"))
+        .or_else(|| inst.sweep.as_ref().and_then(|sw| sw.values.get("sparsity")).and_then(Json::as_f64))
+}
+
+/// Target sparsity of a position: 0 for an unpruned model.
+pub fn sparsity_of(s: &Session, p: &Position) -> Option<f64> {
+    match p.prune {
+        None => Some(0.0),
+        Some(j) => target_sparsity(&s.instances[j]),
+    }
+}
+
+/// The perplexity protocol of an `eval-ppl` (or an intervention that reports perplexity): the
+/// parameters that change the number. Read from the parameters (known before running) with the
+/// metrics' `protocol` object as a fallback.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Protocol {
+    pub name: String,
+    pub data: String,
+    pub seq_len: String,
+    pub stride: String,
+    pub bos: String,
+    pub max_windows: String,
+}
+
+fn text(v: Option<&Json>) -> String {
+    match v {
+        None | Some(Json::Null) => String::new(),
+        Some(Json::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+impl Protocol {
+    pub fn of(inst: &Instance) -> Option<Protocol> {
+        let from_params = ["protocol", "data", "seq_len"].iter().any(|k| inst.params.contains_key(*k));
+        let get = |param: &str, metric: &str| -> String {
+            if from_params {
+                text(inst.params.get(param))
+            } else {
+                text(inst.metric(&format!("protocol.{metric}")))
+            }
+        };
+        if !from_params && inst.metric("protocol").is_none() {
+            return None;
+        }
+        Some(Protocol {
+            name: get("protocol", "name"),
+            data: get("data", "data"),
+            seq_len: get("seq_len", "seq_len"),
+            stride: get("stride", "stride"),
+            bos: get("bos", "bos"),
+            max_windows: get("max_windows", "max_windows"),
+        })
+    }
+
+    /// `chunks, synthetic:facts:test, seq_len 64, BOS stream-start, first 16 windows`.
+    pub fn describe(&self) -> String {
+        let mut s = format!("{}, {}, seq_len {}", self.name, self.data, self.seq_len);
+        if !self.stride.is_empty() {
+            s.push_str(&format!(", stride {}", self.stride));
+        }
+        if !self.bos.is_empty() {
+            s.push_str(&format!(", BOS {}", self.bos));
+        }
+        if !self.max_windows.is_empty() {
+            s.push_str(&format!(", first {} windows", self.max_windows));
+        }
+        s
+    }
+}
+
+/// The baseline of a perplexity measured at `pos` under `proto`: the first `eval-ppl` with the
+/// same protocol whose model is the same `load` with no prune or fine-tune in between.
+pub fn baseline(s: &Session, pos: &Position, proto: &Protocol) -> Option<usize> {
+    s.of_kind("eval-ppl").map(|(i, _)| i).find(|&i| {
+        let p = position(s, i);
+        p.is_base() && p.load == pos.load && Protocol::of(&s.instances[i]).as_ref() == Some(proto)
+    })
+}
+
+/// The first instance of `kind` that measured exactly the model `model` (e.g. the `generate`
+/// beside an `eval-ppl`).
+pub fn sibling(s: &Session, kind: &str, model: Option<usize>) -> Option<usize> {
+    let model = model?;
+    s.of_kind(kind).map(|(i, _)| i).find(|&i| model_slot(&s.instances[i]).and_then(|n| s.index_of(n)) == Some(model))
+}

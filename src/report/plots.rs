@@ -1,0 +1,469 @@
+//! Plots (plotters): perplexity vs sparsity, per-layer correction/branching ratios, perturbation
+//! growth δ per layer, fine-tune loss curves. Each is written as SVG and PNG. Text needs a
+//! TrueType font found at run time (`RPT_FONT`, else common system paths): without one the SVG is
+//! drawn without text and the PNG is skipped, and the report says why.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use serde_json::Value as Json;
+
+use super::build::{ppl_groups, shape_of, Shape};
+use super::lineage::{baseline, position, sparsity_of};
+use super::session::Session;
+use super::table::pct;
+
+pub const WIDTH: u32 = 1000;
+pub const HEIGHT: u32 = 640;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Style {
+    /// A line through the points, with markers.
+    Line,
+    /// Markers only.
+    Points,
+    /// A horizontal reference line at the first point's y across the plot.
+    Reference,
+}
+
+#[derive(Clone, Debug)]
+pub struct Series {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+    pub style: Style,
+}
+
+#[derive(Clone, Debug)]
+pub struct Plot {
+    /// File suffix: `<stem>.<name>.svg`.
+    pub name: String,
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub log_y: bool,
+    /// Legend in the upper left (else upper right) corner: where the data usually is not.
+    pub legend_left: bool,
+    pub series: Vec<Series>,
+}
+
+/// What was written for one plot.
+#[derive(Clone, Debug)]
+pub struct Written {
+    pub plot: String,
+    pub title: String,
+    pub svg: PathBuf,
+    pub png: Option<PathBuf>,
+    /// Why the PNG (or the text) is missing.
+    pub note: Option<String>,
+}
+
+const COLORS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
+];
+/// Reference lines (baselines, criticality) in greys, one shade per line.
+const REFERENCE: [RGBColor; 4] =
+    [RGBColor(110, 110, 110), RGBColor(165, 165, 165), RGBColor(60, 60, 60), RGBColor(195, 195, 195)];
+
+/// Registers a TrueType font for plot text once; Err says why there is none.
+pub fn font() -> Result<&'static str, &'static str> {
+    static FONT: OnceLock<Result<String, String>> = OnceLock::new();
+    let r = FONT.get_or_init(|| {
+        let mut candidates: Vec<PathBuf> = Vec::new();
+        if let Some(p) = std::env::var_os("RPT_FONT") {
+            candidates.push(p.into());
+        }
+        for p in [
+            "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+            "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+            "/usr/share/fonts/TTF/DejaVuSans.ttf",
+            "/usr/share/fonts/dejavu-sans-fonts/DejaVuSans.ttf",
+            "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+            "/usr/share/fonts/liberation-sans/LiberationSans-Regular.ttf",
+            "/System/Library/Fonts/Supplemental/Arial.ttf",
+            "/Library/Fonts/Arial.ttf",
+            "C:\\Windows\\Fonts\\arial.ttf",
+        ] {
+            candidates.push(p.into());
+        }
+        for p in &candidates {
+            if let Ok(bytes) = std::fs::read(p) {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                    return Ok(p.display().to_string());
+                }
+            }
+        }
+        Err("no TrueType font found (set RPT_FONT=/path/to/font.ttf, e.g. DejaVuSans.ttf)".to_string())
+    });
+    match r {
+        Ok(p) => Ok(p.as_str()),
+        Err(e) => Err(e.as_str()),
+    }
+}
+
+fn bounds(points: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
+    points.filter(|v| v.is_finite()).fold(None, |acc, v| match acc {
+        None => Some((v, v)),
+        Some((lo, hi)) => Some((lo.min(v), hi.max(v))),
+    })
+}
+
+fn x_range(plot: &Plot) -> Range<f64> {
+    let data = plot.series.iter().filter(|s| s.style != Style::Reference).flat_map(|s| s.points.iter().map(|p| p.0));
+    let (lo, hi) = bounds(data).unwrap_or((0.0, 1.0));
+    let pad = if hi > lo { (hi - lo) * 0.04 } else { 1.0 };
+    (lo - pad)..(hi + pad)
+}
+
+fn y_bounds(plot: &Plot) -> (f64, f64) {
+    let (lo, hi) = bounds(plot.series.iter().flat_map(|s| s.points.iter().map(|p| p.1))).unwrap_or((0.0, 1.0));
+    if plot.log_y {
+        // Whole decades: plotters' log axis places its key points cleanly only on those.
+        (10f64.powf(lo.log10().floor()) * 0.999, 10f64.powf(hi.log10().ceil()) * 1.001)
+    } else {
+        let pad = if hi > lo { (hi - lo) * 0.08 } else { lo.abs().max(1.0) * 0.1 };
+        (lo - pad, hi + pad)
+    }
+}
+
+macro_rules! t {
+    ($e:expr) => {
+        $e.map_err(|e| e.to_string())?
+    };
+}
+
+fn draw<DB: DrawingBackend, Y>(root: &DrawingArea<DB, Shift>, plot: &Plot, text: bool, y: Y) -> Result<(), String>
+where
+    Y: AsRangedCoord<Value = f64>,
+    Y::CoordDescType: ValueFormatter<f64>,
+{
+    t!(root.fill(&WHITE));
+    let xr = x_range(plot);
+    let mut builder = ChartBuilder::on(root);
+    builder.margin(18);
+    if text {
+        builder.caption(&plot.title, ("sans-serif", 24)).x_label_area_size(56).y_label_area_size(84);
+    }
+    let mut chart = t!(builder.build_cartesian_2d(xr.clone(), y));
+    if text {
+        let integer_x = plot.series.iter().all(|s| s.points.iter().all(|p| p.0.fract() == 0.0));
+        let x_fmt = move |v: &f64| {
+            if !integer_x {
+                super::table::sig(*v).trim_end_matches('0').trim_end_matches('.').to_string()
+            } else if (v - v.round()).abs() < 1e-9 {
+                format!("{:.0}", v)
+            } else {
+                String::new()
+            }
+        };
+        let y_fmt = |v: &f64| {
+            let t = super::table::sig(*v);
+            if t.contains('.') && !t.contains('e') {
+                t.trim_end_matches('0').trim_end_matches('.').to_string()
+            } else {
+                t
+            }
+        };
+        t!(chart
+            .configure_mesh()
+            .y_labels(if plot.log_y { 20 } else { 10 })
+            .x_label_formatter(&x_fmt)
+            .y_label_formatter(&y_fmt)
+            .x_desc(&plot.x_label)
+            .y_desc(&plot.y_label)
+            .label_style(("sans-serif", 16))
+            .axis_desc_style(("sans-serif", 18))
+            // plotters crowds a log axis with light lines near each decade: leave them out there.
+            .light_line_style(if plot.log_y { WHITE } else { RGBColor(235, 235, 235) })
+            .draw());
+    } else {
+        t!(chart.configure_mesh().x_labels(0).y_labels(0).light_line_style(RGBColor(235, 235, 235)).draw());
+    }
+    let mut colors = COLORS.iter().cycle();
+    let mut greys = REFERENCE.iter().cycle();
+    for s in &plot.series {
+        let (color, points) = match s.style {
+            Style::Reference => {
+                let y = s.points.first().map(|p| p.1).unwrap_or(f64::NAN);
+                (*greys.next().unwrap_or(&REFERENCE[0]), vec![(xr.start, y), (xr.end, y)])
+            }
+            _ => (*colors.next().unwrap_or(&COLORS[0]), s.points.clone()),
+        };
+        let stroke = color.stroke_width(if s.style == Style::Reference { 2 } else { 3 });
+        let anno = match s.style {
+            Style::Points => {
+                t!(chart.draw_series(points.iter().map(|&p| Circle::new(p, 7, color.filled()))))
+            }
+            _ => {
+                if s.style == Style::Line {
+                    t!(chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled()))));
+                }
+                t!(chart.draw_series(LineSeries::new(points.clone(), stroke)))
+            }
+        };
+        if text {
+            if s.style == Style::Points {
+                anno.label(&s.label).legend(move |(x, y)| Circle::new((x + 10, y), 6, color.filled()));
+            } else {
+                anno.label(&s.label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], stroke));
+            }
+        }
+    }
+    if text && !plot.series.is_empty() {
+        t!(chart
+            .configure_series_labels()
+            .position(if plot.legend_left { SeriesLabelPosition::UpperLeft } else { SeriesLabelPosition::UpperRight })
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 16))
+            .draw());
+    }
+    t!(root.present());
+    Ok(())
+}
+
+fn draw_any<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, plot: &Plot, text: bool) -> Result<(), String> {
+    let (lo, hi) = y_bounds(plot);
+    if plot.log_y {
+        draw(root, plot, text, (lo..hi).log_scale())
+    } else {
+        draw(root, plot, text, lo..hi)
+    }
+}
+
+/// The SVG document of a plot (`text: false`, or no font, draws lines and markers only).
+pub fn svg(plot: &Plot, text: bool) -> Result<String, String> {
+    let text = text && font().is_ok();
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, (WIDTH, HEIGHT)).into_drawing_area();
+        draw_any(&root, plot, text)?;
+    }
+    Ok(out)
+}
+
+/// PNG bytes of a plot (needs the font).
+pub fn png(plot: &Plot) -> Result<Vec<u8>, String> {
+    font()?;
+    let mut rgb = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (WIDTH, HEIGHT)).into_drawing_area();
+        draw_any(&root, plot, true)?;
+    }
+    let mut bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut bytes, WIDTH, HEIGHT);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header().map_err(|e| e.to_string())?;
+        w.write_image_data(&rgb).map_err(|e| e.to_string())?;
+    }
+    Ok(bytes)
+}
+
+/// Writes `<dir>/<stem>.<plot>.svg` and `.png`.
+pub fn write(plot: &Plot, dir: &Path, stem: &str) -> anyhow::Result<Written> {
+    let svg_path = dir.join(format!("{stem}.{}.svg", plot.name));
+    let png_path = dir.join(format!("{stem}.{}.png", plot.name));
+    let mut written =
+        Written { plot: plot.name.clone(), title: plot.title.clone(), svg: svg_path.clone(), png: None, note: None };
+    match font() {
+        Ok(_) => {
+            std::fs::write(&svg_path, svg(plot, true).map_err(anyhow::Error::msg)?)?;
+            std::fs::write(&png_path, png(plot).map_err(anyhow::Error::msg)?)?;
+            written.png = Some(png_path);
+        }
+        Err(why) => {
+            std::fs::write(&svg_path, svg(plot, false).map_err(anyhow::Error::msg)?)?;
+            written.note = Some(format!("PNG not written and SVG without text: {why}"));
+        }
+    }
+    Ok(written)
+}
+
+fn spread_is_wide(points: &[(f64, f64)]) -> bool {
+    match bounds(points.iter().map(|p| p.1)) {
+        Some((lo, hi)) => lo > 0.0 && hi / lo > 20.0,
+        None => false,
+    }
+}
+
+/// The plots a session supports, in a fixed order.
+pub fn plots(s: &Session) -> Vec<Plot> {
+    let mut out = Vec::new();
+    out.extend(ppl_plot(s));
+    out.extend(residual_plot(s));
+    out.extend(delta_plot(s));
+    out.extend(loss_plot(s));
+    out
+}
+
+fn ppl_plot(s: &Session) -> Option<Plot> {
+    let groups = ppl_groups(s);
+    let g = groups.iter().find(|g| shape_of(s, g) != Shape::List)?;
+    let progressive = shape_of(s, g) == Shape::Progressive;
+    let base = baseline(s, &position(s, g.evals[0]), &g.protocol).filter(|b| g.evals.contains(b));
+    let base_ppl = base.and_then(|b| s.instances[b].metric_f64("ppl"));
+    let mut before = Vec::new();
+    let mut after = Vec::new();
+    let mut control = Vec::new();
+    if let Some(b) = base_ppl {
+        before.push((0.0, b));
+    }
+    for &i in &g.evals {
+        let p = position(s, i);
+        let (Some(v), Some(sp)) = (s.instances[i].metric_f64("ppl"), sparsity_of(s, &p)) else { continue };
+        match (p.prune.is_some(), p.tuned.is_some()) {
+            (true, false) => before.push((sp * 100.0, v)),
+            (true, true) => after.push((sp * 100.0, v)),
+            (false, true) => control.push((0.0, v)),
+            _ => {}
+        }
+    }
+    let by_x = |v: &mut Vec<(f64, f64)>| v.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
+    by_x(&mut before);
+    by_x(&mut after);
+    let mut series = Vec::new();
+    let label = if progressive { "pruned, before fine-tune" } else { "pruned" };
+    if !before.is_empty() {
+        series.push(Series { label: label.into(), points: before, style: Style::Line });
+    }
+    if !after.is_empty() {
+        series.push(Series { label: "after fine-tune".into(), points: after, style: Style::Line });
+    }
+    if !control.is_empty() {
+        series.push(Series { label: "0% fine-tune control".into(), points: control, style: Style::Points });
+    }
+    if let Some(b) = base_ppl {
+        series.push(Series { label: "baseline (unpruned)".into(), points: vec![(0.0, b)], style: Style::Reference });
+    }
+    if series.iter().all(|s| s.style == Style::Reference) {
+        return None;
+    }
+    let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.clone()).collect();
+    let p = &g.protocol;
+    Some(Plot {
+        name: "ppl-vs-sparsity".into(),
+        title: format!("Perplexity vs sparsity ({}, {})", p.data, s.device),
+        x_label: "sparsity (% of weights pruned)".into(),
+        y_label: format!("perplexity ({}, seq_len {})", p.name, p.seq_len),
+        log_y: spread_is_wide(&all),
+        legend_left: true,
+        series,
+    })
+}
+
+fn layer_values(inst: &super::session::Instance, key: &str) -> Vec<(f64, f64)> {
+    let layers = inst.metric("layers").and_then(Json::as_array).cloned().unwrap_or_default();
+    layers
+        .iter()
+        .enumerate()
+        .filter_map(|(n, l)| {
+            let x = l.get("layer").and_then(Json::as_f64).unwrap_or(n as f64);
+            l.get(key).and_then(Json::as_f64).map(|y| (x, y))
+        })
+        .collect()
+}
+
+fn residual_plot(s: &Session) -> Option<Plot> {
+    let insts: Vec<_> = s
+        .of_kind("hook-residuals")
+        .filter(|(_, i)| !i.metrics.contains_key("intervention") && i.metric("layers").is_some())
+        .map(|(_, i)| i)
+        .collect();
+    if insts.is_empty() {
+        return None;
+    }
+    let mut series = Vec::new();
+    for inst in &insts {
+        let suffix = if insts.len() > 1 { format!(" — {}", inst.name) } else { String::new() };
+        series.push(Series {
+            label: format!("correction ratio ‖c‖/‖h_in‖{suffix}"),
+            points: layer_values(inst, "correction_ratio"),
+            style: Style::Line,
+        });
+        series.push(Series {
+            label: format!("branching ratio ‖h_out‖/‖h_in‖{suffix}"),
+            points: layer_values(inst, "branching_ratio"),
+            style: Style::Line,
+        });
+    }
+    series.push(Series { label: "critical (1)".into(), points: vec![(0.0, 1.0)], style: Style::Reference });
+    Some(Plot {
+        name: "residual-ratios".into(),
+        title: format!("Residual stream per layer ({})", s.device),
+        x_label: "layer".into(),
+        y_label: "ratio (dimensionless)".into(),
+        log_y: false,
+        legend_left: false,
+        series,
+    })
+}
+
+fn delta_plot(s: &Session) -> Option<Plot> {
+    let mut series = Vec::new();
+    for (_, inst) in s.of_kind("perturb") {
+        let Some(d) = inst.metric("delta").and_then(Json::as_array) else { continue };
+        let points: Vec<(f64, f64)> =
+            d.iter().enumerate().filter_map(|(l, v)| v.as_f64().map(|v| (l as f64, v))).collect();
+        let lambda = inst.metric_f64("lyapunov").map(|l| format!(" (λ = {l:.3})")).unwrap_or_default();
+        series.push(Series { label: format!("{}{lambda}", inst.name), points, style: Style::Line });
+    }
+    if series.is_empty() {
+        return None;
+    }
+    let positive = series.iter().all(|s| s.points.iter().all(|p| p.1 > 0.0));
+    Some(Plot {
+        name: "perturbation-delta".into(),
+        title: format!("Perturbation growth through the layers ({})", s.device),
+        x_label: "layer (0 = embedding output)".into(),
+        y_label: "relative deviation δ (log scale)".replace(" (log scale)", if positive { " (log scale)" } else { "" }),
+        log_y: positive,
+        legend_left: true,
+        series,
+    })
+}
+
+fn loss_plot(s: &Session) -> Option<Plot> {
+    let mut series = Vec::new();
+    for (i, inst) in s.of_kind("finetune") {
+        let Some(l) = inst.metric("loss").and_then(Json::as_array) else { continue };
+        let points: Vec<(f64, f64)> = l
+            .iter()
+            .filter_map(|pair| {
+                // [step, loss] pairs, or {step, loss} objects.
+                let step = pair.get(0).or_else(|| pair.get("step"))?.as_f64()?;
+                Some((step, pair.get(1).or_else(|| pair.get("loss"))?.as_f64()?))
+            })
+            .collect();
+        let p = position(s, i);
+        let label = match p.prune {
+            Some(_) => format!("{} sparsity", sparsity_of(s, &p).map(pct).unwrap_or_else(|| inst.name.clone())),
+            None => "0% (control)".into(),
+        };
+        series.push(Series { label, points, style: Style::Line });
+    }
+    if series.is_empty() {
+        return None;
+    }
+    Some(Plot {
+        name: "finetune-loss".into(),
+        title: format!("Fine-tune loss per level ({})", s.device),
+        x_label: "step".into(),
+        y_label: "training loss (cross-entropy, nats/token)".into(),
+        log_y: false,
+        legend_left: false,
+        series,
+    })
+}
