@@ -193,6 +193,10 @@ impl Model {
     pub fn named_parameters(&self) -> Vec<(String, Var)> {
         self.weight_cache.store(false, Ordering::Relaxed);
         self.invalidate_all();
+        self.collect_parameters()
+    }
+
+    fn collect_parameters(&self) -> Vec<(String, Var)> {
         let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
         for (l, b) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}.");
@@ -241,7 +245,7 @@ impl Model {
     /// (packed projections as `u8` codes + `weight_scale`).
     pub fn state_dict(&self) -> anyhow::Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
-        for (name, var) in self.named_parameters_no_side_effects() {
+        for (name, var) in self.collect_parameters() {
             out.insert(name, var.as_detached_tensor());
         }
         for (l, b) in self.layers.iter().enumerate() {
@@ -255,13 +259,6 @@ impl Model {
             }
         }
         Ok(out)
-    }
-
-    fn named_parameters_no_side_effects(&self) -> Vec<(String, Var)> {
-        let was = self.weight_cache.load(Ordering::Relaxed);
-        let v = self.named_parameters();
-        self.weight_cache.store(was, Ordering::Relaxed);
-        v
     }
 }
 
