@@ -7,6 +7,7 @@
 pub mod analysis;
 pub mod cache;
 pub mod cli;
+pub mod data;
 pub mod exec;
 pub mod model;
 pub mod plan;

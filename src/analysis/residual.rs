@@ -10,6 +10,7 @@
 //! - `branching_ratio`: mean over tokens of ‖h_out‖/‖h_in‖; `branching_ratio_of_means`:
 //!   mean‖h_out‖ / mean‖h_in‖;
 //! - `mean_norm_in`, `mean_norm_out`: mean per-token norms.
+//!
 //! Tokens with ‖h_in‖ = 0 are left out of the per-token ratios (counted in `skipped_tokens`).
 
 use serde::Serialize;

@@ -28,8 +28,7 @@ pub(super) fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let manifest =
-        serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
+    let manifest = serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
     Ok(Some(manifest))
 }
 
@@ -45,12 +44,7 @@ pub(super) fn summarize(dir: &Path, manifest: Manifest) -> EntrySummary {
         Some(lu) => (lu.unix, lu.pipeline),
         None => (manifest.created, manifest.pipeline.clone()),
     };
-    EntrySummary {
-        manifest,
-        bytes,
-        last_used,
-        last_pipeline,
-    }
+    EntrySummary { manifest, bytes, last_used, last_pipeline }
 }
 
 /// Every `<root>/<2 hex>/<key>` directory (committed or not), sorted by key. Names that are not
@@ -78,10 +72,7 @@ pub(super) fn scan_entry_dirs(root: &Path) -> Result<Vec<(Key, PathBuf)>> {
 
 /// Two lowercase hex digits.
 pub(super) fn is_shard_name(name: &str) -> bool {
-    name.len() == 2
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    name.len() == 2 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 pub(super) fn entries(cache: &Cache) -> Result<Vec<EntrySummary>> {
@@ -103,12 +94,7 @@ pub(super) fn begin(cache: &Cache, key: &Key) -> Result<PendingEntry> {
     let hex = key.to_hex();
     let pid = std::process::id();
     let tmp = fsutil::create_unique_dir(&tmp_root, |n| format!("{hex}.{pid}.{n}"))?;
-    Ok(PendingEntry {
-        key: *key,
-        root: cache.root.clone(),
-        tmp,
-        done: false,
-    })
+    Ok(PendingEntry { key: *key, root: cache.root.clone(), tmp, done: false })
 }
 
 /// Hashes every file the stage wrote. Only regular files are allowed; the names of the
@@ -117,20 +103,13 @@ fn hash_files(dir: &Path) -> Result<Vec<FileRecord>> {
     let mut records = Vec::new();
     for f in fsutil::walk_files(dir)? {
         if !f.regular {
-            bail!(
-                "{} is not a regular file (symlinks and special files cannot be cached)",
-                f.path.display()
-            );
+            bail!("{} is not a regular file (symlinks and special files cannot be cached)", f.path.display());
         }
         if f.rel == MANIFEST || f.rel == LAST_USED {
             bail!("{} is a reserved name in a cache entry", f.path.display());
         }
         let (size, blake3) = fsutil::hash_file(&f.path)?;
-        records.push(FileRecord {
-            path: f.rel,
-            size,
-            blake3,
-        });
+        records.push(FileRecord { path: f.rel, size, blake3 });
     }
     Ok(records)
 }
@@ -163,10 +142,7 @@ pub(super) fn commit(pending: &mut PendingEntry, info: EntryInfo) -> Result<Mani
     fsutil::write_synced(&pending.tmp.join(MANIFEST), &json)?;
     fsutil::sync_tree(&pending.tmp)?;
 
-    let shard = final_dir
-        .parent()
-        .expect("entry dir has a parent")
-        .to_path_buf();
+    let shard = final_dir.parent().expect("entry dir has a parent").to_path_buf();
     if !shard.exists() {
         fsutil::create_dir_all(&shard)?;
         fsutil::sync_dir(&cache.root)?;
@@ -189,13 +165,8 @@ pub(super) fn commit(pending: &mut PendingEntry, info: EntryInfo) -> Result<Mani
                     fsutil::remove_via_tmp(&cache.root, &final_dir, &key, "debris")?;
                     continue;
                 }
-                return Err(e).with_context(|| {
-                    format!(
-                        "renaming {} to {}",
-                        pending.tmp.display(),
-                        final_dir.display()
-                    )
-                });
+                return Err(e)
+                    .with_context(|| format!("renaming {} to {}", pending.tmp.display(), final_dir.display()));
             }
         }
     }
@@ -209,22 +180,13 @@ pub(super) fn touch(cache: &Cache, key: &Key, pipeline: &str) -> Result<()> {
     }
     let tmp_root = cache.root.join(TMP);
     fsutil::create_dir_all(&tmp_root)?;
-    let tmp = tmp_root.join(format!(
-        "{}.{}.{}.last-used",
-        key.to_hex(),
-        std::process::id(),
-        fsutil::nonce()
-    ));
-    let json = serde_json::to_vec_pretty(&LastUsed {
-        pipeline: pipeline.to_string(),
-        unix: fsutil::now_unix(),
-    })?;
+    let tmp = tmp_root.join(format!("{}.{}.{}.last-used", key.to_hex(), std::process::id(), fsutil::nonce()));
+    let json = serde_json::to_vec_pretty(&LastUsed { pipeline: pipeline.to_string(), unix: fsutil::now_unix() })?;
     fsutil::write_synced(&tmp, &json)?;
     let target = dir.join(LAST_USED);
     if let Err(e) = fs::rename(&tmp, &target) {
         let _ = fs::remove_file(&tmp);
-        return Err(e)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), target.display()));
+        return Err(e).with_context(|| format!("renaming {} to {}", tmp.display(), target.display()));
     }
     fsutil::sync_dir(&dir)
 }

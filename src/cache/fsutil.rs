@@ -21,10 +21,7 @@ pub(super) const LOCKS: &str = "locks";
 pub(super) const STALE_AGE: Duration = Duration::from_secs(24 * 3600);
 
 pub(super) fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// A fresh token made of hex digits only (no '.' or '-'), unique within this process and
@@ -32,32 +29,21 @@ pub(super) fn now_unix() -> u64 {
 pub(super) fn nonce() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     format!("{t:08x}{n:x}")
 }
 
 /// Creates a new directory `parent/<make_name(nonce)>` that did not exist before.
-pub(super) fn create_unique_dir(
-    parent: &Path,
-    make_name: impl Fn(&str) -> String,
-) -> Result<PathBuf> {
+pub(super) fn create_unique_dir(parent: &Path, make_name: impl Fn(&str) -> String) -> Result<PathBuf> {
     for _ in 0..1000 {
         let path = parent.join(make_name(&nonce()));
         match fs::create_dir(&path) {
             Ok(()) => return Ok(path),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => {
-                return Err(e).with_context(|| format!("creating directory {}", path.display()))
-            }
+            Err(e) => return Err(e).with_context(|| format!("creating directory {}", path.display())),
         }
     }
-    bail!(
-        "could not create a unique directory in {}",
-        parent.display()
-    )
+    bail!("could not create a unique directory in {}", parent.display())
 }
 
 pub(super) fn create_dir_all(path: &Path) -> Result<()> {
@@ -71,18 +57,15 @@ pub(super) fn sync_file(path: &Path) -> Result<()> {
         .write(cfg!(windows))
         .open(path)
         .with_context(|| format!("opening {} to fsync", path.display()))?;
-    file.sync_all()
-        .with_context(|| format!("fsync {}", path.display()))
+    file.sync_all().with_context(|| format!("fsync {}", path.display()))
 }
 
 /// fsync of a directory (makes renames and creations inside it durable). No-op off Unix.
 pub(super) fn sync_dir(path: &Path) -> Result<()> {
     #[cfg(unix)]
     {
-        let dir = File::open(path)
-            .with_context(|| format!("opening directory {} to fsync", path.display()))?;
-        dir.sync_all()
-            .with_context(|| format!("fsync directory {}", path.display()))?;
+        let dir = File::open(path).with_context(|| format!("opening directory {} to fsync", path.display()))?;
+        dir.sync_all().with_context(|| format!("fsync directory {}", path.display()))?;
     }
     #[cfg(not(unix))]
     let _ = path;
@@ -105,10 +88,8 @@ pub(super) fn sync_tree(dir: &Path) -> Result<()> {
 /// Writes `bytes` to `path` and fsyncs it (the file must not be visible to readers yet).
 pub(super) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))?;
-    file.sync_all()
-        .with_context(|| format!("fsync {}", path.display()))
+    file.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
+    file.sync_all().with_context(|| format!("fsync {}", path.display()))
 }
 
 pub(super) struct DirItem {
@@ -128,14 +109,8 @@ pub(super) fn read_dir_sorted(dir: &Path) -> Result<Vec<DirItem>> {
             Ok(name) => name,
             Err(_) => bail!("non-UTF-8 file name {}", path.display()),
         };
-        let file_type = entry
-            .file_type()
-            .with_context(|| format!("reading file type of {}", path.display()))?;
-        out.push(DirItem {
-            name,
-            path,
-            file_type,
-        });
+        let file_type = entry.file_type().with_context(|| format!("reading file type of {}", path.display()))?;
+        out.push(DirItem { name, path, file_type });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
@@ -162,19 +137,11 @@ pub(super) struct WalkedFile {
 pub(super) fn walk_files(root: &Path) -> Result<Vec<WalkedFile>> {
     fn go(dir: &Path, prefix: &str, out: &mut Vec<WalkedFile>) -> Result<()> {
         for item in read_dir_sorted(dir)? {
-            let rel = if prefix.is_empty() {
-                item.name.clone()
-            } else {
-                format!("{prefix}/{}", item.name)
-            };
+            let rel = if prefix.is_empty() { item.name.clone() } else { format!("{prefix}/{}", item.name) };
             if item.file_type.is_dir() {
                 go(&item.path, &rel, out)?;
             } else {
-                out.push(WalkedFile {
-                    rel,
-                    path: item.path,
-                    regular: item.file_type.is_file(),
-                });
+                out.push(WalkedFile { rel, path: item.path, regular: item.file_type.is_file() });
             }
         }
         Ok(())
@@ -202,9 +169,7 @@ pub(super) fn dir_size(path: &Path) -> u64 {
 /// blake3 of one file (mmap + rayon for big files) and the number of bytes hashed.
 pub(super) fn hash_file(path: &Path) -> Result<(u64, String)> {
     let mut hasher = blake3::Hasher::new();
-    hasher
-        .update_mmap_rayon(path)
-        .with_context(|| format!("hashing {}", path.display()))?;
+    hasher.update_mmap_rayon(path).with_context(|| format!("hashing {}", path.display()))?;
     Ok((hasher.count(), hasher.finalize().to_hex().to_string()))
 }
 
@@ -226,17 +191,11 @@ pub(super) fn remove_via_tmp(cache_root: &Path, path: &Path, key: &Key, what: &s
                 break;
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("moving {} to {}", path.display(), target.display()))
-            }
+            Err(e) => return Err(e).with_context(|| format!("moving {} to {}", path.display(), target.display())),
         }
     }
     let Some(aside) = aside else {
-        bail!(
-            "could not find a free temporary name for {}",
-            path.display()
-        );
+        bail!("could not find a free temporary name for {}", path.display());
     };
     if let Some(parent) = path.parent() {
         sync_dir(parent)?;

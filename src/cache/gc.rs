@@ -30,9 +30,7 @@ fn last_use(dir: &Path) -> u64 {
 
 fn entry_is_garbage(opts: &GcOptions, key: &Key, dir: &Path, now: u64) -> bool {
     let unreachable = opts.keep.as_ref().is_some_and(|keep| !keep.contains(key));
-    let old = opts
-        .older_than
-        .is_some_and(|age| Duration::from_secs(now.saturating_sub(last_use(dir))) > age);
+    let old = opts.older_than.is_some_and(|age| Duration::from_secs(now.saturating_sub(last_use(dir))) >= age);
     unreachable || old
 }
 
@@ -48,11 +46,8 @@ pub(super) fn gc(cache: &Cache, opts: &GcOptions) -> Result<GcReport> {
 
     let entry_dirs = scan_entry_dirs(&cache.root)?;
     // Keys finished when gc started (so a dry run and a real run agree on partials).
-    let finished: HashSet<Key> = entry_dirs
-        .iter()
-        .filter(|(_, dir)| dir.join(MANIFEST).exists())
-        .map(|(key, _)| *key)
-        .collect();
+    let finished: HashSet<Key> =
+        entry_dirs.iter().filter(|(_, dir)| dir.join(MANIFEST).exists()).map(|(key, _)| *key).collect();
 
     // Committed entries (also debris directories without a valid manifest).
     for (key, dir) in entry_dirs {
@@ -88,9 +83,7 @@ pub(super) fn gc(cache: &Cache, opts: &GcOptions) -> Result<GcReport> {
             continue;
         }
         let garbage = |c: &Cache| {
-            finished.contains(&key)
-                || c.contains(&key)
-                || opts.keep.as_ref().is_some_and(|keep| !keep.contains(&key))
+            finished.contains(&key) || c.contains(&key) || opts.keep.as_ref().is_some_and(|keep| !keep.contains(&key))
         };
         let partial = cache.partial(&key);
         let _lock = match probe(cache, &key, opts.dry_run)? {

@@ -59,8 +59,7 @@ impl Serialize for Key {
 impl<'de> Deserialize<'de> for Key {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Key, D::Error> {
         let s = String::deserialize(deserializer)?;
-        Key::from_hex(&s).ok_or_else(|| {
-            serde::de::Error::custom(format!("invalid cache key {s:?}: expected 64 hex digits"))
-        })
+        Key::from_hex(&s)
+            .ok_or_else(|| serde::de::Error::custom(format!("invalid cache key {s:?}: expected 64 hex digits")))
     }
 }

@@ -25,38 +25,22 @@ fn open(cache: &Cache, key: &Key) -> Result<File> {
 
 pub(super) fn lock(cache: &Cache, key: &Key) -> Result<KeyLock> {
     let file = open(cache, key)?;
-    file.lock()
-        .with_context(|| format!("locking {}", cache.lock_path(key).display()))?;
-    Ok(KeyLock {
-        file,
-        key: *key,
-        shared: false,
-    })
+    file.lock().with_context(|| format!("locking {}", cache.lock_path(key).display()))?;
+    Ok(KeyLock { file, key: *key, shared: false })
 }
 
 pub(super) fn lock_shared(cache: &Cache, key: &Key) -> Result<KeyLock> {
     let file = open(cache, key)?;
-    file.lock_shared()
-        .with_context(|| format!("locking (shared) {}", cache.lock_path(key).display()))?;
-    Ok(KeyLock {
-        file,
-        key: *key,
-        shared: true,
-    })
+    file.lock_shared().with_context(|| format!("locking (shared) {}", cache.lock_path(key).display()))?;
+    Ok(KeyLock { file, key: *key, shared: true })
 }
 
 /// Non-blocking exclusive lock of an already open lock file.
 fn try_file(cache: &Cache, key: &Key, file: File) -> Result<Option<KeyLock>> {
     match file.try_lock() {
-        Ok(()) => Ok(Some(KeyLock {
-            file,
-            key: *key,
-            shared: false,
-        })),
+        Ok(()) => Ok(Some(KeyLock { file, key: *key, shared: false })),
         Err(TryLockError::WouldBlock) => Ok(None),
-        Err(TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("locking {}", cache.lock_path(key).display()))
-        }
+        Err(TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", cache.lock_path(key).display())),
     }
 }
 
@@ -80,9 +64,7 @@ pub(super) fn probe(cache: &Cache, key: &Key, dry_run: bool) -> Result<Probe> {
         match OpenOptions::new().read(true).write(true).open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Probe::Free),
-            Err(e) => {
-                return Err(e).with_context(|| format!("opening lock file {}", path.display()))
-            }
+            Err(e) => return Err(e).with_context(|| format!("opening lock file {}", path.display())),
         }
     } else {
         open(cache, key)?

@@ -202,9 +202,7 @@ impl Cache {
     }
     /// `<root>/locks/<key>.lock`.
     pub fn lock_path(&self, key: &Key) -> PathBuf {
-        self.root
-            .join(fsutil::LOCKS)
-            .join(format!("{}.lock", key.to_hex()))
+        self.root.join(fsutil::LOCKS).join(format!("{}.lock", key.to_hex()))
     }
     /// True when a committed entry (with its manifest) exists.
     pub fn contains(&self, key: &Key) -> bool {
@@ -237,11 +235,7 @@ impl Cache {
     }
     /// `<root>/partial/<key>` (nothing is created until `save`).
     pub fn partial(&self, key: &Key) -> PartialDir {
-        PartialDir {
-            key: *key,
-            root: self.root.clone(),
-            dir: self.root.join(fsutil::PARTIAL).join(key.to_hex()),
-        }
+        PartialDir { key: *key, root: self.root.clone(), dir: self.root.join(fsutil::PARTIAL).join(key.to_hex()) }
     }
     /// Records that `pipeline` used the entry now (atomic write of last_used.json).
     /// Errors when the entry is not committed.

@@ -27,11 +27,7 @@ fn parse_ckpt(name: &str) -> Option<u64> {
 
 /// Pid of a `.tmp-<pid>-<nonce>` name.
 pub(super) fn parse_tmp_pid(name: &str) -> Option<u32> {
-    name.strip_prefix(TMP_PREFIX)?
-        .split('-')
-        .next()?
-        .parse()
-        .ok()
+    name.strip_prefix(TMP_PREFIX)?.split('-').next()?.parse().ok()
 }
 
 /// Removes a directory on drop unless disarmed.
@@ -63,17 +59,11 @@ impl PartialDir {
     /// Moves a directory inside the partial dir out of `ckpt-*` naming (so `latest` stops
     /// seeing it at once), then deletes it.
     fn discard(&self, path: &Path) -> Result<()> {
-        let aside = self.dir.join(format!(
-            "{TMP_PREFIX}{}-{}",
-            std::process::id(),
-            fsutil::nonce()
-        ));
+        let aside = self.dir.join(format!("{TMP_PREFIX}{}-{}", std::process::id(), fsutil::nonce()));
         match fs::rename(path, &aside) {
             Ok(()) => fsutil::remove_any(&aside),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => {
-                Err(e).with_context(|| format!("moving {} to {}", path.display(), aside.display()))
-            }
+            Err(e) => Err(e).with_context(|| format!("moving {} to {}", path.display(), aside.display())),
         }
     }
 
@@ -95,11 +85,7 @@ impl PartialDir {
         Ok(removed)
     }
 
-    pub(super) fn save_impl(
-        &self,
-        step: u64,
-        write: impl FnOnce(&Path) -> Result<()>,
-    ) -> Result<Checkpoint> {
+    pub(super) fn save_impl(&self, step: u64, write: impl FnOnce(&Path) -> Result<()>) -> Result<Checkpoint> {
         fsutil::create_dir_all(&self.dir)?;
         let pid = std::process::id();
         let tmp = fsutil::create_unique_dir(&self.dir, |n| format!("{TMP_PREFIX}{pid}-{n}"))?;
@@ -112,8 +98,7 @@ impl PartialDir {
         if fs::symlink_metadata(&target).is_ok() {
             self.discard(&target)?;
         }
-        fs::rename(&tmp, &target)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), target.display()))?;
+        fs::rename(&tmp, &target).with_context(|| format!("renaming {} to {}", tmp.display(), target.display()))?;
         guard.0 = None;
         fsutil::sync_dir(&self.dir)?;
 

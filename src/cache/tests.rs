@@ -41,19 +41,13 @@ fn make_entry(cache: &Cache, k: &Key, files: &[(&str, &[u8])]) -> Manifest {
 
 /// Relative paths of every file below `dir`.
 fn files_below(dir: &Path) -> Vec<String> {
-    fsutil::walk_files(dir)
-        .unwrap()
-        .into_iter()
-        .map(|f| f.rel)
-        .collect()
+    fsutil::walk_files(dir).unwrap().into_iter().map(|f| f.rel).collect()
 }
 
 fn names_in(dir: &Path) -> Vec<String> {
     match fs::read_dir(dir) {
         Ok(rd) => {
-            let mut v: Vec<String> = rd
-                .map(|e| e.unwrap().file_name().into_string().unwrap())
-                .collect();
+            let mut v: Vec<String> = rd.map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
             v.sort();
             v
         }
@@ -73,9 +67,7 @@ fn key_hex_round_trip() {
         let k = key(n);
         let hex = k.to_hex();
         assert_eq!(hex.len(), 64);
-        assert!(hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        assert!(hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
         assert_eq!(Key::from_hex(&hex), Some(k));
         assert_eq!(Key::from_hex(&hex.to_uppercase()), Some(k));
         assert_eq!(k.short(), hex[..12]);
@@ -122,13 +114,7 @@ fn commit_records_exactly_the_written_files() {
     let big = big_bytes(300_000);
     let pending = cache.begin(&k).unwrap();
     assert!(pending.dir().starts_with(cache.root().join("tmp")));
-    let tmp_name = pending
-        .dir()
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_string();
+    let tmp_name = pending.dir().file_name().unwrap().to_str().unwrap().to_string();
     assert!(tmp_name.starts_with(&format!("{}.{}.", k.to_hex(), std::process::id())));
     write(pending.dir(), "z.txt", b"last");
     write(pending.dir(), "config.json", b"{}");
@@ -169,10 +155,7 @@ fn commit_records_exactly_the_written_files() {
     let text = fs::read_to_string(dir.join("manifest.json")).unwrap();
     assert!(text.contains("\n  \"key\": "));
     let read = cache.manifest(&k).unwrap().unwrap();
-    assert_eq!(
-        serde_json::to_value(&read).unwrap(),
-        serde_json::to_value(&m).unwrap()
-    );
+    assert_eq!(serde_json::to_value(&read).unwrap(), serde_json::to_value(&m).unwrap());
     assert_eq!(read.key_material, json!({"kind": "test", "n": 1}));
 
     // The temporary directory is gone; the entry verifies.
@@ -184,11 +167,7 @@ fn commit_records_exactly_the_written_files() {
 fn commit_of_empty_entry() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = Cache::open(tmp.path());
-    let m = cache
-        .begin(&key(1))
-        .unwrap()
-        .commit(info("p", 0.0))
-        .unwrap();
+    let m = cache.begin(&key(1)).unwrap().commit(info("p", 0.0)).unwrap();
     assert!(m.files.is_empty());
     assert!(cache.contains(&key(1)));
     assert_eq!(names_in(&cache.entry_dir(&key(1))), vec!["manifest.json"]);
@@ -329,10 +308,7 @@ fn commit_replaces_debris_without_manifest() {
     assert!(!cache.contains(&k));
     let m = make_entry(&cache, &k, &[("good", b"good")]);
     assert_eq!(m.files.len(), 1);
-    assert_eq!(
-        names_in(&cache.entry_dir(&k)),
-        vec!["good", "manifest.json"]
-    );
+    assert_eq!(names_in(&cache.entry_dir(&k)), vec!["good", "manifest.json"]);
     assert!(names_in(&cache.root().join("tmp")).is_empty());
 }
 
@@ -350,10 +326,7 @@ fn touch_and_entries() {
 
     // Debris that entries() must ignore.
     let _pending = cache.begin(&key(13)).unwrap();
-    cache
-        .partial(&key(14))
-        .save(1, |d| Ok(fs::write(d.join("s"), b"s")?))
-        .unwrap();
+    cache.partial(&key(14)).save(1, |d| Ok(fs::write(d.join("s"), b"s")?)).unwrap();
     let _lock = cache.lock(&key(15)).unwrap();
     fs::write(cache.root().join("stray-file"), b"?").unwrap();
     fs::create_dir_all(cache.root().join("ab/notakey")).unwrap();
@@ -365,9 +338,7 @@ fn touch_and_entries() {
     sorted.sort();
     assert_eq!(keys, sorted);
     let ea = list.iter().find(|e| e.manifest.key == a).unwrap();
-    let manifest_len = fs::metadata(cache.entry_dir(&a).join("manifest.json"))
-        .unwrap()
-        .len();
+    let manifest_len = fs::metadata(cache.entry_dir(&a).join("manifest.json")).unwrap().len();
     assert_eq!(ea.bytes, 150 + manifest_len);
     assert_eq!(ea.last_used, ma.created);
     assert_eq!(ea.last_pipeline, "p");
@@ -378,25 +349,14 @@ fn touch_and_entries() {
         serde_json::to_vec(&json!({"pipeline": "old", "unix": 5})).unwrap(),
     )
     .unwrap();
-    let eb = cache
-        .entries()
-        .unwrap()
-        .into_iter()
-        .find(|e| e.manifest.key == b)
-        .unwrap();
+    let eb = cache.entries().unwrap().into_iter().find(|e| e.manifest.key == b).unwrap();
     assert_eq!((eb.last_used, eb.last_pipeline.as_str()), (5, "old"));
     cache.touch(&b, "other-pipeline").unwrap();
-    let eb = cache
-        .entries()
-        .unwrap()
-        .into_iter()
-        .find(|e| e.manifest.key == b)
-        .unwrap();
+    let eb = cache.entries().unwrap().into_iter().find(|e| e.manifest.key == b).unwrap();
     assert_eq!(eb.last_pipeline, "other-pipeline");
     assert!(eb.last_used >= mb.created);
     let lu: serde_json::Value =
-        serde_json::from_slice(&fs::read(cache.entry_dir(&b).join("last_used.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&fs::read(cache.entry_dir(&b).join("last_used.json")).unwrap()).unwrap();
     assert_eq!(lu["pipeline"], "other-pipeline");
     assert!(lu["unix"].as_u64().unwrap() >= mb.created);
     // Nothing left in tmp/ but the pending entry; manifest untouched; still verifies.
@@ -423,34 +383,18 @@ fn verify_detects_damage() {
     }
     assert!(cache.verify().unwrap().is_empty());
 
-    let [flipped, truncated, missing, extra, bad_manifest, healthy] = keys[..] else {
-        unreachable!()
-    };
+    let [flipped, truncated, missing, extra, bad_manifest, healthy] = keys[..] else { unreachable!() };
     let mut bytes = content.clone();
     bytes[12_345] ^= 0x01;
     fs::write(cache.entry_dir(&flipped).join("w.bin"), &bytes).unwrap();
-    OpenOptions::new()
-        .write(true)
-        .open(cache.entry_dir(&truncated).join("sub/t.txt"))
-        .unwrap()
-        .set_len(5)
-        .unwrap();
+    OpenOptions::new().write(true).open(cache.entry_dir(&truncated).join("sub/t.txt")).unwrap().set_len(5).unwrap();
     fs::remove_file(cache.entry_dir(&missing).join("w.bin")).unwrap();
     write(&cache.entry_dir(&extra), "sub/new.txt", b"extra");
-    fs::write(
-        cache.entry_dir(&bad_manifest).join("manifest.json"),
-        b"{not json",
-    )
-    .unwrap();
+    fs::write(cache.entry_dir(&bad_manifest).join("manifest.json"), b"{not json").unwrap();
 
     let problems = cache.verify().unwrap();
-    let of = |k: Key| -> Vec<String> {
-        problems
-            .iter()
-            .filter(|p| p.key == Some(k))
-            .map(|p| p.problem.clone())
-            .collect()
-    };
+    let of =
+        |k: Key| -> Vec<String> { problems.iter().filter(|p| p.key == Some(k)).map(|p| p.problem.clone()).collect() };
     let one = |k: Key, needle: &str| {
         let ps = of(k);
         assert_eq!(ps.len(), 1, "{ps:?}");
@@ -502,21 +446,15 @@ fn partial_save_latest_remove() {
     assert_eq!((l.step, l.dir.clone()), (1, c1.dir.clone()));
     assert_eq!(fs::read(l.dir.join("opt/m")).unwrap(), b"moments");
 
-    let c5 = p
-        .save(5, |d| Ok(fs::write(d.join("state"), b"five")?))
-        .unwrap();
+    let c5 = p.save(5, |d| Ok(fs::write(d.join("state"), b"five")?)).unwrap();
     assert_eq!(ckpt_names(&p), vec!["ckpt-000000000005"]);
     assert_eq!(p.latest().unwrap().unwrap().step, 5);
     assert_eq!(fs::read(c5.dir.join("state")).unwrap(), b"five");
 
     // Same step again: replaced.
-    p.save(5, |d| Ok(fs::write(d.join("state"), b"five again")?))
-        .unwrap();
+    p.save(5, |d| Ok(fs::write(d.join("state"), b"five again")?)).unwrap();
     assert_eq!(ckpt_names(&p), vec!["ckpt-000000000005"]);
-    assert_eq!(
-        fs::read(p.latest().unwrap().unwrap().dir.join("state")).unwrap(),
-        b"five again"
-    );
+    assert_eq!(fs::read(p.latest().unwrap().unwrap().dir.join("state")).unwrap(), b"five again");
 
     // A failing writer changes nothing and leaves no temporary directory.
     let err = p
@@ -543,20 +481,12 @@ fn partial_save_latest_remove() {
     assert_eq!(p.latest().unwrap().unwrap().step, 5);
     fs::create_dir(p.dir().join("ckpt-000000000007")).unwrap();
     let l = p.latest().unwrap().unwrap();
-    assert_eq!(
-        (l.step, l.dir.clone()),
-        (7, p.dir().join("ckpt-000000000007"))
-    );
+    assert_eq!((l.step, l.dir.clone()), (7, p.dir().join("ckpt-000000000007")));
 
     // A lower step saved later becomes the latest (the others are dropped).
-    p.save(3, |d| Ok(fs::write(d.join("state"), b"three")?))
-        .unwrap();
+    p.save(3, |d| Ok(fs::write(d.join("state"), b"three")?)).unwrap();
     assert_eq!(p.latest().unwrap().unwrap().step, 3);
-    for gone in [
-        "ckpt-000000000002",
-        "ckpt-000000000005",
-        "ckpt-000000000007",
-    ] {
+    for gone in ["ckpt-000000000002", "ckpt-000000000005", "ckpt-000000000007"] {
         assert!(!p.dir().join(gone).exists(), "{gone}");
     }
 
@@ -617,11 +547,7 @@ fn lock_semantics() {
     assert!(cache.try_lock(&k).unwrap().is_some());
 
     // A lock held through an unrelated handle on the lock file conflicts too.
-    let handle = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(cache.lock_path(&k))
-        .unwrap();
+    let handle = OpenOptions::new().read(true).write(true).open(cache.lock_path(&k)).unwrap();
     handle.lock().unwrap();
     assert!(cache.try_lock(&k).unwrap().is_none());
     handle.unlock().unwrap();
@@ -647,10 +573,7 @@ fn blocking_lock_waits_for_release() {
     std::thread::sleep(Duration::from_millis(200));
     released.store(true, Ordering::SeqCst);
     drop(held);
-    assert!(
-        waiter.join().unwrap(),
-        "lock() returned while another holder had it"
-    );
+    assert!(waiter.join().unwrap(), "lock() returned while another holder had it");
 }
 
 // ---------------------------------------------------------------- gc
@@ -676,22 +599,13 @@ fn gc_by_keep_set() {
     make_entry(&cache, &b, &[("f", &[0u8; 2000])]);
     make_entry(&cache, &c, &[("f", &[0u8; 3000])]);
     for k in [a, d, e] {
-        cache
-            .partial(&k)
-            .save(1, |dir| Ok(fs::write(dir.join("s"), b"state")?))
-            .unwrap();
+        cache.partial(&k).save(1, |dir| Ok(fs::write(dir.join("s"), b"state")?)).unwrap();
     }
     let size_b = fsutil::dir_size(&cache.entry_dir(&b));
     let size_partial = fsutil::dir_size(cache.partial(&a).dir());
 
     // a: finished (partial is stale); d: unfinished, reachable; e: unfinished, unreachable.
-    let report = cache
-        .gc(&GcOptions {
-            keep: keep(&[a, c, d]),
-            older_than: None,
-            dry_run: false,
-        })
-        .unwrap();
+    let report = cache.gc(&GcOptions { keep: keep(&[a, c, d]), older_than: None, dry_run: false }).unwrap();
     assert_eq!(report.removed_entries, vec![(b, size_b)]);
     let mut removed_partials = report.removed_partials.clone();
     removed_partials.sort();
@@ -710,13 +624,7 @@ fn gc_by_keep_set() {
     assert!(cache.verify().unwrap().is_empty());
 
     // No filters: entries stay.
-    let report = cache
-        .gc(&GcOptions {
-            keep: None,
-            older_than: None,
-            dry_run: false,
-        })
-        .unwrap();
+    let report = cache.gc(&GcOptions { keep: None, older_than: None, dry_run: false }).unwrap();
     assert!(report.removed_entries.is_empty() && report.removed_partials.is_empty());
     assert_eq!(cache.entries().unwrap().len(), 2);
 }
@@ -738,18 +646,8 @@ fn gc_by_age_and_union_with_keep() {
     m["created"] = json!(now - 20_000);
     fs::write(&mpath, serde_json::to_vec(&m).unwrap()).unwrap();
 
-    let age_only = GcOptions {
-        keep: None,
-        older_than: Some(Duration::from_secs(1000)),
-        dry_run: false,
-    };
-    let removed: Vec<Key> = cache
-        .gc(&age_only)
-        .unwrap()
-        .removed_entries
-        .iter()
-        .map(|e| e.0)
-        .collect();
+    let age_only = GcOptions { keep: None, older_than: Some(Duration::from_secs(1000)), dry_run: false };
+    let removed: Vec<Key> = cache.gc(&age_only).unwrap().removed_entries.iter().map(|e| e.0).collect();
     let mut expect = vec![old, old_unused];
     expect.sort();
     assert_eq!(removed, expect);
@@ -758,18 +656,8 @@ fn gc_by_age_and_union_with_keep() {
     // Both filters: either one removes.
     make_entry(&cache, &old, &[("f", b"data")]);
     set_last_used(&cache, &old, now - 10_000);
-    let both = GcOptions {
-        keep: keep(&[old, fresh]),
-        older_than: Some(Duration::from_secs(1000)),
-        dry_run: false,
-    };
-    let mut removed: Vec<Key> = cache
-        .gc(&both)
-        .unwrap()
-        .removed_entries
-        .iter()
-        .map(|e| e.0)
-        .collect();
+    let both = GcOptions { keep: keep(&[old, fresh]), older_than: Some(Duration::from_secs(1000)), dry_run: false };
+    let mut removed: Vec<Key> = cache.gc(&both).unwrap().removed_entries.iter().map(|e| e.0).collect();
     removed.sort();
     let mut expect = vec![old, unkept];
     expect.sort();
@@ -786,22 +674,13 @@ fn gc_skips_locked_keys() {
     make_entry(&cache, &a, &[("f", b"a")]);
     make_entry(&cache, &b, &[("f", b"b")]);
     cache.partial(&p).save(1, |_| Ok(())).unwrap();
-    let all = GcOptions {
-        keep: keep(&[]),
-        older_than: None,
-        dry_run: false,
-    };
+    let all = GcOptions { keep: keep(&[]), older_than: None, dry_run: false };
 
     // a held exclusively through a second handle on its lock file, b held shared, p's partial
     // held through the cache API.
     fs::create_dir_all(cache.root().join("locks")).unwrap();
-    let handle = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(cache.lock_path(&a))
-        .unwrap();
+    let handle =
+        OpenOptions::new().read(true).write(true).create(true).truncate(false).open(cache.lock_path(&a)).unwrap();
     handle.lock().unwrap();
     let shared = cache.lock_shared(&b).unwrap();
     let plock = cache.lock(&p).unwrap();
@@ -819,27 +698,13 @@ fn gc_skips_locked_keys() {
 
     drop(shared);
     let report = cache.gc(&all).unwrap();
-    assert_eq!(
-        report
-            .removed_entries
-            .iter()
-            .map(|e| e.0)
-            .collect::<Vec<_>>(),
-        vec![b]
-    );
+    assert_eq!(report.removed_entries.iter().map(|e| e.0).collect::<Vec<_>>(), vec![b]);
     assert!(cache.contains(&a) && !cache.contains(&b));
 
     handle.unlock().unwrap();
     drop(plock);
     let report = cache.gc(&all).unwrap();
-    assert_eq!(
-        report
-            .removed_entries
-            .iter()
-            .map(|e| e.0)
-            .collect::<Vec<_>>(),
-        vec![a]
-    );
+    assert_eq!(report.removed_entries.iter().map(|e| e.0).collect::<Vec<_>>(), vec![a]);
     assert_eq!(report.removed_partials, vec![p]);
     assert!(report.skipped_locked.is_empty());
     assert!(cache.entries().unwrap().is_empty());
@@ -852,40 +717,22 @@ fn gc_dry_run_deletes_nothing() {
     let (a, b) = (key(80), key(81));
     make_entry(&cache, &a, &[("f", &[1u8; 500])]);
     make_entry(&cache, &b, &[("f", &[1u8; 700])]);
-    cache
-        .partial(&a)
-        .save(1, |d| Ok(fs::write(d.join("s"), b"s")?))
-        .unwrap();
-    let stale_tmp = cache
-        .root()
-        .join("tmp")
-        .join(format!("{}.4294967295.abc", b.to_hex()));
+    cache.partial(&a).save(1, |d| Ok(fs::write(d.join("s"), b"s")?)).unwrap();
+    let stale_tmp = cache.root().join("tmp").join(format!("{}.4294967295.abc", b.to_hex()));
     write(&stale_tmp, "x", b"leftover");
     let before = files_below(cache.root());
 
-    let opts = GcOptions {
-        keep: keep(&[a]),
-        older_than: None,
-        dry_run: true,
-    };
+    let opts = GcOptions { keep: keep(&[a]), older_than: None, dry_run: true };
     let report = cache.gc(&opts).unwrap();
     assert_eq!(report.removed_entries.len(), 1);
     assert_eq!(report.removed_entries[0].0, b);
     assert_eq!(report.removed_partials, vec![a]);
     assert!(report.bytes_freed > 700);
     assert_eq!(files_below(cache.root()), before);
-    assert!(
-        !cache.root().join("locks").exists(),
-        "dry run created lock files"
-    );
+    assert!(!cache.root().join("locks").exists(), "dry run created lock files");
 
     // The real run removes what the dry run announced.
-    let real = cache
-        .gc(&GcOptions {
-            dry_run: false,
-            ..opts
-        })
-        .unwrap();
+    let real = cache.gc(&GcOptions { dry_run: false, ..opts }).unwrap();
     assert_eq!(real.removed_entries, report.removed_entries);
     assert_eq!(real.removed_partials, report.removed_partials);
     assert_eq!(real.removed_tmp, report.removed_tmp);
@@ -913,11 +760,7 @@ fn gc_removes_abandoned_tmp_only() {
     if fsutil::pid_alive(4294967295) != Some(false) {
         return; // cannot tell dead processes apart on this platform
     }
-    let opts = GcOptions {
-        keep: None,
-        older_than: None,
-        dry_run: false,
-    };
+    let opts = GcOptions { keep: None, older_than: None, dry_run: false };
     // Held key lock: even the dead writer's leftovers stay.
     let lock = cache.lock(&k).unwrap();
     let report = cache.gc(&opts).unwrap();

@@ -16,11 +16,7 @@ struct Report {
 
 impl Report {
     fn add(&mut self, key: Option<Key>, dir: &Path, problem: impl Into<String>) {
-        self.problems.push(VerifyProblem {
-            key,
-            dir: dir.to_path_buf(),
-            problem: problem.into(),
-        });
+        self.problems.push(VerifyProblem { key, dir: dir.to_path_buf(), problem: problem.into() });
     }
 }
 
@@ -33,9 +29,7 @@ fn valid_rel_path(p: &str) -> bool {
 }
 
 pub(super) fn verify(cache: &Cache) -> Result<Vec<VerifyProblem>> {
-    let mut report = Report {
-        problems: Vec::new(),
-    };
+    let mut report = Report { problems: Vec::new() };
     for shard in fsutil::read_dir_if_exists(&cache.root)? {
         if !is_shard_name(&shard.name) || !shard.file_type.is_dir() {
             continue;
@@ -43,24 +37,15 @@ pub(super) fn verify(cache: &Cache) -> Result<Vec<VerifyProblem>> {
         let items = match fsutil::read_dir_sorted(&shard.path) {
             Ok(items) => items,
             Err(e) => {
-                report.add(
-                    None,
-                    &shard.path,
-                    format!("cannot list shard directory: {e:#}"),
-                );
+                report.add(None, &shard.path, format!("cannot list shard directory: {e:#}"));
                 continue;
             }
         };
         for item in items {
-            let key =
-                key::parse_canonical(&item.name).filter(|_| item.name.starts_with(&shard.name));
+            let key = key::parse_canonical(&item.name).filter(|_| item.name.starts_with(&shard.name));
             match key {
                 Some(key) if item.file_type.is_dir() => verify_entry(&mut report, key, &item.path),
-                _ => report.add(
-                    None,
-                    &item.path,
-                    "not a cache entry (unexpected name or type)",
-                ),
+                _ => report.add(None, &item.path, "not a cache entry (unexpected name or type)"),
             }
         }
     }
@@ -80,32 +65,17 @@ fn verify_entry(report: &mut Report, key: Key, dir: &Path) {
         }
     };
     if manifest.key != key {
-        report.add(
-            Some(key),
-            dir,
-            format!(
-                "manifest names key {} but lies in the directory of {}",
-                manifest.key, key
-            ),
-        );
+        report.add(Some(key), dir, format!("manifest names key {} but lies in the directory of {}", manifest.key, key));
     }
 
     let mut listed = HashSet::new();
     for rec in &manifest.files {
         if !valid_rel_path(&rec.path) || rec.path == MANIFEST || rec.path == LAST_USED {
-            report.add(
-                Some(key),
-                dir,
-                format!("invalid file path in manifest: {:?}", rec.path),
-            );
+            report.add(Some(key), dir, format!("invalid file path in manifest: {:?}", rec.path));
             continue;
         }
         if !listed.insert(rec.path.as_str()) {
-            report.add(
-                Some(key),
-                dir,
-                format!("file listed twice in manifest: {}", rec.path),
-            );
+            report.add(Some(key), dir, format!("file listed twice in manifest: {}", rec.path));
             continue;
         }
         let path = dir.join(&rec.path);
@@ -121,23 +91,14 @@ fn verify_entry(report: &mut Report, key: Key, dir: &Path) {
             }
         };
         if !meta.is_file() {
-            report.add(
-                Some(key),
-                dir,
-                format!("{} is not a regular file", rec.path),
-            );
+            report.add(Some(key), dir, format!("{} is not a regular file", rec.path));
             continue;
         }
         if meta.len() != rec.size {
             report.add(
                 Some(key),
                 dir,
-                format!(
-                    "size mismatch for {}: manifest says {} bytes, found {}",
-                    rec.path,
-                    rec.size,
-                    meta.len()
-                ),
+                format!("size mismatch for {}: manifest says {} bytes, found {}", rec.path, rec.size, meta.len()),
             );
             continue;
         }
@@ -146,10 +107,7 @@ fn verify_entry(report: &mut Report, key: Key, dir: &Path) {
             Ok((_, hash)) => report.add(
                 Some(key),
                 dir,
-                format!(
-                    "hash mismatch for {}: manifest {}, found {}",
-                    rec.path, rec.blake3, hash
-                ),
+                format!("hash mismatch for {}: manifest {}, found {}", rec.path, rec.blake3, hash),
             ),
             Err(e) => report.add(Some(key), dir, format!("cannot hash {}: {e:#}", rec.path)),
         }
@@ -160,11 +118,7 @@ fn verify_entry(report: &mut Report, key: Key, dir: &Path) {
             for f in files {
                 let ours = f.rel == MANIFEST || f.rel == LAST_USED;
                 if !ours && !listed.contains(f.rel.as_str()) {
-                    report.add(
-                        Some(key),
-                        dir,
-                        format!("file not listed in manifest: {}", f.rel),
-                    );
+                    report.add(Some(key), dir, format!("file not listed in manifest: {}", f.rel));
                 }
             }
         }

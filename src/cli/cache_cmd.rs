@@ -22,7 +22,7 @@ pub enum CacheCommand {
         /// Keep every entry these pipelines (with and without each of their profiles) use.
         #[arg(long = "keep", value_name = "PIPELINE.toml")]
         keep: Vec<PathBuf>,
-        /// Remove entries not used for this long: 30d, 12h, 90m, 45s.
+        /// Remove entries not used for at least this long: 30d, 12h, 90m, 45s (0s: all).
         #[arg(long, value_name = "AGE")]
         older_than: Option<String>,
         /// Say what would be removed; remove nothing.

@@ -44,9 +44,7 @@ pub fn build(
     file_stem: &str,
     d: &mut Vec<Diagnostic>,
 ) -> Option<Built> {
-    let Some(top) = root.as_table() else {
-        return None;
-    };
+    let top = root.as_table()?;
     for e in top {
         if !TOP_LEVEL.contains(&e.key.as_str()) {
             d.push(
@@ -259,7 +257,7 @@ fn raw_stage<'c>(
     catalog: &Catalog<'c>,
     vars: &[(String, Node)],
     chain: Chain,
-    sweep: Option<(&str, usize, &[(String, Json)], &[String])>,
+    sweep: Option<SweepCtx>,
     d: &mut Vec<Diagnostic>,
 ) -> Option<Raw<'c>> {
     if !valid_name(&e.key) {
@@ -322,7 +320,7 @@ fn raw_stage<'c>(
     };
     let (name, prefix, sweep_point, templates) = match sweep {
         None => (e.key.clone(), None, None, vec![]),
-        Some((sweep_name, index, values, templates)) => {
+        Some(SweepCtx { name: sweep_name, index, values, templates }) => {
             let label = values.iter().map(|(k, v)| format!("{k}={}", json_display(v))).collect::<Vec<_>>().join(",");
             let prefix = format!("{sweep_name}[{label}].");
             let point =
@@ -331,6 +329,14 @@ fn raw_stage<'c>(
         }
     };
     Some(Raw { name, schema, table, kind_span, sweep: sweep_point, prefix, templates, chain, chain_from_span, broken })
+}
+
+/// Which sweep point a template stage is being instantiated for.
+struct SweepCtx<'a> {
+    name: &'a str,
+    index: usize,
+    values: &'a [(String, Json)],
+    templates: &'a [String],
 }
 
 /// What `$chain` means for one instance.
@@ -388,7 +394,7 @@ fn expand_sweep<'c>(e: &Entry, catalog: &Catalog<'c>, raws: &mut Vec<Raw<'c>>, d
                 &over.value.span,
                 "`over` must be a table of lists, e.g. over = { sparsity = [0.1, 0.2] }",
             )),
-            Some(t) if t.is_empty() => d.push(Diagnostic::at(&over.value.span, "`over` names no variable")),
+            Some([]) => d.push(Diagnostic::at(&over.value.span, "`over` names no variable")),
             Some(t) => {
                 for v in t {
                     match &v.value.val {
@@ -515,9 +521,14 @@ fn expand_sweep<'c>(e: &Entry, catalog: &Catalog<'c>, raws: &mut Vec<Raw<'c>>, d
         };
         let mut prefix = None;
         for t in &templates {
-            if let Some(r) =
-                raw_stage(t, catalog, point, chain_state.clone(), Some((&e.key, index, &values, &template_names)), d)
-            {
+            if let Some(r) = raw_stage(
+                t,
+                catalog,
+                point,
+                chain_state.clone(),
+                Some(SweepCtx { name: &e.key, index, values: &values, templates: &template_names }),
+                d,
+            ) {
                 prefix.clone_from(&r.prefix);
                 raws.push(r);
             }
@@ -563,10 +574,16 @@ fn substitute_vars(node: &mut Node, vars: &[(String, Node)], chain_allowed: bool
                 }
             }
         }
-        Val::Array(items) => items.iter_mut().fold(true, |ok, n| substitute_vars(n, vars, false, d) && ok),
-        Val::Table(entries) => {
-            entries.iter_mut().fold(true, |ok, e| substitute_vars(&mut e.value, vars, false, d) && ok)
+        // Every element is visited (no short circuit) so that every mistake is reported.
+        Val::Array(items) => {
+            items.iter_mut().map(|n| substitute_vars(n, vars, false, d)).collect::<Vec<_>>().into_iter().all(|ok| ok)
         }
+        Val::Table(entries) => entries
+            .iter_mut()
+            .map(|e| substitute_vars(&mut e.value, vars, false, d))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .all(|ok| ok),
         _ => true,
     }
 }

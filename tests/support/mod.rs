@@ -14,22 +14,22 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `target/<profile>/examples/toy-flow`, built by `cargo test` with the tests (examples are
-/// compiled by default); built here if missing.
+/// `target/<profile>/examples/toy-flow`, brought up to date once per test process (`cargo test
+/// --test engine` alone would not rebuild examples, and a stale harness gives stale answers).
 pub fn toy_flow() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
-    let bin = profile_dir.join("examples").join("toy-flow");
-    if !bin.exists() {
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test binary path");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
         let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "--example", "toy-flow"]).current_dir(repo());
-        if release {
+        cmd.args(["build", "--quiet", "--example", "toy-flow"]).current_dir(repo());
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
         assert!(cmd.status().expect("cargo runs").success(), "building the toy-flow example failed");
-    }
-    bin
+        profile_dir.join("examples").join("toy-flow")
+    })
+    .clone()
 }
 
 /// A temporary working directory to run the CLI in.
