@@ -1,10 +1,8 @@
 //! Checkpoint io: load-time checks, sharded files, save → load round trips (exact zeros kept,
 //! packed layout kept), random init, local hub cache resolution, tokenizer.
 
-mod model_common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use model_common::*;
 use rpt_flow::model::hub::{resolve_offline, HubSpec};
 use rpt_flow::model::{Arch, Bos, LoadOptions, Model, ModelConfig, TextTokenizer, WeightFormat};
 use std::collections::HashMap;
@@ -245,7 +243,7 @@ fn tokenizer_bos_policy() {
 }
 
 /// Writes Rust-saved copies of the fixtures for `tests/fixtures/check_saved.py` (transformers
-/// must load them unchanged): `RPT_SAVE_DIR=/tmp/saved cargo test --test model_io -- --ignored`.
+/// must load them unchanged): `RPT_SAVE_DIR=/tmp/saved cargo test --test model -- --ignored`.
 #[test]
 #[ignore = "writes to $RPT_SAVE_DIR for the Python check"]
 fn save_fixtures_for_transformers() {

@@ -1,9 +1,7 @@
 //! Generation (sampling, stop tokens, text) and residual hooks (interventions, KV-cached hooks).
 
-mod model_common;
-
+use crate::common::*;
 use candle_core::{DType, Tensor};
-use model_common::*;
 use rpt_flow::model::{Bos, GenerateOptions, HookPoint, Hooks, KvCache, Sampling, StopReason, TextTokenizer};
 use std::cell::Cell;
 

@@ -1,10 +1,8 @@
 //! Quantisation: train path = inference path, packed (offline) = latent (online) within bf16
 //! rounding, and the parity reference really depends on both quantisers.
 
-mod model_common;
-
+use crate::common::*;
 use candle_core::DType;
-use model_common::*;
 use rpt_flow::model::quant::{act_fake_quant, weight_fake_quant};
 use rpt_flow::model::Quantization;
 
