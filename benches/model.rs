@@ -67,12 +67,23 @@ fn main() -> anyhow::Result<()> {
         let mut r = serde_json::json!({"forward_s": fwd, "forward_tok_s": tok_s});
         if train {
             let mut opt = AdamW::new(model.parameters(), ParamsAdamW { lr: 1e-4, ..Default::default() })?;
+            let mut parts: Vec<[f64; 3]> = vec![];
             let step = time(reps, || {
+                let s = Instant::now();
                 let loss = causal_lm_loss(&model.forward_train(&ids)?, &ids)?;
-                opt.backward_step(&loss)?;
+                let f = s.elapsed().as_secs_f64();
+                let grads = loss.backward()?;
+                let b = s.elapsed().as_secs_f64();
+                opt.step(&grads)?;
+                parts.push([f, b - f, s.elapsed().as_secs_f64() - b]);
                 Ok(())
             })?;
-            line += &format!("   train step {step:8.3} s");
+            let part = |i: usize| median(parts.iter().skip(1).map(|p| p[i]).collect());
+            r["train_forward_s"] = part(0).into();
+            r["train_backward_s"] = part(1).into();
+            r["train_adamw_s"] = part(2).into();
+            line +=
+                &format!("   train step {step:8.3} s (fwd {:.2} + bwd {:.2} + adamw {:.2})", part(0), part(1), part(2));
             r["train_step_s"] = step.into();
         }
         if let Some(tj) = torch.as_ref().and_then(|j| j.get(d)) {

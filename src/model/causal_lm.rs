@@ -95,7 +95,30 @@ impl Model {
         self.run(ids, Mode::Train, None, Some(hooks))
     }
 
+    /// The final-norm hidden states `[b, t, hidden]` (model dtype), without the LM head: for
+    /// callers that project onto the vocabulary in chunks (long sequences × large vocabularies).
+    pub fn forward_hidden(&self, ids: &Tensor, hooks: Option<&mut Hooks<'_>>) -> Result<Tensor> {
+        self.hidden(ids, Mode::Infer, None, hooks)
+    }
+
+    /// Logits (f32) for final-norm hidden states `[.., hidden]`, e.g. a slice of
+    /// [`Model::forward_hidden`]'s output.
+    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        self.head(h, Mode::Infer)
+    }
+
     pub(crate) fn run(
+        &self,
+        ids: &Tensor,
+        mode: Mode,
+        cache: Option<&mut KvCache>,
+        hooks: Option<&mut Hooks<'_>>,
+    ) -> Result<Tensor> {
+        let h = self.hidden(ids, mode, cache, hooks)?;
+        self.head(&h, mode)
+    }
+
+    fn hidden(
         &self,
         ids: &Tensor,
         mode: Mode,
@@ -105,11 +128,7 @@ impl Model {
         let mut hooks = hooks;
         let (b, t) = ids.dims2()?;
         let ids = ids.to_dtype(DType::U32)?;
-        let embed = match mode {
-            Mode::Infer => self.embed.as_detached_tensor(),
-            Mode::Train => self.embed.as_tensor().clone(),
-        };
-        let h = embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let h = self.embed_tensor(mode).index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
         let mut h = apply(&mut hooks, HookPoint::Embed, h)?;
         let offset = cache.as_ref().map_or(0, |c| c.seq_len());
         let ctx = BlockCtx {
@@ -126,14 +145,30 @@ impl Model {
             c.advance(t);
         }
         let h = self.norm.forward(&h, mode)?;
-        let h = apply(&mut hooks, HookPoint::FinalNorm, h)?;
+        apply(&mut hooks, HookPoint::FinalNorm, h)
+    }
+
+    /// The embedding matrix: the variable itself in training (gradients flow), a detached view
+    /// otherwise (no graph is recorded).
+    fn embed_tensor(&self, mode: Mode) -> Tensor {
+        match mode {
+            Mode::Infer => self.embed.as_detached_tensor(),
+            Mode::Train => self.embed.as_tensor().clone(),
+        }
+    }
+
+    fn head(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
         let head = match (&self.lm_head, mode) {
             (Some(w), Mode::Train) => w.as_tensor().clone(),
             (Some(w), Mode::Infer) => w.as_detached_tensor(),
-            (None, _) => embed,
+            (None, _) => self.embed_tensor(mode),
         };
-        let logits = h.reshape((b * t, self.cfg.hidden_size))?.matmul(&head.t()?)?;
-        logits.reshape((b, t, self.cfg.vocab_size))?.to_dtype(DType::F32)
+        let mut dims = h.dims().to_vec();
+        let hidden = dims.pop().unwrap_or(0);
+        let rows: usize = dims.iter().product();
+        let logits = h.reshape((rows, hidden))?.matmul(&head.t()?)?;
+        dims.push(self.cfg.vocab_size);
+        logits.reshape(dims)?.to_dtype(DType::F32)
     }
 
     fn projection_ref(&self, name: &str) -> anyhow::Result<&Projection> {
@@ -193,6 +228,10 @@ impl Model {
     pub fn named_parameters(&self) -> Vec<(String, Var)> {
         self.weight_cache.store(false, Ordering::Relaxed);
         self.invalidate_all();
+        self.collect_parameters()
+    }
+
+    fn collect_parameters(&self) -> Vec<(String, Var)> {
         let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
         for (l, b) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}.");
@@ -223,6 +262,15 @@ impl Model {
         self.named_parameters().into_iter().map(|(_, v)| v).collect()
     }
 
+    /// Turn the inference weight cache on or off. It holds one fake-quantised copy of every latent
+    /// ternary projection (so it doubles projection memory: ~9.7 GB extra for the 2B model in f32)
+    /// and saves re-quantising the weights on every call, which matters for token-by-token
+    /// generation, hardly for all-position forwards over many tokens. On by default.
+    pub fn set_weight_cache(&self, enabled: bool) {
+        self.invalidate_all();
+        self.weight_cache.store(enabled, Ordering::Relaxed);
+    }
+
     /// Re-enable the inference weight cache after parameters were changed behind the model's back.
     pub fn refresh(&self) {
         self.invalidate_all();
@@ -241,7 +289,7 @@ impl Model {
     /// (packed projections as `u8` codes + `weight_scale`).
     pub fn state_dict(&self) -> anyhow::Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
-        for (name, var) in self.named_parameters_no_side_effects() {
+        for (name, var) in self.collect_parameters() {
             out.insert(name, var.as_detached_tensor());
         }
         for (l, b) in self.layers.iter().enumerate() {
@@ -255,13 +303,6 @@ impl Model {
             }
         }
         Ok(out)
-    }
-
-    fn named_parameters_no_side_effects(&self) -> Vec<(String, Var)> {
-        let was = self.weight_cache.load(Ordering::Relaxed);
-        let v = self.named_parameters();
-        self.weight_cache.store(was, Ordering::Relaxed);
-        v
     }
 }
 

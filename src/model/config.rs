@@ -186,13 +186,7 @@ impl ModelConfig {
         if (hf.num_attention_heads == 0 || !hf.hidden_size.is_multiple_of(hf.num_attention_heads))
             && hf.head_dim.is_none()
         {
-            {
-                bail!(
-                    "hidden_size {} is not a multiple of num_attention_heads {}",
-                    hf.hidden_size,
-                    hf.num_attention_heads
-                );
-            }
+            bail!("hidden_size {} is not a multiple of num_attention_heads {}", hf.hidden_size, hf.num_attention_heads);
         }
         if num_kv_heads == 0 || !hf.num_attention_heads.is_multiple_of(num_kv_heads) {
             bail!(

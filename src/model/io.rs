@@ -42,7 +42,7 @@ pub const AUX_FILES: [&str; 5] = [
     "chat_template.jinja",
 ];
 
-/// The expected checkpoint tensors: name → (shape, is projection).
+/// The expected checkpoint tensors (latent layout): name and shape.
 fn expected(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let (h, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);

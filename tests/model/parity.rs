@@ -3,10 +3,8 @@
 //! f32: logits and hidden states within 1e-4·max(1,|ref|), mean NLL within 1e-5 relative, greedy
 //! tokens identical. bf16: within the documented bf16 tolerances (docs/model.md).
 
-mod model_common;
-
+use crate::common::*;
 use candle_core::DType;
-use model_common::*;
 use rpt_flow::model::{GenerateOptions, HookPoint, Quantization, Sampling};
 
 const F32_TOL: f32 = 1e-4;

@@ -1,11 +1,9 @@
 //! Training path: gradients reach every parameter (STE through both quantisers, no fused ops
 //! without a backward), and AdamW steps lower the loss.
 
-mod model_common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
-use model_common::*;
 use rpt_flow::model::{causal_lm_loss, Arch, LoadOptions, Model, ModelConfig};
 
 #[test]

@@ -1,9 +1,7 @@
 //! Generation (sampling, stop tokens, text) and residual hooks (interventions, KV-cached hooks).
 
-mod model_common;
-
+use crate::common::*;
 use candle_core::{DType, Tensor};
-use model_common::*;
 use rpt_flow::model::{Bos, GenerateOptions, HookPoint, Hooks, KvCache, Sampling, StopReason, TextTokenizer};
 use std::cell::Cell;
 
@@ -126,4 +124,18 @@ fn hooks_run_on_every_step_of_a_cached_generation() {
     let b = m.forward_cached(&ids.narrow(1, 7, 5).unwrap(), &mut cache, None).unwrap();
     assert_eq!(cache.seq_len(), 12);
     assert_close("cached", &Tensor::cat(&[a, b], 1).unwrap(), &full, 1e-4);
+}
+
+#[test]
+fn hidden_then_logits_equals_forward() {
+    let m = load("llama_tiny", DType::F32, None);
+    let ids = Reference::load("llama_tiny").input_ids();
+    let h = m.forward_hidden(&ids, None).unwrap();
+    assert_eq!(h.dims(), &[2, 12, 64]);
+    let chunked = Tensor::cat(
+        &[m.logits(&h.narrow(1, 0, 5).unwrap()).unwrap(), m.logits(&h.narrow(1, 5, 7).unwrap()).unwrap()],
+        1,
+    )
+    .unwrap();
+    assert_close("hidden → logits", &chunked, &m.forward(&ids).unwrap(), 0.0);
 }

@@ -1,10 +1,8 @@
 //! Checkpoint io: load-time checks, sharded files, save → load round trips (exact zeros kept,
 //! packed layout kept), random init, local hub cache resolution, tokenizer.
 
-mod model_common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use model_common::*;
 use rpt_flow::model::hub::{resolve_offline, HubSpec};
 use rpt_flow::model::{Arch, Bos, LoadOptions, Model, ModelConfig, TextTokenizer, WeightFormat};
 use std::collections::HashMap;
@@ -217,7 +215,16 @@ fn hub_cache_layout_resolves_offline() {
     assert_eq!(resolve_offline(&cache, &pinned).unwrap(), snap);
     let other = HubSpec::parse("hf:tiny-org/bitnet-tiny@v2").unwrap().unwrap();
     assert!(format!("{:#}", resolve_offline(&cache, &other).unwrap_err()).contains("not cached"));
-    let m = Model::from_dir(&snap, &LoadOptions::default()).unwrap();
+    // Through the public source syntax, as a stage would: HF_HOME + HF_HUB_OFFLINE. (No other
+    // test in this binary reads these variables.)
+    std::env::set_var("HF_HOME", tmp.path());
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+    let m = Model::load(&format!("hf:tiny-org/bitnet-tiny@{commit}"), &LoadOptions::default()).unwrap();
+    assert_eq!(m.source_dir(), Some(snap.as_path()));
+    let e = format!("{:#}", Model::load("hf:tiny-org/missing", &LoadOptions::default()).unwrap_err());
+    std::env::remove_var("HF_HUB_OFFLINE");
+    std::env::remove_var("HF_HOME");
+    assert!(e.contains("HF_HUB_OFFLINE") && e.contains("tiny-org/missing"), "{e}");
     let ids = Reference::load("bitnet_tiny").input_ids();
     assert_close("hub", &m.forward(&ids).unwrap(), Reference::load("bitnet_tiny").get("ternary.f32.logits"), 1e-4);
 }
@@ -245,7 +252,7 @@ fn tokenizer_bos_policy() {
 }
 
 /// Writes Rust-saved copies of the fixtures for `tests/fixtures/check_saved.py` (transformers
-/// must load them unchanged): `RPT_SAVE_DIR=/tmp/saved cargo test --test model_io -- --ignored`.
+/// must load them unchanged): `RPT_SAVE_DIR=/tmp/saved cargo test --test model -- --ignored`.
 #[test]
 #[ignore = "writes to $RPT_SAVE_DIR for the Python check"]
 fn save_fixtures_for_transformers() {

@@ -1,10 +1,8 @@
 //! Quantisation: train path = inference path, packed (offline) = latent (online) within bf16
 //! rounding, and the parity reference really depends on both quantisers.
 
-mod model_common;
-
+use crate::common::*;
 use candle_core::DType;
-use model_common::*;
 use rpt_flow::model::quant::{act_fake_quant, weight_fake_quant};
 use rpt_flow::model::Quantization;
 
@@ -21,6 +19,8 @@ fn train_and_inference_paths_give_the_same_logits() {
             let ids = Reference::load(name).input_ids();
             let a = m.forward(&ids).unwrap();
             let b = m.forward_train(&ids).unwrap();
+            m.set_weight_cache(false);
+            assert_close("without weight cache", &m.forward(&ids).unwrap(), &a, 0.0);
             let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
             assert_close(&format!("{name} {q:?} {dtype:?} train vs infer"), &b, &a, tol);
         }

@@ -1,5 +1,4 @@
 //! Shared helpers for the model tests: fixture paths, reference tensors, tolerance checks.
-#![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor};
 use rpt_flow::model::{HookPoint, Hooks, LoadOptions, Model, Quantization};
