@@ -147,3 +147,17 @@ pub fn print_main_table(session_file: &Path) {
         }
     }
 }
+
+/// Stores the report's tables in the session file under `tables` (what the researcher's tables
+/// show, e.g. per level: ppl before/after, vs baseline, recovery, text label), so a notebook
+/// reading the session needs no rpt-flow. Rewritten atomically; a failure only loses the tables.
+pub fn attach_tables(session_file: &Path) -> anyhow::Result<()> {
+    let s = Session::read(session_file)?;
+    let tables: Vec<serde_json::Value> = report::tables(&s).iter().map(|t| t.to_json()).collect();
+    let mut doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(session_file)?)?;
+    doc["tables"] = serde_json::Value::Array(tables);
+    let tmp = session_file.with_extension(format!("tables.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_string_pretty(&doc)? + "\n")?;
+    std::fs::rename(&tmp, session_file)?;
+    Ok(())
+}

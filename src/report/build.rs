@@ -184,7 +184,7 @@ pub fn progressive_table(s: &Session, g: &PplGroup, n: usize) -> Table {
             ("ppl before", true),
             ("ppl after", true),
             ("vs baseline (%)", true),
-            ("recovery (%)", true),
+            ("recovery (before/after)", true),
             ("text label", false),
         ],
     );
@@ -229,8 +229,8 @@ pub fn progressive_table(s: &Session, g: &PplGroup, n: usize) -> Table {
         let b = before.map(|(_, i)| &s.instances[*i]);
         let a = after.map(|(_, i)| &s.instances[*i]);
         let (bp, ap) = (b.and_then(ppl_of), a.and_then(ppl_of));
-        let recovery = match (bp, ap, base_ppl) {
-            (Some(bp), Some(ap), Some(base)) if bp > base => signed((bp - ap) / (bp - base) * 100.0),
+        let recovery = match (bp, ap) {
+            (Some(bp), Some(ap)) if ap > 0.0 => format!("{:.3}×", bp / ap),
             _ => "—".into(),
         };
         let label_model = after.map(|(p, _)| p.model).or(before.map(|(p, _)| p.model)).flatten();
@@ -244,8 +244,9 @@ pub fn progressive_table(s: &Session, g: &PplGroup, n: usize) -> Table {
         ]);
     }
     t.footnotes = vec![
-        "ppl before: the pruned model; ppl after: the same model after its fine-tune; vs baseline uses ppl after.".into(),
-        "recovery = (before − after) / (before − baseline) × 100: the share of the pruning damage the fine-tune recovered.".into(),
+        "ppl before: the pruned model; ppl after: the same model after its fine-tune; vs baseline uses ppl after."
+            .into(),
+        "recovery = ppl before / ppl after: above 1 when the fine-tune lowered the pruned model's perplexity.".into(),
         baseline_footnote(s, g, base),
         TEXT_NOTE.into(),
     ];

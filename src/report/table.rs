@@ -21,6 +21,18 @@ pub struct Table {
 }
 
 impl Table {
+    /// The table as the session file stores it (cells as printed).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "title": self.title,
+            "notes": self.notes,
+            "columns": self.columns,
+            "rows": self.rows,
+            "footnotes": self.footnotes,
+        })
+    }
+
     pub fn new(id: impl Into<String>, title: impl Into<String>, columns: &[(&str, bool)]) -> Table {
         Table {
             id: id.into(),

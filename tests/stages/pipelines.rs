@@ -97,6 +97,17 @@ fn progressive_tiny_has_before_after_and_the_control_for_every_level() {
         assert_eq!(get("tuned")["loss"].as_array().unwrap().len(), 5);
         assert!(get("text")["label"].is_string());
     }
+    // The session carries the researcher's table: baseline, control and one row per level.
+    let table = &s["tables"][0];
+    let columns: Vec<&str> = table["columns"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    assert_eq!(
+        columns,
+        ["sparsity", "ppl before", "ppl after", "vs baseline (%)", "recovery (before/after)", "text label"]
+    );
+    let rows = table["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2 + 8);
+    assert_eq!(rows[1][0], "0% (fine-tune control)");
+    assert_eq!(rows[9][0], "50%");
 }
 
 #[test]
