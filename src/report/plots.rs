@@ -61,7 +61,8 @@ pub struct Written {
     pub note: Option<String>,
 }
 
-const COLORS: [RGBColor; 8] = [
+/// Ten distinct colours: the progressive chain has eight levels plus its control.
+const COLORS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
@@ -70,6 +71,8 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
     RGBColor(23, 190, 207),
+    RGBColor(188, 189, 34),
+    RGBColor(0, 0, 128),
 ];
 /// Reference lines (baselines, criticality) in greys, one shade per line.
 const REFERENCE: [RGBColor; 4] =
