@@ -30,24 +30,9 @@ pub static SCHEMA: KindSchema = KindSchema {
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to analyse" }],
     params: &[
         text_param::DATA,
-        ParamDef {
-            name: "seq_len",
-            ty: ParamType::Int { min: Some(2), max: None },
-            default: ParamDefault::Json("2048"),
-            help: "window length in tokens (eval-ppl's `chunks` windows)",
-        },
-        ParamDef {
-            name: "max_windows",
-            ty: ParamType::Int { min: Some(1), max: None },
-            default: ParamDefault::Optional,
-            help: "use only the first N windows",
-        },
-        ParamDef {
-            name: "bos",
-            ty: ParamType::Enum(&["none", "stream-start", "window-start"]),
-            default: ParamDefault::Json("\"stream-start\""),
-            help: "where BOS goes, as in eval-ppl",
-        },
+        text_param::WINDOW_SEQ_LEN,
+        text_param::WINDOW_MAX,
+        text_param::WINDOW_BOS,
         ParamDef {
             name: "eps",
             ty: ParamType::Float { min: Some(0.0), max: None },

@@ -13,6 +13,26 @@ pub const DATA: ParamDef = ParamDef {
     help: "text source: \"wikitext-2-raw-v1:test\", \"synthetic:facts:test\", { path = \"file\" }",
 };
 
+/// `seq_len`, `max_windows`, `bos` of the analysis stages, which read eval-ppl's `chunks` windows.
+pub const WINDOW_SEQ_LEN: ParamDef = ParamDef {
+    name: "seq_len",
+    ty: ParamType::Int { min: Some(2), max: None },
+    default: ParamDefault::Json("2048"),
+    help: "window length in tokens (eval-ppl's `chunks` windows)",
+};
+pub const WINDOW_MAX: ParamDef = ParamDef {
+    name: "max_windows",
+    ty: ParamType::Int { min: Some(1), max: None },
+    default: ParamDefault::Optional,
+    help: "use only the first N windows",
+};
+pub const WINDOW_BOS: ParamDef = ParamDef {
+    name: "bos",
+    ty: ParamType::Enum(&["none", "stream-start", "window-start"]),
+    default: ParamDefault::Json("\"stream-start\""),
+    help: "where BOS goes, as in eval-ppl",
+};
+
 /// The source a `data` value names, with errors phrased for the validator.
 pub fn source(data: &Json) -> Result<Source, String> {
     Source::from_value(data).map_err(|e| format!("data: {e:#}"))
