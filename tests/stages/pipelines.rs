@@ -94,7 +94,7 @@ fn progressive_tiny_has_before_after_and_the_control_for_every_level() {
             "level {level} starts from the previous one"
         );
         previous_zeros = zeros;
-        assert_eq!(get("tuned")["loss"].as_array().unwrap().len(), 5);
+        assert_eq!(get("tuned")["loss"].as_array().unwrap().len(), 8);
         assert!(get("text")["label"].is_string());
     }
     // The session carries the researcher's table: baseline, control and one row per level.
