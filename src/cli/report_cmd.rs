@@ -138,26 +138,18 @@ fn from_pipeline(args: &ReportArgs, file: &Path, registry: &Registry, cache_root
     Ok(s)
 }
 
-/// Prints the main table of a finished run (nothing for kinds the report does not know).
-pub fn print_main_table(session_file: &Path) {
-    if let Ok(s) = Session::read(session_file) {
-        if let Some(t) = report::main_table(&s) {
-            println!();
-            print!("{}", t.markdown());
-        }
-    }
-}
-
-/// Stores the report's tables in the session file under `tables` (what the researcher's tables
-/// show, e.g. per level: ppl before/after, vs baseline, recovery, text label), so a notebook
-/// reading the session needs no rpt-flow. Rewritten atomically; a failure only loses the tables.
-pub fn attach_tables(session_file: &Path) -> anyhow::Result<()> {
-    let s = Session::read(session_file)?;
-    let tables: Vec<serde_json::Value> = report::tables(&s).iter().map(|t| t.to_json()).collect();
-    let mut doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(session_file)?)?;
-    doc["tables"] = serde_json::Value::Array(tables);
+/// Ends a run: stores the report's tables in the session file under `tables` (what the
+/// researcher's tables show, e.g. per level: ppl before/after, vs baseline, recovery, text label,
+/// so a notebook reading the session needs no rpt-flow) and returns the main one to print
+/// (none for kinds the report does not know). The session is read and the tables built once;
+/// the file is rewritten atomically, and a failure only loses the tables.
+pub fn attach_tables(session_file: &Path) -> anyhow::Result<Option<report::Table>> {
+    let text = std::fs::read_to_string(session_file)?;
+    let mut doc: serde_json::Value = serde_json::from_str(&text)?;
+    let tables = report::tables(&Session::from_json(&doc)?);
+    doc["tables"] = tables.iter().map(|t| t.to_json()).collect();
     let tmp = session_file.with_extension(format!("tables.{}.tmp", std::process::id()));
     std::fs::write(&tmp, serde_json::to_string_pretty(&doc)? + "\n")?;
     std::fs::rename(&tmp, session_file)?;
-    Ok(())
+    Ok(tables.into_iter().next())
 }

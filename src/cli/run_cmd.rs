@@ -39,10 +39,14 @@ pub fn run(args: &RunArgs, registry: &Registry, cache_root: &Path, quiet: bool) 
         println!("{total} instances: {} computed, {} cached", outcome.computed, outcome.cached);
     }
     println!("session: {}", outcome.session_path.display());
-    if let Err(e) = super::report_cmd::attach_tables(&outcome.session_path) {
-        tracing::warn!("could not add the tables to {}: {e:#}", outcome.session_path.display());
+    match super::report_cmd::attach_tables(&outcome.session_path) {
+        Ok(Some(main)) => {
+            println!();
+            print!("{}", main.markdown());
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!("could not add the tables to {}: {e:#}", outcome.session_path.display()),
     }
-    super::report_cmd::print_main_table(&outcome.session_path);
     if outcome.interrupted {
         eprintln!(
             "interrupted: finished stages are cached and partial state is kept; run the same command to continue"
