@@ -114,8 +114,20 @@ fn reachable(files: &[PathBuf], registry: &Registry, root: &Path) -> Result<Hash
         let base = PipelineArgs { pipeline: f.clone(), profiles: vec![], sets: vec![], device: "cpu".into() };
         let plan = load_plan(&base, registry, Some(root))?;
         keys.extend(plan.keys.iter().copied());
-        for profile in plan.pipeline.profiles.clone() {
-            let args = PipelineArgs { profiles: vec![profile], ..base.clone() };
+        // Every combination of the pipeline's profiles (e.g. `tiny` with `rigorous`); past six
+        // profiles, each alone.
+        let profiles = plan.pipeline.profiles.clone();
+        let combos: Vec<Vec<String>> = if profiles.len() <= 6 {
+            (1u32..1 << profiles.len())
+                .map(|m| {
+                    profiles.iter().enumerate().filter(|(i, _)| m & (1 << i) != 0).map(|(_, p)| p.clone()).collect()
+                })
+                .collect()
+        } else {
+            profiles.iter().map(|p| vec![p.clone()]).collect()
+        };
+        for combo in combos {
+            let args = PipelineArgs { profiles: combo, ..base.clone() };
             keys.extend(load_plan(&args, registry, Some(root))?.keys);
         }
     }

@@ -65,7 +65,7 @@ enum Command {
 pub struct PipelineArgs {
     /// The pipeline TOML file.
     pub pipeline: PathBuf,
-    /// Apply a `[profiles.<name>]` table (repeatable, applied in order).
+    /// Apply a `[profiles.<name>]` table (repeatable; applied in the order the file defines them).
     #[arg(long = "profile", short = 'p')]
     pub profiles: Vec<String>,
     /// Override a value: --set stages.base.model=builtin:tiny-bitnet (repeatable).

@@ -88,7 +88,7 @@ fn markdown(kinds: &[&KindSchema]) -> String {
             "## `{}` (version {})\n\n{}\n\nOutput: {}.\n\n",
             s.kind,
             s.version,
-            s.help,
+            s.help.replace('|', "\\|"),
             s.output.name()
         ));
         out.push_str("| name | input/param | type | default | meaning |\n|---|---|---|---|---|\n");
@@ -98,7 +98,7 @@ fn markdown(kinds: &[&KindSchema]) -> String {
                 i.name,
                 i.ty.name(),
                 if i.required { "required" } else { "optional" },
-                i.help
+                i.help.replace('|', "\\|")
             ));
         }
         for p in s.params {
@@ -107,7 +107,7 @@ fn markdown(kinds: &[&KindSchema]) -> String {
                 p.name,
                 p.ty.short().replace('|', "\\|"),
                 p.default.describe(),
-                p.help
+                p.help.replace('|', "\\|")
             ));
         }
         out.push('\n');

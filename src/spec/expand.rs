@@ -139,9 +139,18 @@ fn apply_profiles_and_sets(
         }
     }
     let names: Vec<String> = defined.iter().map(|(n, _)| n.clone()).collect();
+    // Profiles apply in the order the file defines them, whatever the command-line order: the
+    // author decides which wins where two set the same path (size profiles such as `tiny` go
+    // last, so `--profile tiny --profile rigorous` is the rigorous protocol at tiny size), and
+    // `-p a -p b` and `-p b -p a` are the same run with the same keys.
+    for (name, ovs) in &defined {
+        if options.profiles.contains(name) {
+            ovs.iter().for_each(|ov| overrides::apply(root, ov));
+        }
+    }
     for wanted in &options.profiles {
         match defined.iter().find(|(n, _)| n == wanted) {
-            Some((_, ovs)) => ovs.iter().for_each(|ov| overrides::apply(root, ov)),
+            Some(_) => {}
             None => {
                 let help = if names.is_empty() {
                     "this pipeline defines no [profiles.<name>] tables".to_string()

@@ -128,16 +128,11 @@ pub fn parse(name: &str, text: &str, catalog: &Catalog, options: &SpecOptions) -
         return Err(SpecErrors { sources, diagnostics: diags });
     }
     let (name_, seed, description, profiles, instances) = pipeline.expect("no diagnostics means a pipeline");
-    Ok(Pipeline {
-        name: name_,
-        seed,
-        description,
-        file: PathBuf::from(name),
-        options: options.clone(),
-        profiles,
-        instances,
-        sources,
-    })
+    // The applied profiles in file order (the order they are applied in), each once: the same
+    // run whatever the command-line order, so the same session file name.
+    let mut options = options.clone();
+    options.profiles = profiles.iter().filter(|p| options.profiles.contains(p)).cloned().collect();
+    Ok(Pipeline { name: name_, seed, description, file: PathBuf::from(name), options, profiles, instances, sources })
 }
 
 /// `path=value`; the value is read as TOML when it parses (numbers, booleans, arrays, quoted
