@@ -22,33 +22,58 @@ pub fn relative_deviation(clean: &[f32], noisy: &[f32], hidden: usize) -> (f64, 
     (if n == 0 { 0.0 } else { sum / n as f64 }, n)
 }
 
-/// How a perturbation grows from δ_0 (embedding output) to δ_L (last layer's output).
+/// ‖noisy − clean‖_F / ‖clean‖_F over a whole `[tokens, hidden]` output (the criticality
+/// notebook's δ); `None` when the clean output is all zeros.
+pub fn frobenius_deviation(clean: &[f32], noisy: &[f32]) -> Option<f64> {
+    assert_eq!(clean.len(), noisy.len());
+    let n = norm(clean);
+    let d = clean.iter().zip(noisy).map(|(&x, &y)| ((y as f64) - (x as f64)).powi(2)).sum::<f64>().sqrt();
+    (n > 0.0).then_some(d / n)
+}
+
+/// How a perturbation grows through the layers. `delta[0]` is the deviation at the embedding
+/// output, `delta[l + 1]` at the output of decoder layer l (L layers).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Growth {
     pub delta: Vec<f64>,
-    /// Index of the largest δ (0 = embeddings).
+    /// Index into `delta` of the largest δ (0 = embeddings, l + 1 = layer l).
     pub peak_layer: usize,
-    /// δ_L / δ_0 (1 when δ_0 = 0: nothing to amplify).
+    /// δ at the last layer's output over δ at layer 0's output (the notebook's convention;
+    /// 1 when there is nothing to amplify or only one layer).
     pub amplification: f64,
-    /// λ = ln(δ_L/δ_0) / L (0 when δ_0 = 0).
+    /// λ = (ln δ_last − ln δ_layer0) / (L − 1): the notebook's estimate (0 where undefined).
     pub lyapunov: f64,
-    /// ln(δ_{l+1}/δ_l) for l = 0..L-1 (0 where both are 0).
+    /// The same from the embedding output: δ_last / δ_embedding and ln(δ_last/δ_embedding) / L.
+    pub amplification_from_embedding: f64,
+    pub lyapunov_from_embedding: f64,
+    /// ln(δ_{i+1}/δ_i) for consecutive boundaries (0 where both are 0).
     pub local_exponents: Vec<f64>,
 }
 
-/// `delta[0]` is the deviation at the embedding output, `delta[l]` after layer l.
+/// Growth from `delta` (embedding output, then each layer's output).
 pub fn growth(delta: &[f64]) -> Growth {
-    assert!(delta.len() >= 2, "need δ_0 and at least one layer");
-    let layers = (delta.len() - 1) as f64;
-    let (d0, dl) = (delta[0], delta[delta.len() - 1]);
+    assert!(delta.len() >= 2, "need δ at the embedding and at least one layer");
+    let last = delta[delta.len() - 1];
     let peak_layer = delta.iter().enumerate().fold(0, |best, (i, &d)| if d > delta[best] { i } else { best });
     let log_ratio = |a: f64, b: f64| if a == 0.0 && b == 0.0 { 0.0 } else { (b / a).ln() };
-    let (amplification, lyapunov) = if d0 == 0.0 { (1.0, 0.0) } else { (dl / d0, (dl / d0).ln() / layers) };
+    // From δ_first to δ_last over `steps` layers; (1, 0) when δ_first is 0 or there is no step.
+    let rate = |first: f64, steps: usize| {
+        if first == 0.0 || steps == 0 {
+            (1.0, 0.0)
+        } else {
+            (last / first, (last / first).ln() / steps as f64)
+        }
+    };
+    let layers = delta.len() - 1;
+    let (amplification, lyapunov) = rate(delta[1], layers - 1);
+    let (amplification_from_embedding, lyapunov_from_embedding) = rate(delta[0], layers);
     Growth {
         delta: delta.to_vec(),
         peak_layer,
         amplification,
         lyapunov,
+        amplification_from_embedding,
+        lyapunov_from_embedding,
         local_exponents: delta.windows(2).map(|w| log_ratio(w[0], w[1])).collect(),
     }
 }
@@ -78,10 +103,37 @@ mod tests {
     fn geometric_growth_gives_its_rate_as_the_lyapunov_exponent() {
         let delta: Vec<f64> = (0..=4).map(|l| 0.01 * 2f64.powi(l)).collect();
         let g = growth(&delta);
-        assert!((g.amplification - 16.0).abs() < 1e-9);
+        assert!((g.amplification_from_embedding - 16.0).abs() < 1e-9);
+        assert!((g.lyapunov_from_embedding - 2f64.ln()).abs() < 1e-12);
+        // From layer 0's output (δ = 0.02) to layer 3's (0.16): three steps.
+        assert!((g.amplification - 8.0).abs() < 1e-9);
         assert!((g.lyapunov - 2f64.ln()).abs() < 1e-12);
         assert_eq!(g.peak_layer, 4);
         assert!(g.local_exponents.iter().all(|e| (e - 2f64.ln()).abs() < 1e-12));
+    }
+
+    #[test]
+    fn the_notebook_convention_starts_at_layer_0_output() {
+        // The report's numbers: δ after layer 0 = 0.0298, after layer 29 = 0.0282, and a much
+        // smaller δ at the embedding: from layer 0 it shrinks (λ < 0), from the embedding it grows.
+        let mut delta = vec![0.01, 0.0298];
+        delta.extend((0..28).map(|_| 0.03));
+        delta.push(0.0282);
+        let g = growth(&delta);
+        assert!((g.lyapunov - (0.0282f64 / 0.0298).ln() / 29.0).abs() < 1e-15);
+        assert!((g.lyapunov - -0.0019).abs() < 1e-4, "{}", g.lyapunov);
+        assert!((g.amplification - 0.946).abs() < 1e-3);
+        assert!(g.lyapunov_from_embedding > 0.0);
+        let one = growth(&[0.5, 0.2]);
+        assert_eq!((one.amplification, one.lyapunov), (1.0, 0.0), "one layer: no step to measure");
+    }
+
+    #[test]
+    fn frobenius_deviation_over_the_whole_output() {
+        // ‖(0,1,0,0)‖ / ‖(3,4,1,0)‖ = 1/√26, not the mean of per-token ratios (0.1).
+        let d = frobenius_deviation(&[3.0, 4.0, 1.0, 0.0], &[3.0, 5.0, 1.0, 0.0]).unwrap();
+        assert!((d - 1.0 / 26f64.sqrt()).abs() < 1e-12);
+        assert_eq!(frobenius_deviation(&[0.0, 0.0], &[1.0, 0.0]), None);
     }
 
     #[test]

@@ -26,8 +26,13 @@ pub fn hf_text_rows(content: &str) -> Vec<String> {
 
 /// Python's `str.isspace` for one character: Rust's `White_Space` plus U+001C..U+001F, which
 /// Python counts (bidirectional classes B and S) and Unicode's `White_Space` does not.
-fn py_isspace(c: char) -> bool {
+pub(crate) fn py_isspace(c: char) -> bool {
     c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// Python's `str.strip()`: leading and trailing whitespace (Python's definition) removed.
+pub fn py_strip(s: &str) -> &str {
+    s.trim_matches(py_isspace)
 }
 
 /// Joins rows with `sep`, as Python's `sep.join(rows)`.
@@ -59,6 +64,13 @@ mod tests {
         // U+001F is whitespace to Python's strip(), not to Rust's trim().
         assert_eq!(hf_text_rows("\u{1f} \n\u{a0}\nx\n"), vec!["", "", "x\n"]);
         assert!(hf_text_rows("").is_empty());
+    }
+
+    #[test]
+    fn strip_is_python_strip() {
+        assert_eq!(py_strip(" \u{1f} a b \n"), "a b");
+        assert_eq!(py_strip("\u{a0}x\u{a0}"), "x");
+        assert_eq!(py_strip(" \n "), "");
     }
 
     #[test]

@@ -34,11 +34,13 @@ pub use bpe::{train_bpe, BOS_TOKEN, EOS_TOKEN};
 pub use bytes::{scored_bytes, token_bytes};
 pub use error::DataError;
 pub use hub::{HubOptions, WikiText, WIKITEXT_REPO, WIKITEXT_REVISION};
-pub use lines::{hf_text_rows, join_rows};
+pub use lines::{hf_text_rows, join_rows, py_strip};
 pub use parquet_io::{read_text_column, write_text_column};
 pub use rng::SplitMix64;
 pub use source::{RowMode, Source, DEFAULT_JOIN};
 pub use text::Text;
-pub use tokens::{token_stream, tokens, TokenStream};
-pub use train::{Batch, TrainBatches};
-pub use windows::{chunks, llama_cpp, rolling, windows, Bos, Protocol, Window, WindowOptions};
+pub use tokens::{encoded_stream, long_rows, stripped_rows, token_stream, tokens, Encoding, TokenStream};
+pub use train::{Batch, ChunkBatches, TrainBatches};
+pub use windows::{
+    chunks, llama_cpp, rolling, rpt_notebook, text_windows, windows, Bos, Protocol, Window, WindowOptions,
+};

@@ -16,8 +16,14 @@ use super::{error::DataError, rng::SplitMix64};
 /// synthetic source's identity, so cached results made from older text stop matching.
 pub const GENERATOR_VERSION: u32 = 1;
 
-/// The synthetic corpora by name (`synthetic:<name>`).
-pub const NAMES: [&str; 1] = ["facts"];
+/// The synthetic corpora by name (`synthetic:<name>`): `facts`, paragraphs over the facts world;
+/// `fact-sentences`, one canonical fact sentence per row ("The capital of France is Paris."),
+/// like the sparsity notebook's hand-written evaluation sentences (8 by default, spread over the
+/// world; both splits give the same sentences).
+pub const NAMES: [&str; 2] = ["facts", "fact-sentences"];
+
+/// Default number of `fact-sentences` rows.
+pub const FACT_SENTENCES: usize = 8;
 
 /// Default number of sentences per split.
 pub const TRAIN_SENTENCES: usize = 20_000;
@@ -349,9 +355,10 @@ impl Synthetic {
             }
             .into());
         }
-        let sentences = match split {
-            Split::Train => TRAIN_SENTENCES,
-            Split::Test => TEST_SENTENCES,
+        let sentences = match (name, split) {
+            ("fact-sentences", _) => FACT_SENTENCES,
+            (_, Split::Train) => TRAIN_SENTENCES,
+            (_, Split::Test) => TEST_SENTENCES,
         };
         Ok(Self { name: name.to_string(), split, seed: 0, sentences })
     }
@@ -376,6 +383,9 @@ impl Synthetic {
     /// canonical sentence with probability 1/2, else a random paraphrase — except in the first
     /// pass of the train split, which is all canonical. Stops after `sentences` sentences.
     pub fn rows(&self) -> Vec<String> {
+        if self.name == "fact-sentences" {
+            return fact_sentences(self.sentences);
+        }
         let stream = match self.split {
             Split::Train => 1,
             Split::Test => 2,
@@ -420,9 +430,27 @@ impl Synthetic {
     }
 }
 
+/// `n` canonical fact sentences spread evenly over the world (fact `i·len/n` for i < n), one per
+/// row, each ending in "\n"; at most one per fact.
+fn fact_sentences(n: usize) -> Vec<String> {
+    let world = facts();
+    let n = n.min(world.len());
+    (0..n).map(|i| format!("{}\n", world[i * world.len() / n].canonical())).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fact_sentences_are_canonical_and_spread() {
+        let rows = Synthetic::new("fact-sentences", Split::Test).unwrap().rows();
+        assert_eq!(rows.len(), 8);
+        assert_eq!(rows[0], "The capital of France is Paris.\n");
+        assert!(rows.iter().any(|r| r.contains("planet")), "{rows:?}");
+        let distinct: std::collections::HashSet<_> = rows.iter().collect();
+        assert_eq!(distinct.len(), 8);
+    }
 
     #[test]
     fn prompts_are_unique_and_expected_is_in_completion() {

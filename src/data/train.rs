@@ -1,4 +1,6 @@
-//! Training batches: random windows of `seq_len + 1` tokens, chosen from (seed, step) alone.
+//! Training batches chosen from (seed, step) alone: random windows of `seq_len + 1` tokens
+//! ([`TrainBatches`]), or the RPT notebooks' draw with replacement from fixed chunks
+//! ([`ChunkBatches`]).
 
 use std::sync::Arc;
 
@@ -65,5 +67,76 @@ impl TrainBatches {
             targets.extend_from_slice(&self.tokens[o + 1..o + 1 + self.seq_len]);
         }
         Batch { batch: self.batch, seq_len: self.seq_len, input_ids, targets, offsets }
+    }
+}
+
+/// The RPT notebooks' batches: the stream cut into non-overlapping chunks of `chunk` tokens at
+/// `range(0, n - chunk, chunk)`; each step draws `batch` chunks uniformly WITH replacement
+/// (from `SplitMix64::keyed(seed, [step])`, so a resumed run sees the same draws). A chunk is its
+/// own input and labels, so it trains on `chunk - 1` next-token targets.
+#[derive(Debug, Clone)]
+pub struct ChunkBatches {
+    tokens: Arc<Vec<u32>>,
+    chunk: usize,
+    chunks: usize,
+    batch: usize,
+    seed: u64,
+}
+
+impl ChunkBatches {
+    pub fn new(tokens: Arc<Vec<u32>>, chunk: usize, batch: usize, seed: u64) -> Result<Self> {
+        if chunk < 2 || batch == 0 {
+            bail!("chunks need at least 2 tokens and batch must be positive (got {chunk} and {batch})");
+        }
+        let chunks = tokens.len().saturating_sub(1) / chunk; // #{i in range(0, n - chunk, chunk)}
+        if chunks == 0 {
+            return Err(DataError::TooShort {
+                what: format!("training chunks of {chunk} tokens"),
+                have: tokens.len(),
+                need: chunk + 1,
+            }
+            .into());
+        }
+        Ok(Self { tokens, chunk, chunks, batch, seed })
+    }
+
+    /// How many chunks there are to draw from.
+    pub fn chunks(&self) -> usize {
+        self.chunks
+    }
+
+    /// The batch of step `step`: rows of `chunk - 1` inputs and their targets.
+    pub fn get(&self, step: u64) -> Batch {
+        let mut rng = SplitMix64::keyed(self.seed, &[step]);
+        let offsets: Vec<usize> = (0..self.batch).map(|_| rng.index(self.chunks) * self.chunk).collect();
+        let len = self.chunk - 1;
+        let mut input_ids = Vec::with_capacity(self.batch * len);
+        let mut targets = Vec::with_capacity(self.batch * len);
+        for &o in &offsets {
+            input_ids.extend_from_slice(&self.tokens[o..o + len]);
+            targets.extend_from_slice(&self.tokens[o + 1..o + 1 + len]);
+        }
+        Batch { batch: self.batch, seq_len: len, input_ids, targets, offsets }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_batches_draw_whole_chunks_with_replacement() {
+        // 12 tokens, chunks of 4 at range(0, 8, 4) = [0, 4]: the last full chunk is not used.
+        let b = ChunkBatches::new(Arc::new((0..12).collect()), 4, 64, 3).unwrap();
+        assert_eq!(b.chunks(), 2);
+        let batch = b.get(5);
+        assert_eq!(batch.seq_len, 3);
+        assert!(batch.offsets.iter().all(|o| *o == 0 || *o == 4));
+        assert!(batch.offsets.contains(&0) && batch.offsets.contains(&4), "64 draws from 2 chunks repeat");
+        let r = batch.offsets.iter().position(|o| *o == 4).unwrap();
+        assert_eq!(&batch.input_ids[r * 3..r * 3 + 3], &[4, 5, 6]);
+        assert_eq!(&batch.targets[r * 3..r * 3 + 3], &[5, 6, 7]);
+        assert_eq!(b.get(5), batch, "a step's batch depends on (seed, step) alone");
+        assert!(ChunkBatches::new(Arc::new((0..4).collect()), 4, 1, 0).is_err());
     }
 }

@@ -53,6 +53,13 @@ pub enum Protocol {
     /// Strided windows (HF perplexity guide): every token scored exactly once, with at least
     /// `seq_len - stride` tokens of context after the first window; the tail is kept.
     Rolling { stride: usize },
+    /// The RPT notebooks' loop: windows start at `range(0, n - seq_len, seq_len)`, so the last
+    /// full window is dropped when `n` is a multiple of `seq_len`; otherwise as `Chunks`.
+    RptNotebook,
+    /// Each text (row) is its own window, tokenised with the tokenizer's default special tokens
+    /// and truncated to `seq_len`; every position but the first scored; the perplexity weights
+    /// each text's mean loss by its token count (the sparsity notebook's fact sentences).
+    Texts,
 }
 
 impl Protocol {
@@ -61,18 +68,24 @@ impl Protocol {
         Ok(match (name, stride) {
             ("chunks", None) => Protocol::Chunks,
             ("llama-cpp", None) => Protocol::LlamaCpp,
+            ("rpt-notebook", None) => Protocol::RptNotebook,
+            ("texts", None) => Protocol::Texts,
             ("rolling", Some(stride)) => Protocol::Rolling { stride },
             ("rolling", None) => bail!("protocol \"rolling\" needs `stride`"),
-            ("chunks" | "llama-cpp", Some(_)) => bail!("`stride` applies only to protocol \"rolling\""),
-            _ => bail!("protocol is \"chunks\", \"llama-cpp\" or \"rolling\", not \"{name}\""),
+            (_, Some(_)) if Self::NAMES.contains(&name) => bail!("`stride` applies only to protocol \"rolling\""),
+            _ => bail!("protocol is one of {}, not \"{name}\"", Self::NAMES.join(", ")),
         })
     }
+
+    pub const NAMES: [&'static str; 5] = ["chunks", "llama-cpp", "rolling", "rpt-notebook", "texts"];
 
     pub fn name(&self) -> &'static str {
         match self {
             Protocol::Chunks => "chunks",
             Protocol::LlamaCpp => "llama-cpp",
             Protocol::Rolling { .. } => "rolling",
+            Protocol::RptNotebook => "rpt-notebook",
+            Protocol::Texts => "texts",
         }
     }
 }
@@ -120,7 +133,40 @@ pub fn windows(protocol: Protocol, tokens: &[u32], opts: &WindowOptions) -> Resu
         Protocol::Chunks => chunks(tokens, opts),
         Protocol::LlamaCpp => llama_cpp(tokens, opts),
         Protocol::Rolling { stride } => rolling(tokens, opts, stride),
+        Protocol::RptNotebook => rpt_notebook(tokens, opts),
+        Protocol::Texts => bail!("protocol \"texts\" windows texts, not a token stream (see text_windows)"),
     }
+}
+
+/// `rpt-notebook`: the notebooks' `for i in range(0, n - L, L)` over the stream (BOS policies as
+/// in [`chunks`]); every position but the first scored. It differs from `chunks` only when `n` is
+/// a multiple of `L`: then the last full window is dropped.
+pub fn rpt_notebook(tokens: &[u32], opts: &WindowOptions) -> Result<Vec<Window>> {
+    let bos_id = check(opts)?;
+    let l = opts.seq_len;
+    if let (Bos::WindowStart, Some(_)) = (opts.bos, bos_id) {
+        bail!("protocol \"rpt-notebook\" takes bos = \"none\" or \"stream-start\"");
+    }
+    let stream = with_stream_bos(tokens, opts.bos, bos_id);
+    let n = stream.len();
+    let count = n.saturating_sub(1) / l; // #{i in range(0, n - l, l)}
+    let out = (0..count).map(|k| Window { input_ids: stream[k * l..(k + 1) * l].to_vec(), targets: 1..l }).collect();
+    finish(out, opts, "rpt-notebook", n, l + 1)
+}
+
+/// `texts`: one window per text (already tokenised, special tokens included), truncated to
+/// `seq_len`; texts of fewer than two tokens score nothing and are left out.
+pub fn text_windows(texts: &[Vec<u32>], opts: &WindowOptions) -> Result<Vec<Window>> {
+    let out: Vec<Window> = texts
+        .iter()
+        .filter(|t| t.len() >= 2)
+        .map(|t| {
+            let ids = t[..t.len().min(opts.seq_len)].to_vec();
+            let n = ids.len();
+            Window { input_ids: ids, targets: 1..n }
+        })
+        .collect();
+    finish(out, opts, "texts", texts.iter().map(Vec::len).max().unwrap_or(0), 2)
 }
 
 fn check(opts: &WindowOptions) -> Result<Option<u32>> {
@@ -266,6 +312,28 @@ mod tests {
         assert_eq!(w.iter().map(Window::scored).sum::<usize>(), 6);
         assert_eq!(w[0].logit_positions(), 0..3);
         assert_eq!(w[0].target_ids(), &[1, 2, 3]);
+    }
+
+    #[test]
+    fn rpt_notebook_drops_the_last_full_window() {
+        // range(0, 12 - 4, 4) = [0, 4]: the third full window [8..12] is dropped.
+        let w = rpt_notebook(&stream(12), &opts(4, Bos::None)).unwrap();
+        assert_eq!(w.iter().map(|w| w.input_ids[0]).collect::<Vec<_>>(), vec![0, 4]);
+        // range(0, 13 - 4, 4) = [0, 4, 8]: as chunks when n is not a multiple.
+        let w = rpt_notebook(&stream(13), &opts(4, Bos::None)).unwrap();
+        assert_eq!(w, chunks(&stream(13), &opts(4, Bos::None)).unwrap());
+        assert!(rpt_notebook(&stream(4), &opts(4, Bos::None)).is_err(), "range(0, 0, 4) is empty");
+        assert_eq!(rpt_notebook(&stream(5), &opts(4, Bos::None)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn texts_are_their_own_windows() {
+        let texts = vec![vec![99, 1, 2, 3, 4, 5], vec![99], vec![99, 7]];
+        let w = text_windows(&texts, &opts(4, Bos::None)).unwrap();
+        assert_eq!(w.len(), 2);
+        assert_eq!(w[0].input_ids, vec![99, 1, 2, 3]);
+        assert_eq!(w[0].targets, 1..4);
+        assert_eq!(w[1].target_ids(), &[7]);
     }
 
     #[test]

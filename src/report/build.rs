@@ -2,7 +2,7 @@
 
 use serde_json::Value as Json;
 
-use super::lineage::{self, baseline, position, sibling, sparsity_of, Position, Protocol};
+use super::lineage::{self, baseline, finetunes_above, position, sibling, sparsity_of, Position, Protocol};
 use super::session::{Instance, Session};
 use super::table::{cell, pct, pct_num, ppl, sig, signed, Table};
 
@@ -151,14 +151,28 @@ pub fn sweep_table(s: &Session, g: &PplGroup, n: usize) -> Table {
     let mut t = Table::new(
         format!("pruning-sweep#{n}"),
         "Pruning sweep",
-        &[("sparsity", true), ("ppl", true), ("vs baseline (%)", true), ("text label", false)],
+        &[
+            ("sparsity", true),
+            ("achieved (%)", true),
+            ("ppl", true),
+            ("vs baseline (%)", true),
+            ("ternary 0 before → after prune (%)", true),
+            ("text label", false),
+        ],
     );
     t.notes = ppl_notes(s, g);
     let base = baseline(s, &position(s, g.evals[0]), &g.protocol).filter(|b| g.evals.contains(b));
     let base_ppl = base.and_then(|b| ppl_of(&s.instances[b]));
     if let Some(b) = base {
         let inst = &s.instances[b];
-        t.push(vec!["0% (baseline)".into(), ppl_cell(inst), "—".into(), text_label(s, position(s, b).model)]);
+        t.push(vec![
+            "0% (baseline)".into(),
+            "0".into(),
+            ppl_cell(inst),
+            "—".into(),
+            "—".into(),
+            text_label(s, position(s, b).model),
+        ]);
     }
     let mut rows: Vec<(Position, usize)> =
         g.evals.iter().map(|&i| (position(s, i), i)).filter(|(p, _)| p.prune.is_some()).collect();
@@ -169,10 +183,35 @@ pub fn sweep_table(s: &Session, g: &PplGroup, n: usize) -> Table {
     let labels = unique_labels(s, &rows.iter().map(|r| r.0).collect::<Vec<_>>());
     for ((p, i), label) in rows.iter().zip(labels) {
         let inst = &s.instances[*i];
-        t.push(vec![label, ppl_cell(inst), vs(ppl_of(inst), base_ppl), text_label(s, p.model)]);
+        let prune = p.prune.map(|j| &s.instances[j]);
+        t.push(vec![
+            label,
+            metric_pct(prune, "sparsity"),
+            ppl_cell(inst),
+            vs(ppl_of(inst), base_ppl),
+            ternary_cell(prune),
+            text_label(s, p.model),
+        ]);
     }
-    t.footnotes = vec![baseline_footnote(s, g, base), TEXT_NOTE.into()];
+    t.footnotes = vec![ACHIEVED_NOTE.into(), TERNARY_NOTE.into(), baseline_footnote(s, g, base), TEXT_NOTE.into()];
     t
+}
+
+const ACHIEVED_NOTE: &str = "achieved: the pruned model's share of zero projection weights (the notebook rule prunes a percentile of the remaining nonzeros, so it differs from the level's name).";
+const TERNARY_NOTE: &str = "ternary 0: share of projection weights that quantise to 0 before and after the prune (pruning small latent weights mostly removes weights that already round to 0, and lowers the absmean scale).";
+
+fn ternary_cell(prune: Option<&Instance>) -> String {
+    match (
+        prune.and_then(|i| i.metric_f64("ternary_zero_before")),
+        prune.and_then(|i| i.metric_f64("ternary_zero_after")),
+    ) {
+        (Some(x), Some(y)) => format!("{} → {}", pct_num(x), pct_num(y)),
+        _ => "—".into(),
+    }
+}
+
+fn metric_pct(inst: Option<&Instance>, path: &str) -> String {
+    inst.and_then(|i| i.metric_f64(path)).map(pct_num).unwrap_or_else(|| "—".into())
 }
 
 pub fn progressive_table(s: &Session, g: &PplGroup, n: usize) -> Table {
@@ -181,10 +220,15 @@ pub fn progressive_table(s: &Session, g: &PplGroup, n: usize) -> Table {
         "Progressive pruning with fine-tuning",
         &[
             ("sparsity", true),
+            ("achieved (%)", true),
             ("ppl before", true),
             ("ppl after", true),
             ("vs baseline (%)", true),
-            ("recovery (before/after)", true),
+            ("recovery", true),
+            ("before/after", true),
+            ("0% control", true),
+            ("after ft: zeros / ternary 0 (%)", true),
+            ("ternary 0 before → after prune (%)", true),
             ("text label", false),
         ],
     );
@@ -193,28 +237,21 @@ pub fn progressive_table(s: &Session, g: &PplGroup, n: usize) -> Table {
     let base_inst = base.map(|b| &s.instances[b]);
     let base_ppl = base_inst.and_then(ppl_of);
     let base_cell = base_inst.map(ppl_cell).unwrap_or_else(|| "—".into());
+    let dash = || "—".to_string();
     if let Some(b) = base {
-        t.push(vec![
-            "0% (baseline)".into(),
-            base_cell.clone(),
-            "—".into(),
-            "—".into(),
-            "—".into(),
-            text_label(s, position(s, b).model),
-        ]);
+        let mut row = vec!["0% (baseline)".into(), "0".into(), base_cell.clone()];
+        row.extend(std::iter::repeat_n(dash(), 7));
+        row.push(text_label(s, position(s, b).model));
+        t.push(row);
     }
     let pos: Vec<(Position, usize)> = g.evals.iter().map(|&i| (position(s, i), i)).collect();
-    for (p, i) in pos.iter().filter(|(p, _)| p.prune.is_none() && p.tuned.is_some()) {
-        let inst = &s.instances[*i];
-        t.push(vec![
-            "0% (fine-tune control)".into(),
-            base_cell.clone(),
-            ppl_cell(inst),
-            vs(ppl_of(inst), base_ppl),
-            "—".into(),
-            text_label(s, p.model),
-        ]);
-    }
+    // The 0% control: fine-tunes of the unpruned model, by how many fine-tunes they have had.
+    let controls: Vec<(usize, usize)> = pos
+        .iter()
+        .filter(|(p, _)| p.prune.is_none() && p.tuned.is_some())
+        .map(|(p, i)| (finetunes_above(s, p.model), *i))
+        .collect();
+    let mut matched = Vec::new();
     let mut prunes: Vec<Position> = Vec::new();
     for (p, _) in &pos {
         if p.prune.is_some() && !prunes.iter().any(|q| q.prune == p.prune) {
@@ -229,24 +266,59 @@ pub fn progressive_table(s: &Session, g: &PplGroup, n: usize) -> Table {
         let b = before.map(|(_, i)| &s.instances[*i]);
         let a = after.map(|(_, i)| &s.instances[*i]);
         let (bp, ap) = (b.and_then(ppl_of), a.and_then(ppl_of));
-        let recovery = match (bp, ap) {
-            (Some(bp), Some(ap)) if ap > 0.0 => format!("{:.3}×", bp / ap),
-            _ => "—".into(),
+        let (recovery, ratio) = match (bp, ap) {
+            (Some(bp), Some(ap)) if ap > 0.0 => (format!("{:.2}", bp - ap), format!("{:.3}×", bp / ap)),
+            _ => (dash(), dash()),
         };
+        let control = after.and_then(|(p, _)| {
+            let k = finetunes_above(s, p.model);
+            controls.iter().find(|(c, _)| *c == k).map(|&(_, i)| {
+                matched.push(i);
+                ppl_cell(&s.instances[i])
+            })
+        });
+        let prune = pr.prune.map(|j| &s.instances[j]);
+        let tuned = after.and_then(|(p, _)| p.tuned).map(|j| &s.instances[j]);
+        let ternary = ternary_cell(prune);
         let label_model = after.map(|(p, _)| p.model).or(before.map(|(p, _)| p.model)).flatten();
         t.push(vec![
             label,
-            b.map(ppl_cell).unwrap_or_else(|| "—".into()),
-            a.map(ppl_cell).unwrap_or_else(|| "—".into()),
+            metric_pct(prune, "sparsity"),
+            b.map(ppl_cell).unwrap_or_else(dash),
+            a.map(ppl_cell).unwrap_or_else(dash),
             vs(ap.or(if a.is_none() { bp } else { None }), base_ppl),
             recovery,
+            ratio,
+            control.unwrap_or_else(dash),
+            match (
+                tuned.and_then(|i| i.metric_f64("sparsity_after")),
+                tuned.and_then(|i| i.metric_f64("ternary_zero_after")),
+            ) {
+                (Some(z), Some(t)) => format!("{} / {}", pct_num(z), pct_num(t)),
+                (Some(z), None) => pct_num(z),
+                _ => dash(),
+            },
+            ternary,
             text_label(s, label_model),
         ]);
+    }
+    // Control points that match no level get rows of their own.
+    for (k, i) in controls.iter().filter(|(_, i)| !matched.contains(i)) {
+        let inst = &s.instances[*i];
+        let mut row = vec![format!("0% control, {k} fine-tune(s)"), "0".into(), base_cell.clone(), ppl_cell(inst)];
+        row.push(vs(ppl_of(inst), base_ppl));
+        row.extend(std::iter::repeat_n(dash(), 5));
+        row.push(text_label(s, position(s, *i).model));
+        t.push(row);
     }
     t.footnotes = vec![
         "ppl before: the pruned model; ppl after: the same model after its fine-tune; vs baseline uses ppl after."
             .into(),
-        "recovery = ppl before / ppl after: above 1 when the fine-tune lowered the pruned model's perplexity.".into(),
+        "recovery = ppl before − ppl after (the report's column); before/after = their ratio.".into(),
+        ACHIEVED_NOTE.into(),
+        "after ft: the share of projection weights that are exactly 0 after the fine-tune (below achieved when pruned weights grew back, as they do when the masks are not re-applied), and the share that quantises to 0.".into(),
+        "0% control: the unpruned model after as many fine-tunes as the level has had (same steps, same batches).".into(),
+        TERNARY_NOTE.into(),
         baseline_footnote(s, g, base),
         TEXT_NOTE.into(),
     ];
@@ -292,7 +364,7 @@ pub fn list_table(s: &Session, groups: &[&PplGroup]) -> Table {
     }
     t.notes = loads.iter().map(|&l| model_note(s, l)).collect();
     t.footnotes = vec![
-        "protocols: chunks = Wanda/SparseGPT windows, llama-cpp = second half of each chunk scored, rolling = strided (docs/data.md); bits/byte does not depend on the tokenizer."
+        "protocols: chunks = Wanda/SparseGPT windows, llama-cpp = second half of each chunk scored, rolling = strided, rpt-notebook = the RPT notebooks' range(0, n−L, L) windows, texts = each text its own window, token-weighted (docs/data.md, docs/seed-protocols.md); bits/byte does not depend on the tokenizer."
             .into(),
     ];
     t
@@ -320,7 +392,7 @@ pub fn residual_table(s: &Session, i: usize) -> Table {
     t.notes.push(model_note(s, p.load));
     let what = p.model.map(|m| describe_model(s, m)).unwrap_or_default();
     t.notes.push(format!(
-        "measured on {what}: {} windows, {} tokens",
+        "measured on {what}: {} texts (windows), {} tokens",
         cell(inst.metric("windows")),
         cell(inst.metric("tokens"))
     ));
@@ -340,7 +412,7 @@ pub fn residual_table(s: &Session, i: usize) -> Table {
         ]);
     }
     t.footnotes = vec![
-        "c = h_out − h_in, the layer's correction to the residual stream; correction ratio = mean over tokens of ‖c‖/‖h_in‖; branching ratio = mean over tokens of ‖h_out‖/‖h_in‖ (1 = critical).".into(),
+        "c = h_out − h_in, the layer's correction to the residual stream; per text, branching ratio = mean‖h_out‖ / mean‖h_in‖ over its tokens and correction ratio = mean‖c‖ / mean‖h_in‖ (ratios of means, as the criticality notebook), averaged over texts (1 = critical); % zeros: entries of c exactly 0 (in bf16 mostly rounding: a small correction vanishes against a large stream).".into(),
     ];
     t
 }
@@ -405,7 +477,8 @@ pub fn intervention_tables(s: &Session, n0: usize) -> Vec<Table> {
             format!("Interventions — {mode} on {}", model.map(|m| describe_model(s, m)).unwrap_or_default()),
             &[
                 (mode.as_str(), true),
-                ("% zeroed", true),
+                ("% zeroed (notebook)", true),
+                ("% newly zeroed", true),
                 ("ppl", true),
                 ("vs baseline (%)", true),
                 ("text label", false),
@@ -420,8 +493,11 @@ pub fn intervention_tables(s: &Session, n0: usize) -> Vec<Table> {
         }
         // The baseline: the same model, same protocol, no intervention; else the unmodified load.
         let same_model = proto.as_ref().and_then(|p| {
+            let clean_hook = |i: &usize| s.instances[*i].kind == "hook-residuals" && !is_intervention(&s.instances[*i]);
             s.of_kind("eval-ppl")
+                .chain(s.of_kind("hook-residuals"))
                 .map(|(i, _)| i)
+                .filter(|i| s.instances[*i].kind == "eval-ppl" || clean_hook(i))
                 .find(|&i| position(s, i).model == model && Protocol::of(&s.instances[i]).as_ref() == Some(p))
         });
         let base = same_model.or_else(|| proto.as_ref().and_then(|p| baseline(s, &pos, p)));
@@ -429,6 +505,7 @@ pub fn intervention_tables(s: &Session, n0: usize) -> Vec<Table> {
         if let Some(b) = base {
             t.push(vec![
                 "none (baseline)".into(),
+                "0.00".into(),
                 "0.00".into(),
                 ppl_cell(&s.instances[b]),
                 "—".into(),
@@ -450,6 +527,7 @@ pub fn intervention_tables(s: &Session, n0: usize) -> Vec<Table> {
             };
             t.push(vec![
                 inst.metric_f64("intervention.value").map(|v| v.to_string()).unwrap_or_else(|| inst.name.clone()),
+                inst.metric_f64("intervention.masked_fraction").map(pct_num).unwrap_or_else(|| "—".into()),
                 inst.metric_f64("intervention.zeroed_fraction").map(pct_num).unwrap_or_else(|| inst.absent()),
                 ppl_cell(inst),
                 vs(ppl_of(inst), base_ppl),
@@ -462,9 +540,9 @@ pub fn intervention_tables(s: &Session, n0: usize) -> Vec<Table> {
                     "baseline: `{}` (same model and protocol, no intervention); vs baseline = (ppl / baseline − 1) × 100.",
                     s.instances[b].name
                 ),
-                None => "no baseline: no eval-ppl with this protocol on this model.".into(),
+                None => "no baseline: no eval-ppl (or hook-residuals without intervention) with this protocol on this model.".into(),
             },
-            "% zeroed: share of residual corrections c set to zero by the intervention; text label: the intervention's own generations.".into(),
+            "% zeroed (notebook): share of entries of c below the cut, exact zeros included (the predictive-coding notebook's measure); % newly zeroed: nonzero entries the intervention set to zero; text label: the intervention's own generations.".into(),
         ];
         out.push(t);
     }
@@ -482,13 +560,16 @@ pub fn perturbation_table(s: &Session, i: usize) -> Table {
     t.notes.push(model_note(s, p.load));
     let g = |k: &str| inst.metric_f64(k).map(sig).unwrap_or_else(|| "—".into());
     t.notes.push(format!(
-        "measured on {}: λ = {} per layer, amplification δ_L/δ_0 = {}, peak layer {}, mean branching ratio {} ({} without layer 0), eps {}",
+        "measured on {}: λ = {} per layer and amplification {} from layer 0's output to the last layer's (the notebook's convention); from the embedding: λ = {}, amplification {}; peak at boundary {}; mean branching ratio {} ({} without layer 0); noise {} eps {}",
         p.model.map(|m| describe_model(s, m)).unwrap_or_default(),
         g("lyapunov"),
         g("amplification"),
+        g("lyapunov_from_embedding"),
+        g("amplification_from_embedding"),
         cell(inst.metric("peak_layer")),
         g("branching.mean"),
         g("branching.mean_without_first"),
+        inst.metric_str("scale").unwrap_or("?"),
         inst.metric_f64("eps").map(|v| v.to_string()).unwrap_or_else(|| "—".into()),
     ));
     let delta: Vec<f64> = inst
@@ -506,12 +587,12 @@ pub fn perturbation_table(s: &Session, i: usize) -> Table {
     }
     for (l, d) in delta.iter().enumerate() {
         t.push(vec![
-            if l == 0 { "0 (embedding)".into() } else { l.to_string() },
+            if l == 0 { "embedding".into() } else { (l - 1).to_string() },
             sig(*d),
             if l == 0 { "—".into() } else { local.get(l - 1).copied().map(sig).unwrap_or_else(|| "—".into()) },
         ]);
     }
-    t.footnotes = vec!["δ_l: mean relative deviation ‖h̃_l − h_l‖/‖h_l‖ after layer l from a perturbation of size eps at the embedding; λ = ln(δ_L/δ_0)/L.".into()];
+    t.footnotes = vec!["δ: per text ‖h̃ − h‖_F / ‖h‖_F over the whole output of the embedding or of decoder layer l, after Gaussian noise of size eps at the embedding, averaged over texts; λ = (ln δ_last − ln δ_layer 0)/(L − 1), amplification = δ_last/δ_layer 0 (the notebook's convention; the embedding-based figures are given beside it).".into()];
     t
 }
 

@@ -46,6 +46,13 @@ pub fn ancestry(s: &Session, i: usize) -> Vec<usize> {
     out
 }
 
+/// Fine-tunes in the lineage of the model instance `model` (itself included): how a control
+/// point is matched to the level that has had as many.
+pub fn finetunes_above(s: &Session, model: Option<usize>) -> usize {
+    let Some(m) = model else { return 0 };
+    std::iter::once(m).chain(ancestry(s, m)).filter(|&j| s.instances[j].kind == "finetune").count()
+}
+
 pub fn position(s: &Session, i: usize) -> Position {
     let chain = ancestry(s, i);
     let mut p = Position { model: chain.first().copied(), ..Position::default() };
@@ -86,6 +93,9 @@ pub struct Protocol {
     pub stride: String,
     pub bos: String,
     pub max_windows: String,
+    /// `joined` / `per-row` (and the minimum row length), and the analysis stages' `texts`.
+    pub encode: String,
+    pub texts: String,
 }
 
 fn text(v: Option<&Json>) -> String {
@@ -116,6 +126,18 @@ impl Protocol {
             stride: get("stride", "stride"),
             bos: get("bos", "bos"),
             max_windows: get("max_windows", "max_windows"),
+            encode: match get("encode", "encode").as_str() {
+                "per-row" => {
+                    format!("per-row (rows under {} characters dropped)", get("min_row_chars", "min_row_chars"))
+                }
+                other => other.to_string(),
+            },
+            // eval-ppl has no `texts`: its windows are the analysis stages' "windows".
+            texts: match get("texts", "texts").as_str() {
+                "" => "windows".to_string(),
+                t if t.starts_with('{') => "rows".to_string(),
+                t => t.to_string(),
+            },
         })
     }
 
@@ -125,7 +147,15 @@ impl Protocol {
         if !self.stride.is_empty() {
             s.push_str(&format!(", stride {}", self.stride));
         }
-        if !self.bos.is_empty() {
+        if self.texts == "rows" {
+            s = format!("one text per long row, {}, at most {} tokens", self.data, self.seq_len);
+        } else if self.name == "texts" {
+            s.push_str(", each text its own window (BOS as the tokenizer adds it)");
+        }
+        if !self.encode.is_empty() && self.encode != "joined" && self.texts != "rows" {
+            s.push_str(&format!(", rows tokenised {}", self.encode));
+        }
+        if !self.bos.is_empty() && self.texts != "rows" && self.name != "texts" {
             s.push_str(&format!(", BOS {}", self.bos));
         }
         if !self.max_windows.is_empty() {

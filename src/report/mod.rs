@@ -108,12 +108,77 @@ pub fn comparison_markdown(sessions: &[Session], plots: &[Written]) -> String {
     for (i, s) in sessions.iter().enumerate() {
         out.push_str(&format!("### {} = {}\n\n{}\n", label(i), s.stem(), header(s)));
     }
+    let diffs = protocol_differences(sessions);
+    if !diffs.is_empty() {
+        out.push_str(
+            "## Protocol differences\n\nParameters that differ between the sessions (stages of the same name):\n\n",
+        );
+        for d in diffs {
+            out.push_str(&format!("- {d}\n"));
+        }
+        out.push('\n');
+    }
     for t in compare(sessions) {
         out.push_str(&t.markdown());
         out.push('\n');
     }
     out.push_str(&plot_section(plots));
     out.trim_end().to_string() + "\n"
+}
+
+/// The parameters that differ between sessions, over the instances of the same name in all of
+/// them, one line per (kind, parameter, values) with how many instances it concerns; then the
+/// instances that only some sessions have.
+pub fn protocol_differences(sessions: &[Session]) -> Vec<String> {
+    let shown = |v: Option<&serde_json::Value>| match v {
+        None => "(default)".to_string(),
+        Some(serde_json::Value::String(s)) => format!("`{s}`"),
+        Some(other) => format!("`{other}`"),
+    };
+    // (kind, param, values per session) → instance names, in first-seen order.
+    let mut diffs: Vec<(String, String, Vec<String>, Vec<String>)> = Vec::new();
+    let Some(first) = sessions.first() else { return Vec::new() };
+    for inst in &first.instances {
+        let others: Option<Vec<&session::Instance>> =
+            sessions[1..].iter().map(|s| s.instances.iter().find(|j| j.name == inst.name)).collect();
+        let Some(others) = others else { continue };
+        let all: Vec<&session::Instance> = std::iter::once(inst).chain(others).collect();
+        let mut keys: Vec<&String> = all.iter().flat_map(|j| j.params.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        for k in keys {
+            let values: Vec<String> = all.iter().map(|j| shown(j.params.get(k))).collect();
+            if values.iter().all(|v| *v == values[0]) {
+                continue;
+            }
+            match diffs.iter_mut().find(|d| d.0 == inst.kind && d.1 == *k && d.2 == values) {
+                Some(d) => d.3.push(inst.name.clone()),
+                None => diffs.push((inst.kind.clone(), k.clone(), values, vec![inst.name.clone()])),
+            }
+        }
+    }
+    let mut out: Vec<String> = diffs
+        .into_iter()
+        .map(|(kind, param, values, names)| {
+            let vals: Vec<String> = values.iter().enumerate().map(|(i, v)| format!("{} {v}", label(i))).collect();
+            let which = if names.len() == 1 { format!("`{}`", names[0]) } else { format!("{} stages", names.len()) };
+            format!("{kind} `{param}`: {} ({which})", vals.join(" · "))
+        })
+        .collect();
+    for (i, s) in sessions.iter().enumerate() {
+        let only: Vec<&str> = s
+            .instances
+            .iter()
+            .filter(|j| sessions.iter().any(|o| !o.instances.iter().any(|x| x.name == j.name)))
+            .map(|j| j.name.as_str())
+            .collect();
+        if !only.is_empty() {
+            let shown: Vec<String> = only.iter().take(4).map(|n| format!("`{n}`")).collect();
+            let more = if only.len() > 4 { format!(" and {} more", only.len() - 4) } else { String::new() };
+            out.push(format!("not in every session, only in {}: {}{more}", label(i), shown.join(", ")));
+        }
+    }
+    out
 }
 
 /// Tables of several sessions merged by id: key columns once, every other column per session.

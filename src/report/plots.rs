@@ -13,7 +13,7 @@ use plotters::prelude::*;
 use serde_json::Value as Json;
 
 use super::build::{ppl_groups, shape_of, Shape};
-use super::lineage::{baseline, position, sparsity_of};
+use super::lineage::{baseline, finetunes_above, position, sparsity_of};
 use super::session::Session;
 use super::table::pct;
 
@@ -320,23 +320,32 @@ fn ppl_plot(s: &Session) -> Option<Plot> {
     let base_ppl = base.and_then(|b| s.instances[b].metric_f64("ppl"));
     let mut before = Vec::new();
     let mut after = Vec::new();
-    let mut control = Vec::new();
+    let mut control: Vec<(usize, f64)> = Vec::new();
     if let Some(b) = base_ppl {
         before.push((0.0, b));
     }
+    // Levels after their fine-tune, by how many fine-tunes they have had: a control point is drawn
+    // at the sparsity of the level that has had as many (at 0 when none has).
+    let mut level_x: Vec<(usize, f64)> = Vec::new();
     for &i in &g.evals {
         let p = position(s, i);
         let (Some(v), Some(sp)) = (s.instances[i].metric_f64("ppl"), sparsity_of(s, &p)) else { continue };
         match (p.prune.is_some(), p.tuned.is_some()) {
             (true, false) => before.push((sp * 100.0, v)),
-            (true, true) => after.push((sp * 100.0, v)),
-            (false, true) => control.push((0.0, v)),
+            (true, true) => {
+                after.push((sp * 100.0, v));
+                level_x.push((finetunes_above(s, p.model), sp * 100.0));
+            }
+            (false, true) => control.push((finetunes_above(s, p.model), v)),
             _ => {}
         }
     }
+    let mut control: Vec<(f64, f64)> =
+        control.into_iter().map(|(k, v)| (level_x.iter().find(|(n, _)| *n == k).map_or(0.0, |(_, x)| *x), v)).collect();
     let by_x = |v: &mut Vec<(f64, f64)>| v.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
     by_x(&mut before);
     by_x(&mut after);
+    by_x(&mut control);
     let mut series = Vec::new();
     let label = if progressive { "pruned, before fine-tune" } else { "pruned" };
     if !before.is_empty() {
@@ -346,7 +355,9 @@ fn ppl_plot(s: &Session) -> Option<Plot> {
         series.push(Series { label: "after fine-tune".into(), points: after, style: Style::Line });
     }
     if !control.is_empty() {
-        series.push(Series { label: "0% fine-tune control".into(), points: control, style: Style::Points });
+        let label =
+            if control.len() > 1 { "0% control (as many fine-tunes as the level)" } else { "0% fine-tune control" };
+        series.push(Series { label: label.into(), points: control, style: Style::Points });
     }
     if let Some(b) = base_ppl {
         series.push(Series { label: "baseline (unpruned)".into(), points: vec![(0.0, b)], style: Style::Reference });
@@ -418,8 +429,9 @@ fn delta_plot(s: &Session) -> Option<Plot> {
     let mut series = Vec::new();
     for (_, inst) in s.of_kind("perturb") {
         let Some(d) = inst.metric("delta").and_then(Json::as_array) else { continue };
+        // delta[0] is the embedding output (x = −1), delta[l + 1] layer l's output (x = l).
         let points: Vec<(f64, f64)> =
-            d.iter().enumerate().filter_map(|(l, v)| v.as_f64().map(|v| (l as f64, v))).collect();
+            d.iter().enumerate().filter_map(|(l, v)| v.as_f64().map(|v| (l as f64 - 1.0, v))).collect();
         let lambda = inst.metric_f64("lyapunov").map(|l| format!(" (λ = {l:.3})")).unwrap_or_default();
         series.push(Series { label: format!("{}{lambda}", inst.name), points, style: Style::Line });
     }
@@ -430,7 +442,7 @@ fn delta_plot(s: &Session) -> Option<Plot> {
     Some(Plot {
         name: "perturbation-delta".into(),
         title: format!("Perturbation growth through the layers ({})", s.device),
-        x_label: "layer (0 = embedding output)".into(),
+        x_label: "layer output (−1 = embedding output)".into(),
         y_label: "relative deviation δ (log scale)".replace(" (log scale)", if positive { " (log scale)" } else { "" }),
         log_y: positive,
         legend_left: true,
@@ -439,15 +451,18 @@ fn delta_plot(s: &Session) -> Option<Plot> {
 }
 
 fn loss_plot(s: &Session) -> Option<Plot> {
-    let mut series = Vec::new();
+    // Steps on the chain's batch stream (`first_batch` + step), so a chain reads as one timeline:
+    // each level is a segment, and the control chain is one curve across all of them.
+    let mut series: Vec<Series> = Vec::new();
     for (i, inst) in s.of_kind("finetune") {
         let Some(l) = inst.metric("loss").and_then(Json::as_array) else { continue };
+        let offset = inst.metric_f64("first_batch").unwrap_or(0.0);
         let points: Vec<(f64, f64)> = l
             .iter()
             .filter_map(|pair| {
                 // [step, loss] pairs, or {step, loss} objects.
                 let step = pair.get(0).or_else(|| pair.get("step"))?.as_f64()?;
-                Some((step, pair.get(1).or_else(|| pair.get("loss"))?.as_f64()?))
+                Some((offset + step, pair.get(1).or_else(|| pair.get("loss"))?.as_f64()?))
             })
             .collect();
         let p = position(s, i);
@@ -455,7 +470,13 @@ fn loss_plot(s: &Session) -> Option<Plot> {
             Some(_) => format!("{} sparsity", sparsity_of(s, &p).map(pct).unwrap_or_else(|| inst.name.clone())),
             None => "0% (control)".into(),
         };
-        series.push(Series { label, points, style: Style::Line });
+        match series.iter_mut().find(|x| x.label == label && p.prune.is_none()) {
+            Some(control) => {
+                control.points.extend(points);
+                control.points.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
+            }
+            None => series.push(Series { label, points, style: Style::Line }),
+        }
     }
     if series.is_empty() {
         return None;
@@ -463,7 +484,7 @@ fn loss_plot(s: &Session) -> Option<Plot> {
     Some(Plot {
         name: "finetune-loss".into(),
         title: format!("Fine-tune loss per level ({})", s.device),
-        x_label: "step".into(),
+        x_label: "step (of the chain's batch stream)".into(),
         y_label: "training loss (cross-entropy, nats/token)".into(),
         log_y: false,
         legend_left: false,

@@ -10,7 +10,6 @@ use serde_json::{json, Map, Value as Json};
 use super::model_artifact as artifact;
 use super::scoring;
 use super::text_param;
-use crate::analysis::perplexity::NllSum;
 use crate::data::Protocol;
 use crate::exec::{
     typed_params, ArtifactType, FileHasher, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage,
@@ -19,17 +18,19 @@ use crate::exec::{
 
 pub static SCHEMA: KindSchema = KindSchema {
     kind: "eval-ppl",
-    version: 1,
+    version: 2,
     help: "Perplexity (and bits per byte) on a text source under a named protocol.",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to evaluate" }],
     params: &[
         text_param::DATA,
         ParamDef {
             name: "protocol",
-            ty: ParamType::Enum(&["chunks", "llama-cpp", "rolling"]),
+            ty: ParamType::Enum(&Protocol::NAMES),
             default: ParamDefault::Json("\"chunks\""),
-            help: "chunks = Wanda/SparseGPT windows; llama-cpp = second half of each chunk; rolling = strided",
+            help: "chunks = Wanda/SparseGPT windows; llama-cpp = second half of each chunk; rolling = strided; rpt-notebook = range(0, n-L, L) windows; texts = each row its own window (token-weighted)",
         },
+        text_param::ENCODE,
+        text_param::MIN_ROW_CHARS,
         ParamDef {
             name: "seq_len",
             ty: ParamType::Int { min: Some(2), max: None },
@@ -50,9 +51,9 @@ pub static SCHEMA: KindSchema = KindSchema {
         },
         ParamDef {
             name: "max_windows",
-            ty: ParamType::Int { min: Some(1), max: None },
+            ty: text_param::MAX_WINDOWS_TYPE,
             default: ParamDefault::Optional,
-            help: "evaluate only the first N windows",
+            help: "evaluate only the first N windows (\"all\": every window)",
         },
         ParamDef {
             name: "bos",
@@ -69,9 +70,12 @@ pub static SCHEMA: KindSchema = KindSchema {
 struct Params {
     data: Json,
     protocol: String,
+    encode: String,
+    min_row_chars: usize,
     seq_len: usize,
     stride: Option<usize>,
     batch: usize,
+    #[serde(default, deserialize_with = "text_param::de_max_windows")]
     max_windows: Option<usize>,
     bos: String,
 }
@@ -85,7 +89,8 @@ impl Stage for EvalPpl {
 
     fn check(&self, params: &Map<String, Json>) -> Result<(), String> {
         let p: Params = typed_params(params)?;
-        Protocol::parse(&p.protocol, p.stride).map_err(|e| format!("{e:#}"))?;
+        let protocol = Protocol::parse(&p.protocol, p.stride).map_err(|e| format!("{e:#}"))?;
+        text_param::protocol_encoding(&protocol, &p.encode, p.min_row_chars, &p.bos)?;
         text_param::source(&p.data)?;
         Ok(())
     }
@@ -100,23 +105,23 @@ impl Stage for EvalPpl {
         let device = artifact::device(ctx.device)?;
         let open = artifact::open(ctx.input("input")?, &device)?;
         let protocol = Protocol::parse(&p.protocol, p.stride)?;
-        let eval = scoring::eval_windows(&open, &p.data, protocol, p.seq_len, &p.bos, p.max_windows)?;
+        let encoding =
+            text_param::protocol_encoding(&protocol, &p.encode, p.min_row_chars, &p.bos).map_err(anyhow::Error::msg)?;
+        let eval = scoring::eval_windows(&open, &p.data, protocol, p.seq_len, &p.bos, p.max_windows, encoding)?;
         let windows = &eval.windows;
 
         ctx.progress.set_length(windows.len() as u64);
         let started = Instant::now();
-        let mut sum = NllSum::default();
+        let mut per_window = Vec::with_capacity(windows.len());
         let mut fed = 0usize;
         for (b, batch) in windows.chunks(p.batch).enumerate() {
             ctx.check_cancelled()?;
-            for (nll, n) in scoring::window_nlls(&open.model, batch)? {
-                sum.add(nll, n);
-            }
+            per_window.extend(scoring::window_nlls(&open.model, batch)?);
             fed += batch.iter().map(|w| w.input_ids.len()).sum::<usize>();
             ctx.progress.set_position(((b + 1) * p.batch).min(windows.len()) as u64);
         }
         let seconds = started.elapsed().as_secs_f64();
-        let mut metrics = eval.ppl_metrics(&open, &sum)?;
+        let mut metrics = eval.ppl_metrics(&open, &per_window)?;
         metrics["tokens_per_second"] = json!(fed as f64 / seconds.max(1e-9));
         Ok(metrics)
     }

@@ -15,9 +15,9 @@ use super::generate::{generate_labelled, prompts_of};
 use super::model_artifact as artifact;
 use super::scoring;
 use super::text_param;
-use crate::analysis::perplexity::NllSum;
-use crate::analysis::residual::{zero_below_threshold, zero_below_token_percentile, LayerAccumulator};
-use crate::data::Protocol;
+use crate::analysis::residual::{
+    zero_below_tensor_percentile, zero_below_threshold, zero_below_token_percentile, Cut, LayerAccumulator,
+};
 use crate::exec::{
     typed_params, ArtifactType, FileHasher, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage,
     StageContext,
@@ -26,14 +26,21 @@ use crate::model::{Bos, GenerateOptions, HookPoint, Hooks, Sampling};
 
 pub static SCHEMA: KindSchema = KindSchema {
     kind: "hook-residuals",
-    version: 1,
-    help: "Per-layer statistics of the residual corrections c = h_out − h_in over the chunks windows of a text source; optionally zeroes small entries of c (absolute threshold or per-token percentile) and reports the zeroed fraction, perplexity and generations.",
+    version: 2,
+    help: "Per-layer statistics of the residual corrections c = h_out − h_in over the windows or texts of a text source; optionally zeroes small entries of c (absolute threshold, or a percentile per token or per layer tensor) and reports the zeroed fractions, perplexity and generations.",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to analyse" }],
     params: &[
         text_param::DATA,
+        text_param::TEXTS,
+        text_param::TEXT_PROTOCOL,
+        text_param::ENCODE,
+        text_param::MIN_ROW_CHARS,
         text_param::WINDOW_SEQ_LEN,
         text_param::WINDOW_MAX,
         text_param::WINDOW_BOS,
+        text_param::TEXTS_LONGER_THAN,
+        text_param::TEXT_CHARS,
+        text_param::MAX_TEXTS,
         ParamDef {
             name: "rel_tol",
             ty: ParamType::Float { min: Some(0.0), max: None },
@@ -50,7 +57,13 @@ pub static SCHEMA: KindSchema = KindSchema {
             name: "percentile",
             ty: ParamType::Float { min: Some(0.0), max: Some(100.0) },
             default: ParamDefault::Optional,
-            help: "intervention: zero the entries of c below the p-th percentile of |c| of their token (100 = all)",
+            help: "intervention: zero the entries of c below the p-th percentile of |c| (of their token, or of the layer's whole tensor: percentile_scope)",
+        },
+        ParamDef {
+            name: "percentile_scope",
+            ty: ParamType::Enum(&["token", "tensor"]),
+            default: ParamDefault::Json("\"token\""),
+            help: "token = each token's own percentile (100 zeroes all); tensor = one percentile over the layer's whole correction of a forward pass (the notebook's code)",
         },
         ParamDef {
             name: "layers",
@@ -78,12 +91,21 @@ pub static SCHEMA: KindSchema = KindSchema {
 #[serde(deny_unknown_fields)]
 struct Params {
     data: Json,
+    texts: String,
+    protocol: String,
+    encode: String,
+    min_row_chars: usize,
     seq_len: usize,
+    #[serde(default, deserialize_with = "text_param::de_max_windows")]
     max_windows: Option<usize>,
     bos: String,
+    texts_longer_than: usize,
+    text_chars: usize,
+    max_texts: usize,
     rel_tol: f64,
     threshold: Option<f64>,
     percentile: Option<f64>,
+    percentile_scope: String,
     layers: Json,
     generate: Json,
     max_new_tokens: usize,
@@ -96,6 +118,8 @@ pub enum Pruning {
     Threshold(f64),
     /// |c| below the token's p-th percentile of |c|; 100 zeroes every entry.
     Percentile(f64),
+    /// |c| below the p-th percentile of |c| over the layer's whole correction in one forward pass.
+    TensorPercentile(f64),
 }
 
 impl Pruning {
@@ -103,25 +127,29 @@ impl Pruning {
         match self {
             Pruning::Threshold(_) => "threshold",
             Pruning::Percentile(_) => "percentile",
+            Pruning::TensorPercentile(_) => "tensor-percentile",
         }
     }
     fn value(&self) -> f64 {
         match *self {
             Pruning::Threshold(t) => t,
-            Pruning::Percentile(p) => p,
+            Pruning::Percentile(p) | Pruning::TensorPercentile(p) => p,
         }
     }
 
-    /// Zeroes entries of `c` (`[tokens, hidden]`) in place; returns how many nonzero entries were
-    /// set to zero.
-    pub fn apply(&self, c: &mut [f32], hidden: usize) -> u64 {
+    /// Zeroes entries of `c` (`[tokens, hidden]`) in place.
+    pub fn apply(&self, c: &mut [f32], hidden: usize) -> Cut {
         const TOKENS_PER_TASK: usize = 64;
         let block = hidden * TOKENS_PER_TASK;
+        let sum = |a: Cut, b: Cut| a + b;
         match *self {
-            Pruning::Threshold(t) => c.par_chunks_mut(block).map(|b| zero_below_threshold(b, t as f32) as u64).sum(),
-            Pruning::Percentile(p) => {
-                c.par_chunks_mut(block).map(|b| zero_below_token_percentile(b, hidden, p) as u64).sum()
+            Pruning::Threshold(t) => {
+                c.par_chunks_mut(block).map(|b| zero_below_threshold(b, t as f32)).reduce(Cut::default, sum)
             }
+            Pruning::Percentile(p) => {
+                c.par_chunks_mut(block).map(|b| zero_below_token_percentile(b, hidden, p)).reduce(Cut::default, sum)
+            }
+            Pruning::TensorPercentile(p) => zero_below_tensor_percentile(c, p),
         }
     }
 }
@@ -137,6 +165,7 @@ fn intervention_of(p: &Params) -> Result<Option<Intervention>, String> {
     let pruning = match (p.threshold, p.percentile) {
         (Some(_), Some(_)) => return Err("give either `threshold` or `percentile`, not both".into()),
         (Some(t), None) => Some(Pruning::Threshold(t)),
+        (None, Some(q)) if p.percentile_scope == "tensor" => Some(Pruning::TensorPercentile(q)),
         (None, Some(q)) => Some(Pruning::Percentile(q)),
         (None, None) => None,
     };
@@ -158,6 +187,20 @@ fn intervention_of(p: &Params) -> Result<Option<Intervention>, String> {
         return Err("`layers` selects where the intervention applies: give `threshold` or `percentile` too".into());
     }
     Ok(pruning.map(|pruning| Intervention { pruning, layers }))
+}
+
+fn selection_of(p: &Params) -> Result<scoring::TextSelection, String> {
+    text_param::selection(
+        &p.texts,
+        &p.protocol,
+        &p.encode,
+        p.min_row_chars,
+        p.texts_longer_than,
+        p.text_chars,
+        p.max_texts,
+        p.max_windows,
+        &p.bos,
+    )
 }
 
 /// The prompts to generate from, if any.
@@ -185,8 +228,8 @@ pub struct ResidualTap {
     intervened: Vec<bool>,
     /// `None`: no statistics (generation).
     pub stats: Option<Vec<LayerAccumulator>>,
-    /// Per layer: entries set to zero, and entries of c seen, at intervened layers.
-    pub zeroed: Vec<u64>,
+    /// Per layer: what the intervention cut, and entries of c seen, at intervened layers.
+    pub cut: Vec<Cut>,
     pub entries: Vec<u64>,
     h_in: Option<Tensor>,
 }
@@ -211,7 +254,7 @@ impl ResidualTap {
             pruning,
             intervened: on,
             stats: stats_rel_tol.map(|tol| vec![LayerAccumulator::new(hidden, tol); n_layers]),
-            zeroed: vec![0; n_layers],
+            cut: vec![Cut::default(); n_layers],
             entries: vec![0; n_layers],
             h_in: None,
         }
@@ -235,10 +278,10 @@ impl ResidualTap {
                 let mut changed = false;
                 if let Some(pr) = pruning {
                     let mut c: Vec<f32> = b.iter().zip(&a).map(|(o, i)| o - i).collect();
-                    let n = pr.apply(&mut c, self.hidden);
-                    self.zeroed[l] += n;
+                    let cut = pr.apply(&mut c, self.hidden);
+                    self.cut[l] = self.cut[l] + cut;
                     self.entries[l] += c.len() as u64;
-                    if n > 0 {
+                    if cut.zeroed > 0 {
                         // A zeroed entry becomes h_in exactly; every other entry keeps h_out exactly
                         // (not h_in + c, which can differ from h_out by a rounding).
                         for ((o, i), cj) in b.iter_mut().zip(&a).zip(&c) {
@@ -260,6 +303,11 @@ impl ResidualTap {
             }
             _ => Ok(x.clone()),
         }
+    }
+
+    /// Ends a text (one forward pass) for the per-text statistics.
+    pub fn end_text(&mut self) {
+        self.stats.iter_mut().flatten().for_each(LayerAccumulator::end_text);
     }
 
     /// Hooks running this tap at every residual point.
@@ -293,6 +341,7 @@ impl Stage for HookResiduals {
     fn check(&self, params: &Map<String, Json>) -> Result<(), String> {
         let p: Params = typed_params(params)?;
         text_param::source(&p.data)?;
+        selection_of(&p)?;
         intervention_of(&p)?;
         generation_prompts(&p.generate)?;
         Ok(())
@@ -318,20 +367,20 @@ impl Stage for HookResiduals {
         if let Some(bad) = chosen.iter().flatten().find(|l| **l >= n_layers) {
             bail!("layers: layer {bad} does not exist (the model has {n_layers} layers, 0..{})", n_layers - 1);
         }
-        let eval = scoring::eval_windows(&open, &p.data, Protocol::Chunks, p.seq_len, &p.bos, p.max_windows)?;
+        let selection = selection_of(&p).map_err(anyhow::Error::msg)?;
+        let eval = scoring::select_windows(&open, &p.data, selection, p.seq_len, &p.bos, p.max_windows)?;
         let n_prompts = prompts.as_ref().map_or(0, Vec::len);
         ctx.progress.set_length((eval.windows.len() + n_prompts) as u64);
 
         let tap = RefCell::new(ResidualTap::new(n_layers, hidden, pruning, chosen.as_deref(), Some(p.rel_tol)));
-        let mut sum = NllSum::default();
+        let mut per_window = Vec::with_capacity(eval.windows.len());
         let mut positions = 0u64;
         for (i, w) in eval.windows.iter().enumerate() {
             ctx.check_cancelled()?;
             let ids = scoring::window_ids(&open.model, std::slice::from_ref(w))?;
             let logits = open.model.forward_with_hooks(&ids, &mut ResidualTap::hooks(&tap))?;
-            for (nll, n) in scoring::nlls_of_logits(&logits, std::slice::from_ref(w))? {
-                sum.add(nll, n);
-            }
+            tap.borrow_mut().end_text();
+            per_window.extend(scoring::nlls_of_logits(&logits, std::slice::from_ref(w))?);
             positions += w.input_ids.len() as u64;
             ctx.progress.set_position(i as u64 + 1);
         }
@@ -352,14 +401,14 @@ impl Stage for HookResiduals {
             .collect();
         write_stats_tensors(&ctx.out_dir.join(STATS_FILE), &layers)?;
 
-        let mut metrics = eval.ppl_metrics(&open, &sum)?;
+        let mut metrics = eval.ppl_metrics(&open, &per_window)?;
         let m = metrics.as_object_mut().unwrap();
         m.insert("layers".into(), Json::Array(layers));
         m.insert("positions".into(), json!(positions));
         m.insert("rel_tol".into(), json!(p.rel_tol));
         if let Some(pr) = pruning {
             let idx: Vec<usize> = (0..n_layers).filter(|l| tap.intervened[*l]).collect();
-            let zeroed: u64 = idx.iter().map(|l| tap.zeroed[*l]).sum();
+            let cut = idx.iter().fold(Cut::default(), |a, l| a + tap.cut[*l]);
             let entries: u64 = idx.iter().map(|l| tap.entries[*l]).sum();
             let frac = |z: u64, e: u64| if e > 0 { z as f64 / e as f64 } else { 0.0 };
             m.insert(
@@ -368,12 +417,15 @@ impl Stage for HookResiduals {
                     "mode": pr.mode(),
                     "value": pr.value(),
                     "layers": chosen.as_ref().map_or(json!("all"), |v| json!(v)),
-                    "zeroed_fraction": frac(zeroed, entries),
-                    "zeroed": zeroed,
+                    "zeroed_fraction": frac(cut.zeroed, entries),
+                    "masked_fraction": frac(cut.masked, entries),
+                    "zeroed": cut.zeroed,
+                    "masked": cut.masked,
                     "entries": entries,
                     "per_layer": idx.iter().map(|&l| json!({
                         "layer": l,
-                        "zeroed_fraction": frac(tap.zeroed[l], tap.entries[l]),
+                        "zeroed_fraction": frac(tap.cut[l].zeroed, tap.entries[l]),
+                        "masked_fraction": frac(tap.cut[l].masked, tap.entries[l]),
                     })).collect::<Vec<_>>(),
                 }),
             );

@@ -241,6 +241,7 @@ fn settings_of(model: &Model, source: Option<PathBuf>) -> ModelSettings {
         dtype: artifact::dtype_name(model.dtype()).to_string(),
         quantization: model.quantization().name().to_string(),
         source,
+        train_steps: 0,
     }
 }
 

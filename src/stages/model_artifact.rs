@@ -27,6 +27,14 @@ pub struct ModelSettings {
     /// hub snapshot).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<PathBuf>,
+    /// Fine-tune steps this model's lineage has had: where a chained fine-tune with
+    /// `stream = "continue"` picks up the data stream, so each level trains on new batches.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub train_steps: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 pub fn dtype_of(name: &str) -> Result<DType> {

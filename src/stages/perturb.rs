@@ -1,7 +1,9 @@
 //! `perturb`: how a small Gaussian perturbation of the embedding output grows through the layers.
-//! Each window is run clean and with noise added at `hook_embed`; δ_l = ‖h'_l − h_l‖/‖h_l‖ per
-//! token at every layer boundary, averaged over tokens and windows; growth, the Lyapunov estimate
-//! and the clean run's branching ratios. Definitions: `docs/stages.md`.
+//! Each text (window) is run clean and with noise added at `hook_embed`; per text and layer
+//! boundary δ = ‖h'_l − h_l‖_F / ‖h_l‖_F over the whole output, averaged over texts (the per-token
+//! mean is kept as `delta_token_mean`); growth, the Lyapunov estimate from layer 0's output (the
+//! notebook's convention) and from the embedding, and the clean run's branching ratios.
+//! Definitions: `docs/stages.md`.
 
 use std::cell::RefCell;
 
@@ -15,8 +17,8 @@ use super::model_artifact as artifact;
 use super::scoring;
 use super::text_param;
 use crate::analysis::norm;
-use crate::analysis::perturb::{branching_summary, growth, relative_deviation};
-use crate::data::{Protocol, SplitMix64};
+use crate::analysis::perturb::{branching_summary, frobenius_deviation, growth, relative_deviation};
+use crate::data::SplitMix64;
 use crate::exec::{
     typed_params, ArtifactType, FileHasher, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage,
     StageContext,
@@ -25,14 +27,21 @@ use crate::model::{HookPoint, Hooks};
 
 pub static SCHEMA: KindSchema = KindSchema {
     kind: "perturb",
-    version: 1,
+    version: 2,
     help: "Adds seeded Gaussian noise to the embedding output and measures the relative deviation δ at every layer boundary: amplification, Lyapunov exponent, local exponents, branching ratios.",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to analyse" }],
     params: &[
         text_param::DATA,
+        text_param::TEXTS,
+        text_param::TEXT_PROTOCOL,
+        text_param::ENCODE,
+        text_param::MIN_ROW_CHARS,
         text_param::WINDOW_SEQ_LEN,
         text_param::WINDOW_MAX,
         text_param::WINDOW_BOS,
+        text_param::TEXTS_LONGER_THAN,
+        text_param::TEXT_CHARS,
+        text_param::MAX_TEXTS,
         ParamDef {
             name: "eps",
             ty: ParamType::Float { min: Some(0.0), max: None },
@@ -41,9 +50,9 @@ pub static SCHEMA: KindSchema = KindSchema {
         },
         ParamDef {
             name: "scale",
-            ty: ParamType::Enum(&["relative", "absolute"]),
-            default: ParamDefault::Json("\"relative\""),
-            help: "how eps is read",
+            ty: ParamType::Enum(&["absolute", "relative"]),
+            default: ParamDefault::Json("\"absolute\""),
+            help: "how eps is read: absolute = σ (the notebook: randn · 0.01), relative = a fraction of each token's RMS",
         },
         ParamDef { name: "seed", ty: ParamType::UINT, default: ParamDefault::PipelineSeed, help: "noise seed" },
     ],
@@ -54,9 +63,17 @@ pub static SCHEMA: KindSchema = KindSchema {
 #[serde(deny_unknown_fields)]
 struct Params {
     data: Json,
+    texts: String,
+    protocol: String,
+    encode: String,
+    min_row_chars: usize,
     seq_len: usize,
+    #[serde(default, deserialize_with = "text_param::de_max_windows")]
     max_windows: Option<usize>,
     bos: String,
+    texts_longer_than: usize,
+    text_chars: usize,
+    max_texts: usize,
     eps: f64,
     scale: String,
     seed: u64,
@@ -113,6 +130,20 @@ fn boundary(p: HookPoint) -> Option<usize> {
     }
 }
 
+fn selection_of(p: &Params) -> Result<scoring::TextSelection, String> {
+    text_param::selection(
+        &p.texts,
+        &p.protocol,
+        &p.encode,
+        p.min_row_chars,
+        p.texts_longer_than,
+        p.text_chars,
+        p.max_texts,
+        p.max_windows,
+        &p.bos,
+    )
+}
+
 pub struct Perturb;
 
 impl Stage for Perturb {
@@ -123,6 +154,7 @@ impl Stage for Perturb {
     fn check(&self, params: &Map<String, Json>) -> Result<(), String> {
         let p: Params = typed_params(params)?;
         text_param::source(&p.data)?;
+        selection_of(&p)?;
         Ok(())
     }
 
@@ -139,12 +171,16 @@ impl Stage for Perturb {
         let n_layers = model.num_layers();
         let hidden = model.config().hidden_size;
         let relative = p.scale == "relative";
-        let eval = scoring::eval_windows(&open, &p.data, Protocol::Chunks, p.seq_len, &p.bos, p.max_windows)?;
+        let selection = selection_of(&p).map_err(anyhow::Error::msg)?;
+        let eval = scoring::select_windows(&open, &p.data, selection, p.seq_len, &p.bos, p.max_windows)?;
         ctx.progress.set_length(eval.windows.len() as u64);
 
-        // Per boundary: Σ over tokens of the per-token δ, and the tokens counted.
-        let mut dev_sum = vec![0.0f64; n_layers + 1];
-        let mut dev_n = vec![0u64; n_layers + 1];
+        // Per boundary: Σ over texts of the whole-output δ (and texts counted); Σ over tokens of
+        // the per-token δ (and tokens counted).
+        let mut frob_sum = vec![0.0f64; n_layers + 1];
+        let mut frob_n = vec![0u64; n_layers + 1];
+        let mut token_sum = vec![0.0f64; n_layers + 1];
+        let mut token_n = vec![0u64; n_layers + 1];
         let tap = RefCell::new(ResidualTap::new(n_layers, hidden, None, None, Some(0.0)));
         let mut positions = 0u64;
         for (i, w) in eval.windows.iter().enumerate() {
@@ -163,6 +199,7 @@ impl Stage for Perturb {
                 });
                 model.forward_with_hooks(&ids, &mut hooks)?;
             }
+            tap.borrow_mut().end_text();
             let clean = clean.into_inner();
 
             // Perturbed run: noise on the embedding output, δ at every boundary.
@@ -174,9 +211,14 @@ impl Stage for Perturb {
             });
             hooks.observe(None, |pt, x| {
                 if let Some(b) = boundary(pt) {
-                    let (d, n) = relative_deviation(&clean[b], &to_f32(x)?, hidden);
-                    dev_sum[b] += d * n as f64;
-                    dev_n[b] += n;
+                    let noisy = to_f32(x)?;
+                    if let Some(d) = frobenius_deviation(&clean[b], &noisy) {
+                        frob_sum[b] += d;
+                        frob_n[b] += 1;
+                    }
+                    let (d, n) = relative_deviation(&clean[b], &noisy, hidden);
+                    token_sum[b] += d * n as f64;
+                    token_n[b] += n;
                 }
                 Ok(())
             });
@@ -186,18 +228,22 @@ impl Stage for Perturb {
             ctx.progress.set_position(i as u64 + 1);
         }
 
-        let delta: Vec<f64> =
-            dev_sum.iter().zip(&dev_n).map(|(s, n)| if *n > 0 { s / *n as f64 } else { 0.0 }).collect();
-        let g = growth(&delta);
+        let mean = |s: &[f64], n: &[u64]| -> Vec<f64> {
+            s.iter().zip(n).map(|(s, n)| if *n > 0 { s / *n as f64 } else { 0.0 }).collect()
+        };
+        let g = growth(&mean(&frob_sum, &frob_n));
         let tap = tap.into_inner();
         let ratios: Vec<f64> =
             tap.stats.as_ref().expect("statistics").iter().map(|a| a.finish().branching_ratio).collect();
         let b = branching_summary(&ratios);
         Ok(json!({
             "delta": g.delta,
+            "delta_token_mean": mean(&token_sum, &token_n),
             "peak_layer": g.peak_layer,
             "amplification": g.amplification,
             "lyapunov": g.lyapunov,
+            "amplification_from_embedding": g.amplification_from_embedding,
+            "lyapunov_from_embedding": g.lyapunov_from_embedding,
             "local_exponents": g.local_exponents,
             "branching": {
                 "per_layer": ratios,

@@ -1,6 +1,13 @@
-//! `prune`: magnitude pruning of the projection weights to a total sparsity, globally, per
-//! tensor or per row. Cumulative: positions already pruned (the input's mask) stay pruned and
-//! count towards the level. Ties are broken deterministically (tensor name order, then position).
+//! `prune`: magnitude pruning of the projection weights.
+//!
+//! `rule = "exact"`: to a total sparsity, globally, per tensor or per row. Cumulative: positions
+//! already pruned (the input's mask) stay pruned and count towards the level. Ties are broken
+//! deterministically (tensor name order, then position).
+//!
+//! `rule = "notebook"` (the RPT notebooks): the threshold is the `sparsity` percentile of the
+//! current NONZERO magnitudes of all targets (so chained levels compound), estimated from a seeded
+//! random sample of at most `sample` magnitudes per tensor (exact when a tensor has fewer), and
+//! every weight with |w| ≤ threshold is pruned; the achieved sparsity is reported.
 
 use std::collections::BTreeMap;
 
@@ -16,11 +23,29 @@ use crate::exec::{
 
 pub static SCHEMA: KindSchema = KindSchema {
     kind: "prune",
-    version: 1,
-    help: "Magnitude pruning of the targeted projections to a total sparsity (cumulative over earlier pruning); writes mask.safetensors with the model.",
+    version: 2,
+    help: "Magnitude pruning of the targeted projections: to an exact total sparsity (cumulative over earlier pruning), or the notebooks' percentile of the remaining nonzeros; writes mask.safetensors with the model.",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to prune (latent weights)" }],
     params: &[
-        ParamDef { name: "sparsity", ty: ParamType::FRACTION, default: ParamDefault::Required, help: "fraction of the targeted weights that are zero afterwards" },
+        ParamDef { name: "sparsity", ty: ParamType::FRACTION, default: ParamDefault::Required, help: "exact: fraction of the targeted weights that are zero afterwards; notebook: the percentile (as a fraction) of the current nonzero magnitudes taken as the threshold" },
+        ParamDef {
+            name: "rule",
+            ty: ParamType::Enum(&["exact", "notebook"]),
+            default: ParamDefault::Json("\"exact\""),
+            help: "exact = the smallest magnitudes until the total sparsity is reached; notebook = prune |w| ≤ a sampled percentile of the remaining nonzeros (compounds over levels)",
+        },
+        ParamDef {
+            name: "sample",
+            ty: ParamType::Int { min: Some(1), max: None },
+            default: ParamDefault::Json("50000"),
+            help: "notebook rule: magnitudes sampled per tensor for the threshold (all of them when a tensor has fewer nonzeros)",
+        },
+        ParamDef {
+            name: "seed",
+            ty: ParamType::UINT,
+            default: ParamDefault::Json("0"),
+            help: "notebook rule: sampling seed (not the pipeline seed, so exact prunes stay shared across seeds)",
+        },
         ParamDef {
             name: "scope",
             ty: ParamType::Enum(&["global", "per-tensor", "per-row"]),
@@ -41,6 +66,9 @@ pub static SCHEMA: KindSchema = KindSchema {
 #[serde(deny_unknown_fields)]
 struct Params {
     sparsity: f64,
+    rule: String,
+    sample: usize,
+    seed: u64,
     scope: String,
     targets: Vec<String>,
 }
@@ -56,6 +84,12 @@ impl Stage for Prune {
         let p: Params = typed_params(params)?;
         if p.targets.is_empty() {
             return Err("targets is empty: name at least one pattern".into());
+        }
+        if p.rule == "notebook" && p.scope != "global" {
+            return Err(format!(
+                "rule = \"notebook\" takes one threshold over all targets: scope must be \"global\", not \"{}\"",
+                p.scope
+            ));
         }
         Ok(())
     }
@@ -94,8 +128,20 @@ impl Stage for Prune {
             });
         }
         let already: u64 = keep.iter().map(|k| k.iter().filter(|&&x| x == 0).count() as u64).sum();
+        let zeros_before: u64 = values.iter().map(|v| v.iter().filter(|&&x| x == 0.0).count() as u64).sum();
 
+        let mut notebook = None;
         match p.scope.as_str() {
+            _ if p.rule == "notebook" => {
+                let slices: Vec<&[f32]> = values.iter().map(Vec::as_slice).collect();
+                let (threshold, considered) = notebook_threshold(&slices, p.sparsity, p.sample, p.seed);
+                for (v, k) in values.iter().zip(keep.iter_mut()) {
+                    for (x, m) in v.iter().zip(k.iter_mut()) {
+                        *m = u8::from(x.abs() > threshold);
+                    }
+                }
+                notebook = Some(json!({ "threshold": threshold, "nonzeros_considered": considered }));
+            }
             "global" => prune_groups(&values.iter().map(Vec::as_slice).collect::<Vec<_>>(), &mut keep, p.sparsity),
             "per-tensor" => {
                 for (v, k) in values.iter().zip(keep.iter_mut()) {
@@ -130,12 +176,14 @@ impl Stage for Prune {
         let mut metrics = json!({
             "sparsity": zeros as f64 / total as f64,
             "target_sparsity": p.sparsity,
+            "rule": p.rule,
+            "sparsity_before": zeros_before as f64 / total as f64,
             "scope": p.scope,
             "targets": names.len(),
             "weights": total,
             "zeros": zeros,
             "already_pruned": already,
-            "pruned_now": zeros - already,
+            "pruned_now": zeros.saturating_sub(already),
         });
         if let Some(before) = ternary_before {
             let (after, _) = artifact::ternary_zero_fractions(model)?;
@@ -149,6 +197,9 @@ impl Stage for Prune {
                 t.insert("ternary_zero_before".into(), json!(before[n]));
                 t.insert("ternary_zero_after".into(), json!(after[n]));
             }
+        }
+        if let Some(n) = notebook {
+            metrics["notebook"] = n;
         }
         metrics["per_tensor"] = Json::Object(per_tensor);
 
@@ -186,6 +237,47 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
         }
     }
     p[pi..].iter().all(|&c| c == '*')
+}
+
+/// The notebook rule's threshold: the `fraction` percentile of the nonzero magnitudes of all
+/// groups, each group contributing all its nonzero |w| or, when it has more than `sample`, a
+/// uniform random subset of `sample` of them (Floyd's algorithm, seeded per group index).
+/// Index `min(⌊N·p/100⌋, N − 1)` of the sorted magnitudes, as the notebooks take it (an integral
+/// percentage is computed in integers, so 10% of 4,096 is exactly 409). Returns the threshold and
+/// N; with no nonzero weight at all, 0 (the zeros are pruned, nothing else).
+fn notebook_threshold(groups: &[&[f32]], fraction: f64, sample: usize, seed: u64) -> (f32, usize) {
+    let mut pool: Vec<f32> = Vec::new();
+    for (g, v) in groups.iter().enumerate() {
+        let nonzero: Vec<f32> = v.iter().filter(|x| **x != 0.0).map(|x| x.abs()).collect();
+        if nonzero.len() <= sample {
+            pool.extend(nonzero);
+            continue;
+        }
+        let mut rng = crate::data::SplitMix64::keyed(seed, &[g as u64]);
+        let n = nonzero.len();
+        let mut chosen = std::collections::HashSet::with_capacity(sample);
+        for j in n - sample..n {
+            let t = rng.index(j + 1);
+            if !chosen.insert(t) {
+                chosen.insert(j);
+            }
+        }
+        let mut idx: Vec<usize> = chosen.into_iter().collect();
+        idx.sort_unstable();
+        pool.extend(idx.into_iter().map(|i| nonzero[i]));
+    }
+    if pool.is_empty() {
+        return (0.0, 0);
+    }
+    pool.sort_by(f32::total_cmp);
+    let n = pool.len();
+    let percent = fraction * 100.0;
+    let k = if (percent - percent.round()).abs() < 1e-9 {
+        n * percent.round() as usize / 100
+    } else {
+        (n as f64 * fraction).floor() as usize
+    };
+    (pool[k.min(n - 1)], n)
 }
 
 /// Sort key of a magnitude: the bits of |x| order like the values (NaN sorts last).
@@ -305,6 +397,29 @@ mod tests {
             order[..k].iter().for_each(|&(_, i)| expect[i] = 0);
             assert_eq!(keep[0], expect, "sparsity {sparsity}");
         }
+    }
+
+    #[test]
+    fn notebook_threshold_is_a_percentile_of_the_nonzeros() {
+        // Nonzero magnitudes 1..=10 (the zeros are not counted): 30% → index 3 → 4.0.
+        let a = [0.0f32, -1.0, 2.0, 3.0, 0.0];
+        let b = [-4.0f32, 5.0, 6.0, 7.0, 8.0, 9.0, -10.0];
+        assert_eq!(notebook_threshold(&[&a, &b], 0.3, 100, 0), (4.0, 10));
+        // 100% → index min(10, 9) → the largest.
+        assert_eq!(notebook_threshold(&[&a, &b], 1.0, 100, 0), (10.0, 10));
+        // 0% → the smallest nonzero: the notebook prunes it too (|w| ≤ threshold).
+        assert_eq!(notebook_threshold(&[&a, &b], 0.0, 100, 0).0, 1.0);
+        assert_eq!(notebook_threshold(&[&[0.0f32][..]], 0.5, 100, 0), (0.0, 0));
+    }
+
+    #[test]
+    fn notebook_sample_is_seeded_uniform_and_without_repeats() {
+        let v: Vec<f32> = (1..=1000).map(|x| x as f32).collect();
+        let (t1, n) = notebook_threshold(&[&v], 0.5, 200, 7);
+        assert_eq!(n, 200);
+        assert_eq!(notebook_threshold(&[&v], 0.5, 200, 7).0, t1, "seeded");
+        assert!((350.0..650.0).contains(&t1), "a median estimate of 1..1000, got {t1}");
+        assert_ne!(notebook_threshold(&[&v], 0.5, 200, 8).0, t1, "another seed, another sample");
     }
 
     #[test]

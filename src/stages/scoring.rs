@@ -4,11 +4,11 @@
 
 use anyhow::{Context as _, Result};
 use candle_core::{DType, Tensor, D};
-use serde_json::{json, Value as Json};
+use serde_json::{json, Map, Value as Json};
 
 use super::model_artifact::OpenModel;
 use crate::analysis::perplexity::NllSum;
-use crate::data::{self, Bos, Protocol, Source, TokenStream, Window, WindowOptions};
+use crate::data::{self, Bos, Encoding, Protocol, Source, TokenStream, Window, WindowOptions};
 use crate::model::Model;
 
 /// A text source cut into windows for one model's tokenizer.
@@ -18,10 +18,29 @@ pub struct EvalWindows {
     pub windows: Vec<Window>,
     pub protocol: Protocol,
     pub opts: WindowOptions,
+    /// How the text was prepared, echoed in the `protocol` object (encode, min_row_chars, texts).
+    pub prep: Map<String, Json>,
+}
+
+/// How the analysis stages take their texts: the windows of a perplexity protocol, or the
+/// notebooks' per-text rows.
+#[derive(Clone, Copy, Debug)]
+pub enum TextSelection {
+    Windows {
+        protocol: Protocol,
+        encoding: Encoding,
+    },
+    /// The first `count` rows longer than `longer_than` characters (stripped), each cut to
+    /// `chars` characters, tokenised with the tokenizer's special tokens, truncated to seq_len.
+    Rows {
+        longer_than: usize,
+        chars: usize,
+        count: usize,
+    },
 }
 
 /// Tokenises `data` with the model's tokenizer (once per process) and cuts the stream into the
-/// windows of `protocol`.
+/// windows of `protocol` (rows prepared as `encoding` says).
 pub fn eval_windows(
     open: &OpenModel,
     data: &Json,
@@ -29,13 +48,57 @@ pub fn eval_windows(
     seq_len: usize,
     bos: &str,
     max_windows: Option<usize>,
+    encoding: Encoding,
+) -> Result<EvalWindows> {
+    select_windows(open, data, TextSelection::Windows { protocol, encoding }, seq_len, bos, max_windows)
+}
+
+/// The windows of `selection` over `data`.
+pub fn select_windows(
+    open: &OpenModel,
+    data: &Json,
+    selection: TextSelection,
+    seq_len: usize,
+    bos: &str,
+    max_windows: Option<usize>,
 ) -> Result<EvalWindows> {
     let tok = open.tokenizer()?;
     let source = Source::from_value(data)?;
-    let stream = data::token_stream(&source, &data::HubOptions::from_env(), tok.inner(), &open.tokenizer_id, false)?;
+    let hub = data::HubOptions::from_env();
     let opts = WindowOptions { seq_len, bos: Bos::parse(bos)?, bos_id: tok.bos_id, max_windows };
-    let windows = data::windows(protocol, &stream.ids, &opts)?;
-    Ok(EvalWindows { source, stream, windows, protocol, opts })
+    let mut prep = Map::new();
+    let (protocol, texts) = match selection {
+        TextSelection::Windows { protocol: Protocol::Texts, encoding } => {
+            let min_chars = match encoding {
+                Encoding::PerRow { min_chars } => min_chars.max(1),
+                Encoding::Joined => 1,
+            };
+            prep.insert("min_row_chars".into(), json!(min_chars));
+            (Protocol::Texts, data::stripped_rows(&source, &hub, min_chars)?)
+        }
+        TextSelection::Windows { protocol, encoding } => {
+            let stream = data::encoded_stream(&source, &hub, tok.inner(), &open.tokenizer_id, encoding)?;
+            prep.insert("encode".into(), json!(encoding.name()));
+            if let Encoding::PerRow { min_chars } = encoding {
+                prep.insert("min_row_chars".into(), json!(min_chars));
+            }
+            let windows = data::windows(protocol, &stream.ids, &opts)?;
+            return Ok(EvalWindows { source, stream, windows, protocol, opts, prep });
+        }
+        TextSelection::Rows { longer_than, chars, count } => {
+            prep.insert("texts".into(), json!({ "longer_than": longer_than, "chars": chars, "count": count }));
+            (Protocol::Texts, data::long_rows(&source, &hub, longer_than, chars, count)?)
+        }
+    };
+    // Per-text windows: each text tokenised with the tokenizer's own special tokens.
+    let mut encoded = Vec::with_capacity(texts.len());
+    for t in &texts {
+        encoded.push(tok.encode(t, crate::model::Bos::AsTokenizer)?);
+    }
+    let windows = data::text_windows(&encoded, &opts)?;
+    let ids: Vec<u32> = windows.iter().flat_map(|w| w.input_ids.iter().copied()).collect();
+    let stream = TokenStream { ids: ids.into(), bytes: texts.iter().map(String::len).sum() };
+    Ok(EvalWindows { source, stream, windows, protocol, opts, prep })
 }
 
 impl EvalWindows {
@@ -45,30 +108,52 @@ impl EvalWindows {
             Protocol::Rolling { stride } => Some(stride),
             _ => None,
         };
-        json!({
+        let mut j = json!({
             "name": self.protocol.name(),
             "seq_len": self.opts.seq_len,
             "stride": stride,
-            "bos": self.opts.bos.as_str(),
+            "bos": if self.protocol == Protocol::Texts { "as-tokenizer" } else { self.opts.bos.as_str() },
             "max_windows": self.opts.max_windows,
             "data": self.source.display_name(),
             "stream_tokens": self.stream.ids.len(),
             "text_bytes": self.stream.bytes,
             "model_dtype": open.settings.dtype,
             "quantization": open.settings.quantization,
-        })
+        });
+        j.as_object_mut().expect("object").extend(self.prep.clone());
+        j
+    }
+
+    /// The summed NLL as the protocol weighs it: for `texts`, each window's mean NLL weighted by
+    /// its token count (input length, BOS included), as the sparsity notebook did; otherwise
+    /// every scored token once.
+    pub fn weighted(&self, per_window: &[(f64, u64)]) -> NllSum {
+        let mut sum = NllSum::default();
+        for ((nll, n), w) in per_window.iter().zip(&self.windows) {
+            if self.protocol == Protocol::Texts {
+                let len = w.input_ids.len() as u64;
+                sum.add(nll / *n as f64 * len as f64, len);
+            } else {
+                sum.add(*nll, *n);
+            }
+        }
+        sum
     }
 
     /// `ppl`, `nll`, `tokens`, `windows`, `bits_per_byte` and `protocol` for `sum` over these windows.
-    pub fn ppl_metrics(&self, open: &OpenModel, sum: &NllSum) -> Result<Json> {
+    /// `per_window` holds each window's summed NLL and scored tokens, in window order.
+    pub fn ppl_metrics(&self, open: &OpenModel, per_window: &[(f64, u64)]) -> Result<Json> {
+        let mut raw = NllSum::default();
+        per_window.iter().for_each(|(nll, n)| raw.add(*nll, *n));
+        let sum = self.weighted(per_window);
         let bits_per_byte = match data::token_bytes(open.tokenizer()?.inner()) {
-            Ok(table) => json!(sum.bits_per_byte(data::scored_bytes(&self.windows, &table))),
+            Ok(table) => json!(raw.bits_per_byte(data::scored_bytes(&self.windows, &table))),
             Err(_) => Json::Null, // not a byte-level tokenizer: bytes per token unknown
         };
         Ok(json!({
             "ppl": sum.perplexity(),
             "nll": sum.mean(),
-            "tokens": sum.tokens,
+            "tokens": raw.tokens,
             "windows": self.windows.len(),
             "bits_per_byte": bits_per_byte,
             "protocol": self.protocol_json(open),

@@ -3,7 +3,8 @@
 
 use serde_json::{json, Value as Json};
 
-use crate::data::Source;
+use super::scoring::TextSelection;
+use crate::data::{Encoding, Protocol, Source};
 use crate::exec::{ParamDef, ParamDefault, ParamType};
 
 pub const DATA: ParamDef = ParamDef {
@@ -22,16 +23,138 @@ pub const WINDOW_SEQ_LEN: ParamDef = ParamDef {
 };
 pub const WINDOW_MAX: ParamDef = ParamDef {
     name: "max_windows",
-    ty: ParamType::Int { min: Some(1), max: None },
+    ty: MAX_WINDOWS_TYPE,
     default: ParamDefault::Optional,
-    help: "use only the first N windows",
+    help: "use only the first N windows (\"all\": every window, for a profile that lifts a limit)",
 };
+
+/// `max_windows`: a count, or "all".
+pub const MAX_WINDOWS_TYPE: ParamType =
+    ParamType::Either(&[ParamType::Int { min: Some(1), max: None }, ParamType::Enum(&["all"])]);
+
+/// Reads a `max_windows` value: absent or "all" → no limit.
+pub fn de_max_windows<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    use serde::{de::Error as _, Deserialize as _};
+    match Option::<Json>::deserialize(d)? {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::String(s)) if s == "all" => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n >= 1)
+            .map(|n| Some(n as usize))
+            .ok_or_else(|| D::Error::custom(format!("max_windows: a count ≥ 1 or \"all\", not {v}"))),
+    }
+}
 pub const WINDOW_BOS: ParamDef = ParamDef {
     name: "bos",
     ty: ParamType::Enum(&["none", "stream-start", "window-start"]),
     default: ParamDefault::Json("\"stream-start\""),
     help: "where BOS goes, as in eval-ppl",
 };
+
+/// How rows become a token stream (eval-ppl, finetune and the analysis stages' windows).
+pub const ENCODE: ParamDef = ParamDef {
+    name: "encode",
+    ty: ParamType::Enum(&["joined", "per-row"]),
+    default: ParamDefault::Json("\"joined\""),
+    help: "joined = rows joined and tokenised once (Wanda); per-row = each row stripped and tokenised alone, ids concatenated (the RPT notebooks)",
+};
+pub const MIN_ROW_CHARS: ParamDef = ParamDef {
+    name: "min_row_chars",
+    ty: ParamType::UINT,
+    default: ParamDefault::Json("0"),
+    help: "with encode = \"per-row\" or protocol \"texts\": skip rows shorter than this many characters after stripping (notebooks: 20)",
+};
+
+/// The encoding that `encode` and `min_row_chars` name.
+pub fn encoding(encode: &str, min_row_chars: usize) -> Result<Encoding, String> {
+    let e = Encoding::parse(encode, min_row_chars).map_err(|e| format!("{e:#}"))?;
+    if e == Encoding::Joined && min_row_chars > 0 {
+        return Err("min_row_chars applies to encode = \"per-row\" and to protocol \"texts\" (rows joined into one text are not filtered)".into());
+    }
+    Ok(e)
+}
+
+/// As [`encoding`] for a perplexity protocol: `texts` reads rows one by one whatever `encode`
+/// says, so `min_row_chars` always applies to it; `rpt-notebook` takes no window-start BOS.
+pub fn protocol_encoding(
+    protocol: &Protocol,
+    encode: &str,
+    min_row_chars: usize,
+    bos: &str,
+) -> Result<Encoding, String> {
+    if *protocol == Protocol::RptNotebook && bos == "window-start" {
+        return Err(
+            "protocol \"rpt-notebook\" takes bos = \"none\" (the notebooks) or \"stream-start\", not \"window-start\""
+                .into(),
+        );
+    }
+    if *protocol == Protocol::Texts {
+        return Ok(Encoding::PerRow { min_chars: min_row_chars });
+    }
+    encoding(encode, min_row_chars)
+}
+
+/// The analysis stages' texts: eval-ppl windows, or the notebooks' per-text rows.
+pub const TEXTS: ParamDef = ParamDef {
+    name: "texts",
+    ty: ParamType::Enum(&["windows", "rows"]),
+    default: ParamDefault::Json("\"windows\""),
+    help: "windows = eval-ppl's windows (protocol); rows = one text per long row (the criticality notebook)",
+};
+pub const TEXT_PROTOCOL: ParamDef = ParamDef {
+    name: "protocol",
+    ty: ParamType::Enum(&["chunks", "rpt-notebook"]),
+    default: ParamDefault::Json("\"chunks\""),
+    help: "texts = windows: how the stream is cut, as in eval-ppl",
+};
+pub const TEXTS_LONGER_THAN: ParamDef = ParamDef {
+    name: "texts_longer_than",
+    ty: ParamType::UINT,
+    default: ParamDefault::Json("100"),
+    help: "texts = rows: take rows whose stripped length is more than this many characters",
+};
+pub const TEXT_CHARS: ParamDef = ParamDef {
+    name: "text_chars",
+    ty: ParamType::Int { min: Some(1), max: None },
+    default: ParamDefault::Json("500"),
+    help: "texts = rows: cut each row to its first N characters (then tokenise with the tokenizer's special tokens, truncate to seq_len)",
+};
+pub const MAX_TEXTS: ParamDef = ParamDef {
+    name: "max_texts",
+    ty: ParamType::Int { min: Some(1), max: None },
+    default: ParamDefault::Json("20"),
+    help: "texts = rows: the first N such rows",
+};
+
+/// The text selection of an analysis stage's parameters.
+#[allow(clippy::too_many_arguments)]
+pub fn selection(
+    texts: &str,
+    protocol: &str,
+    encode: &str,
+    min_row_chars: usize,
+    longer_than: usize,
+    chars: usize,
+    count: usize,
+    max_windows: Option<usize>,
+    bos: &str,
+) -> Result<TextSelection, String> {
+    let encoding = encoding(encode, min_row_chars)?;
+    match texts {
+        "rows" => {
+            if max_windows.is_some() {
+                return Err("max_windows applies to texts = \"windows\"; use max_texts with texts = \"rows\"".into());
+            }
+            Ok(TextSelection::Rows { longer_than, chars, count })
+        }
+        _ => {
+            let protocol = Protocol::parse(protocol, None).map_err(|e| format!("{e:#}"))?;
+            protocol_encoding(&protocol, encode, min_row_chars, bos)?;
+            Ok(TextSelection::Windows { protocol, encoding })
+        }
+    }
+}
 
 /// The source a `data` value names, with errors phrased for the validator.
 pub fn source(data: &Json) -> Result<Source, String> {

@@ -24,7 +24,7 @@ fn tiny_sparsity_run_then_report() {
     for row in ["| 0% (baseline) |", "|           10% |", "|           20% |", "|           30% |"] {
         assert!(md.contains(row), "{row} in\n{md}");
     }
-    assert!(md.contains("perplexity: chunks, synthetic:facts:test, seq_len 64"), "{md}");
+    assert!(md.contains("perplexity: texts, synthetic:facts:test, seq_len 64, each text its own window"), "{md}");
     for f in ["sparsity.tiny.ppl-vs-sparsity.svg", "sparsity.tiny.ppl-vs-sparsity.png"] {
         assert!(std::fs::metadata(dir.join(f)).unwrap().len() > 1000, "{f}");
     }
@@ -37,7 +37,7 @@ fn tiny_sparsity_run_then_report() {
     let md2 = std::fs::read_to_string(dir.join("sparsity.tiny.md")).unwrap();
     assert!(md2.contains(&std_md), "cached report differs:\n{md2}");
     assert!(md2.contains("read from the cache"), "{md2}");
-    assert!(md2.contains("12 cached"), "{md2}");
+    assert!(md2.contains("24 cached"), "{md2}");
 
     // Not cached under another seed: every instance is missing, nothing runs.
     let rep = sb
@@ -46,12 +46,12 @@ fn tiny_sparsity_run_then_report() {
         .unwrap();
     let csv = String::from_utf8_lossy(&rep.stdout);
     assert!(rep.status.success(), "{}", String::from_utf8_lossy(&rep.stderr));
-    assert_eq!(csv.lines().count(), 13, "{csv}");
+    assert_eq!(csv.lines().count(), 25, "{csv}");
     assert!(csv.lines().skip(1).all(|l| l.contains(",missing,")), "{csv}");
 
     // CSV of the run: one row per instance.
     let rep = sb.cmd(&["report", &session, "--format", "csv"]).output().unwrap();
     let csv = String::from_utf8_lossy(&rep.stdout);
-    assert_eq!(csv.lines().count(), 13, "{csv}");
+    assert_eq!(csv.lines().count(), 25, "{csv}");
     assert!(csv.lines().next().unwrap().contains("metric.ppl"));
 }

@@ -45,7 +45,35 @@ fn progressive_chain_with_control_row() {
     let t = report::main_table(&s).unwrap();
     assert_eq!(t.id, "progressive#1");
     let first: Vec<&str> = t.rows.iter().map(|r| r[0].as_str()).collect();
-    assert_eq!(first, ["0% (baseline)", "0% (fine-tune control)", "10%", "20%", "30%"]);
+    assert_eq!(first, ["0% (baseline)", "10%", "20%", "30%"]);
+    // The single control has had one fine-tune: it is the 10% level's control, and only its.
+    let control = t.columns.iter().position(|c| c == "0% control").unwrap();
+    let cells: Vec<&str> = t.rows.iter().map(|r| r[control].as_str()).collect();
+    assert_ne!(cells[1], "—");
+    assert_eq!(&cells[2..], ["—", "—"]);
+}
+
+#[test]
+fn notebook_and_rigorous_side_by_side_with_their_protocol_differences() {
+    // Sessions of `run pipelines/progressive.toml --profile tiny` and `… --profile tiny --profile rigorous`.
+    let sessions = [session("progressive-sparsity.tiny"), session("progressive-sparsity.rigorous.tiny")];
+    let md = report::comparison_markdown(&sessions, &[]);
+    check("progressive.notebook-vs-rigorous.md", &md);
+    let diffs = report::protocol_differences(&sessions);
+    for want in [
+        "eval-ppl `protocol`: A `rpt-notebook` · B `chunks`",
+        "eval-ppl `encode`: A `per-row` · B `joined`",
+        "prune `rule`: A `notebook` · B `exact`",
+        "finetune `masks`: A `ignore` · B `keep`",
+        "finetune `optimizer_precision`: A `model` · B `f32`",
+    ] {
+        assert!(diffs.iter().any(|d| d.starts_with(want)), "no line `{want}…` in {diffs:#?}");
+    }
+    assert!(!diffs.iter().any(|d| d.contains("`model`:")), "both ran the same model: {diffs:#?}");
+    let above = md.find("## Protocol differences").expect("the differences are listed");
+    assert!(above < md.find("## Progressive pruning").unwrap(), "above the tables");
+    let t = &report::compare(&sessions)[0];
+    assert_eq!(&t.columns[..3], ["sparsity", "achieved (%) [A]", "achieved (%) [B]"]);
 }
 
 #[test]
@@ -73,11 +101,14 @@ fn comparison_puts_sessions_side_by_side() {
     let md = report::comparison_markdown(&sessions, &[]);
     check("progressive.tiny-vs-progressive.md", &md);
     let t = &report::compare(&sessions)[0];
-    assert_eq!(&t.columns[..3], ["sparsity", "ppl before [A]", "ppl before [B]"]);
+    assert_eq!(
+        &t.columns[..5],
+        ["sparsity", "achieved (%) [A]", "achieved (%) [B]", "ppl before [A]", "ppl before [B]"]
+    );
     // The level the full run has not reached yet shows its status.
     let last = t.rows.last().unwrap();
     assert_eq!(last[0], "30%");
-    assert_eq!(last[2], "pending");
+    assert_eq!(last[4], "pending", "ppl before [B]");
 }
 
 #[test]

@@ -1,5 +1,7 @@
-//! `finetune`: pruned weights stay exactly zero, an interrupted run resumes to the bit-identical
-//! result, a diverging run stops with a clear error, and the progressive pipeline's keys behave.
+//! `finetune`: pruned weights stay exactly zero (or, as the notebooks, grow back with the regrowth
+//! reported), an interrupted run resumes to the bit-identical result (f32 masters, and bf16 state
+//! with chunk batches), a chained fine-tune continues the batch stream, a diverging run stops with
+//! a clear error, and the progressive pipeline's keys behave.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -69,13 +71,18 @@ fn weights_hash(sb: &Sandbox) -> String {
 
 #[test]
 fn a_killed_finetune_resumes_to_the_identical_result() {
-    let body = pipeline("steps = 40\ncheckpoint_every = 3\nlr = 0.01");
+    resumes_to_the_identical_result(&pipeline("steps = 40\ncheckpoint_every = 3\nlr = 0.01"));
+}
+
+/// Runs `body` once through, and once killed after its first checkpoint then run again: the
+/// final weights and the loss curves must be identical. Returns the resumed sandbox.
+fn resumes_to_the_identical_result(body: &str) -> Sandbox {
     let clean = Sandbox::real();
-    let p = clean.write("ft.toml", &body);
+    let p = clean.write("ft.toml", body);
     clean.run(&["run", p.to_str().unwrap(), "-q"]).expect(0);
 
     let sb = Sandbox::real();
-    let p = sb.write("ft.toml", &body);
+    let p = sb.write("ft.toml", body);
     let mut child = sb.spawn(&["run", p.to_str().unwrap(), "-q"], &[]);
     let found = wait_until(Duration::from_secs(120), || has_checkpoint(&sb.path().join("cache")));
     child.kill().unwrap();
@@ -86,6 +93,7 @@ fn a_killed_finetune_resumes_to_the_identical_result() {
     assert_eq!(weights_hash(&sb), weights_hash(&clean), "final weights differ after resuming");
     let loss = |s: &Sandbox| s.session("ft.json")["stages"]["tuned"]["metrics"]["loss"].clone();
     assert_eq!(loss(&sb), loss(&clean), "loss curves differ after resuming");
+    sb
 }
 
 #[test]
@@ -127,7 +135,69 @@ fn progressive_keys_extend_and_change_as_a_researcher_expects() {
     for n in ["base", "baseline", "baseline-text", "level[sparsity=0.05].pruned", "level[sparsity=0.05].before"] {
         assert!(unchanged.iter().any(|u| *u == n), "{n} must keep its key; unchanged: {unchanged:?}");
     }
-    assert!(changed.iter().any(|c| *c == "control"), "the control fine-tune changes too");
+    assert!(changed.iter().any(|c| *c == "control[finetunes=1].tuned"), "the control chain changes too");
     assert!(changed.iter().any(|c| *c == "level[sparsity=0.05].tuned"));
     assert!(changed.iter().any(|c| *c == "level[sparsity=0.5].pruned"), "every later level changes");
+}
+
+/// The notebook's fine-tune: masks not re-applied, every parameter (the embedding too), bf16
+/// optimizer state, chunks drawn with replacement.
+const NOTEBOOK: &str = "masks = \"ignore\"\noptimizer_precision = \"model\"\nbatches = \"chunks\"\ngrad_clip = 1.0\n";
+
+#[test]
+fn with_masks_ignored_pruned_weights_grow_back_and_the_regrowth_is_reported() {
+    let sb = Sandbox::real();
+    let p = sb.write("ft.toml", &pipeline(&format!("steps = 4\nlr = 0.01\n{NOTEBOOK}")));
+    sb.run(&["run", p.to_str().unwrap(), "-q"]).expect(0);
+    let m = sb.session("ft.json")["stages"]["tuned"]["metrics"].clone();
+    let pruned_mask = tensors(entry(&sb, "pruned").join("mask.safetensors"));
+    let after = tensors(entry(&sb, "tuned").join("model.safetensors"));
+    assert!(!entry(&sb, "tuned").join("mask.safetensors").exists(), "no mask: the zeros are not kept");
+    let (mut pruned, mut regrown) = (0u64, 0u64);
+    for (name, mk) in &pruned_mask {
+        let mk: Vec<u8> = mk.flatten_all().unwrap().to_vec1().unwrap();
+        for (k, w) in mk.iter().zip(as_f32(&after[name])) {
+            if *k == 0 {
+                pruned += 1;
+                regrown += (w != 0.0) as u64;
+            }
+        }
+    }
+    assert!(regrown > pruned / 2, "most pruned weights got gradients and moved: {regrown} of {pruned}");
+    assert_eq!(m["pruned_positions"], pruned);
+    assert_eq!(m["regrown"], regrown, "the metric counts what the weights show");
+    assert!(m["sparsity_after"].as_f64().unwrap() < m["sparsity_before"].as_f64().unwrap());
+    assert_eq!(m["batches"], "chunks");
+    assert_eq!(m["masks"], "ignore");
+}
+
+#[test]
+fn a_killed_notebook_finetune_in_bf16_resumes_to_the_identical_result() {
+    let body = pipeline(&format!("steps = 30\ncheckpoint_every = 3\nlr = 0.01\n{NOTEBOOK}"))
+        .replace("[stages.pruned]", "dtype = \"bf16\"\n[stages.pruned]");
+    let sb = resumes_to_the_identical_result(&body);
+    let w = tensors(entry(&sb, "tuned").join("model.safetensors"));
+    assert!(w.values().all(|t| t.dtype() == DType::BF16), "the model stays bf16");
+}
+
+#[test]
+fn a_chained_finetune_continues_the_batch_stream_unless_told_to_restart() {
+    let sb = Sandbox::real();
+    let two = |extra: &str| {
+        format!(
+            "{}[stages.again]\nkind = \"finetune\"\ninput = \"tuned\"\ndata = \"synthetic:facts:train\"\n\
+             batch = 4\nseq_len = 16\nsteps = 3\n{extra}\n",
+            pipeline("steps = 5\nlr = 0.01")
+        )
+    };
+    let p = sb.write("ft.toml", &two(""));
+    sb.run(&["run", p.to_str().unwrap(), "-q"]).expect(0);
+    let m = |n: &str| sb.session("ft.json")["stages"][n]["metrics"].clone();
+    assert_eq!(m("tuned")["first_batch"], 0);
+    assert_eq!(m("again")["first_batch"], 5, "after the 5 steps of its input's fine-tune");
+    let continued = m("again")["loss"].clone();
+    let p = sb.write("ft.toml", &two("stream = \"restart\""));
+    sb.run(&["run", p.to_str().unwrap(), "-q"]).expect(0);
+    assert_eq!(m("again")["first_batch"], 0);
+    assert_ne!(m("again")["loss"], continued, "other batches, another loss curve");
 }

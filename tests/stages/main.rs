@@ -7,6 +7,7 @@ mod support;
 mod builtin;
 mod finetune;
 mod hub;
+mod notebook_parity;
 mod perturb;
 mod pipelines;
 mod ppl_parity;

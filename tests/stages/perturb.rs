@@ -16,9 +16,9 @@ fn run(sb: &Sandbox) -> Json {
             "[pipeline]\nname = \"p\"\n[defaults.perturb]\n{DATA}[defaults.hook-residuals]\n{DATA}\
              [stages.base]\nkind = \"load\"\nmodel = {MODEL}\n\
              [stages.e0]\nkind = \"perturb\"\ninput = \"base\"\neps = 0\n\
-             [stages.e1]\nkind = \"perturb\"\ninput = \"base\"\neps = 0.01\n\
-             [stages.e1s]\nkind = \"perturb\"\ninput = \"base\"\neps = 0.01\nseed = 5\n\
-             [stages.abs]\nkind = \"perturb\"\ninput = \"base\"\neps = 0.001\nscale = \"absolute\"\n\
+             [stages.e1]\nkind = \"perturb\"\ninput = \"base\"\neps = 0.01\nscale = \"relative\"\n\
+             [stages.e1s]\nkind = \"perturb\"\ninput = \"base\"\neps = 0.01\nseed = 5\nscale = \"relative\"\n\
+             [stages.abs]\nkind = \"perturb\"\ninput = \"base\"\neps = 0.001\n\
              [stages.res]\nkind = \"hook-residuals\"\ninput = \"base\"\n"
         ),
     );
@@ -49,13 +49,21 @@ fn perturbation_growth_is_zero_at_eps_zero_seeded_and_reproducible() {
     let e1 = m("e1");
     let d = floats(&e1["delta"]);
     assert!(d.iter().all(|x| x.is_finite() && *x > 0.0), "{d:?}");
-    assert!((d[0] - 0.01).abs() < 0.05 * 0.01, "relative eps: δ_0 = {} ≈ 0.01", d[0]);
+    assert!((d[0] - 0.01).abs() < 0.05 * 0.01, "relative eps: δ at the embedding = {} ≈ 0.01", d[0]);
+    // The notebook's convention: from layer 0's output (d[1]) to the last layer's.
     let amp = e1["amplification"].as_f64().unwrap();
-    assert!((amp - d[n_layers] / d[0]).abs() <= 1e-12 * amp);
+    assert!((amp - d[n_layers] / d[1]).abs() <= 1e-12 * amp);
     let lyap = e1["lyapunov"].as_f64().unwrap();
-    assert!((lyap - amp.ln() / n_layers as f64).abs() < 1e-12);
+    assert!((lyap - amp.ln() / (n_layers - 1) as f64).abs() < 1e-12);
+    let amp_e = e1["amplification_from_embedding"].as_f64().unwrap();
+    assert!((amp_e - d[n_layers] / d[0]).abs() <= 1e-12 * amp_e);
+    assert!((e1["lyapunov_from_embedding"].as_f64().unwrap() - amp_e.ln() / n_layers as f64).abs() < 1e-12);
     let local = floats(&e1["local_exponents"]);
-    assert!((local.iter().sum::<f64>() - amp.ln()).abs() < 1e-9, "local exponents add up to ln amplification");
+    assert!((local.iter().sum::<f64>() - amp_e.ln()).abs() < 1e-9, "local exponents add up to ln amplification");
+    // δ is over the whole output; the mean of per-token ratios is kept beside it.
+    let per_token = floats(&e1["delta_token_mean"]);
+    assert_eq!(per_token.len(), d.len());
+    assert!(per_token.iter().zip(&d).all(|(a, b)| (a / b - 1.0).abs() < 0.5), "{per_token:?} vs {d:?}");
     assert_eq!(e1["scale"], "relative");
     assert_eq!(e1["eps"], 0.01);
     assert_eq!(e1["windows"], 3);
@@ -65,6 +73,7 @@ fn perturbation_growth_is_zero_at_eps_zero_seeded_and_reproducible() {
     assert_ne!(m("e1s")["delta"], e1["delta"]);
     let abs0 = floats(&m("abs")["delta"])[0];
     assert!(abs0.is_finite() && abs0 > 0.0 && (abs0 - d[0]).abs() > 1e-4, "absolute: δ_0 = {abs0}");
+    assert_eq!(m("abs")["scale"], "absolute", "the notebook's absolute noise is the default");
 
     // Branching ratios are the clean stream's, as hook-residuals reports them.
     let res = m("res");

@@ -3,42 +3,106 @@
 use crate::support::{repo, Sandbox};
 
 fn run_tiny(file: &str, session: &str) -> (Sandbox, serde_json::Value) {
+    run_profiles(file, &["tiny"], session)
+}
+
+/// Runs `file` under `profiles`, checks the session completed and that a second run computes
+/// nothing.
+fn run_profiles(file: &str, profiles: &[&str], session: &str) -> (Sandbox, serde_json::Value) {
     let sb = Sandbox::real();
     let p = repo().join(file);
-    let first = sb.run(&["run", p.to_str().unwrap(), "--profile", "tiny"]).expect(0);
+    let mut args = vec!["run", p.to_str().unwrap()];
+    for prof in profiles {
+        args.extend(["--profile", prof]);
+    }
+    let first = sb.run(&args).expect(0);
     assert!(first.stdout().contains("computed"), "{}", first.stdout());
     let s = sb.session(session);
     assert_eq!(s["status"], "complete");
-    let again = sb.run(&["run", p.to_str().unwrap(), "--profile", "tiny"]).expect(0);
+    let again = sb.run(&args).expect(0);
     assert!(again.stdout().contains("nothing to compute"), "second run: {}", again.stdout());
     (sb, s)
 }
 
+fn f(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+fn columns(table: &serde_json::Value) -> Vec<&str> {
+    table["columns"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect()
+}
+
+fn check_text(text: &serde_json::Value) {
+    let label = text["label"].as_str().unwrap();
+    assert!(["correct", "wrong", "repetitive"].contains(&label), "{label}");
+    let outputs = text["outputs"].as_array().unwrap();
+    assert_eq!(outputs.len(), 3, "the notebook's three fact prompts");
+    for o in outputs {
+        assert!(o["expected"].is_string() && o["label"].is_string() && o["token_ids"].is_array());
+    }
+}
+
 #[test]
-fn sparsity_tiny_has_every_level_with_ppl_and_labels() {
+fn sparsity_tiny_notebook_protocol() {
     let (_sb, s) = run_tiny("pipelines/sparsity.toml", "sparsity.tiny.json");
     let st = &s["stages"];
-    let base_ppl = st["baseline"]["metrics"]["ppl"].as_f64().unwrap();
-    assert!(base_ppl.is_finite() && base_ppl > 1.0);
+    let base = &st["baseline"]["metrics"];
+    assert!(f(&base["ppl"]).is_finite() && f(&base["ppl"]) > 1.0);
+    assert_eq!(base["protocol"]["name"], "texts", "each text its own window, as the sparsity notebook");
+    for level in ["0.1", "0.2", "0.3", "0.5", "0.7", "0.8", "0.9"] {
+        let pruned = &st[format!("level[sparsity={level}].pruned")]["metrics"];
+        assert_eq!(pruned["rule"], "notebook");
+        assert_eq!(pruned["sparsity_before"], 0.0, "every level prunes the base model");
+        let (want, got) = (level.parse::<f64>().unwrap(), f(&pruned["sparsity"]));
+        // |w| ≤ the percentile: at least the level (ties at the threshold go too).
+        assert!(got >= want - 1e-9 && got < want + 0.02, "level {level}: achieved {got}");
+        let ppl = &st[format!("level[sparsity={level}].ppl")]["metrics"];
+        assert!(f(&ppl["ppl"]).is_finite());
+        assert_eq!(ppl["tokens"], base["tokens"], "same texts at every level");
+        check_text(&st[format!("level[sparsity={level}].text")]["metrics"]);
+    }
+    let table = &s["tables"][0];
+    assert_eq!(
+        columns(table),
+        ["sparsity", "achieved (%)", "ppl", "vs baseline (%)", "ternary 0 before → after prune (%)", "text label"]
+    );
+}
+
+#[test]
+fn sparsity_tiny_rigorous_protocol() {
+    let (_sb, s) = run_profiles("pipelines/sparsity.toml", &["tiny", "rigorous"], "sparsity.rigorous.tiny.json");
+    let st = &s["stages"];
     assert_eq!(st["baseline"]["metrics"]["protocol"]["name"], "chunks");
     for level in ["0.1", "0.2", "0.3"] {
         let pruned = &st[format!("level[sparsity={level}].pruned")]["metrics"];
+        assert_eq!(pruned["rule"], "exact");
         let want: f64 = level.parse().unwrap();
-        let got = pruned["sparsity"].as_f64().unwrap();
-        let n = pruned["weights"].as_f64().unwrap();
-        assert!((got - want).abs() <= 0.5 / n + 1e-12, "level {level}: sparsity {got}");
-        let ppl = &st[format!("level[sparsity={level}].ppl")]["metrics"];
-        assert!(ppl["ppl"].as_f64().unwrap().is_finite());
-        assert_eq!(ppl["tokens"], st["baseline"]["metrics"]["tokens"], "same windows at every level");
-        let text = &st[format!("level[sparsity={level}].text")]["metrics"];
-        let label = text["label"].as_str().unwrap();
-        assert!(["correct", "wrong", "repetitive"].contains(&label), "{label}");
-        let outputs = text["outputs"].as_array().unwrap();
-        assert!(outputs.len() >= 10, "the facts prompt set");
-        for o in outputs {
-            assert!(o["expected"].is_string() && o["label"].is_string() && o["token_ids"].is_array());
-        }
+        let n = f(&pruned["weights"]);
+        assert!((f(&pruned["sparsity"]) - want).abs() <= 0.5 / n + 1e-12, "level {level}: exact sparsity");
     }
+}
+
+#[test]
+fn profiles_apply_in_file_order_whatever_the_command_line_order() {
+    let sb = Sandbox::real();
+    let p = repo().join("pipelines/progressive.toml");
+    let plan = |profiles: &[&str]| {
+        let mut args = vec!["plan", p.to_str().unwrap(), "--format", "json"];
+        for prof in profiles {
+            args.extend(["--profile", prof]);
+        }
+        sb.run(&args).expect(0).json()
+    };
+    let (a, b) = (plan(&["tiny", "rigorous"]), plan(&["rigorous", "tiny"]));
+    assert_eq!(a["instances"], b["instances"], "same keys in either order");
+    let eval = |plan: &serde_json::Value| {
+        plan["instances"].as_array().unwrap().iter().find(|i| i["name"] == "baseline").unwrap()["params"].clone()
+    };
+    // tiny (defined last) sets the size and the data; rigorous the protocol.
+    assert_eq!(eval(&a)["data"], "synthetic:facts:test");
+    assert_eq!(eval(&a)["protocol"], "chunks");
+    assert_eq!(eval(&a)["seq_len"], 64);
+    assert_eq!(eval(&plan(&["tiny"]))["protocol"], "rpt-notebook");
 }
 
 #[test]
@@ -64,6 +128,11 @@ fn shipped_pipelines_validate_in_full_and_tiny_form() {
             let path = p.to_str().unwrap();
             sb.run(&["validate", path]).expect(0);
             sb.run(&["validate", path, "--profile", "tiny"]).expect(0);
+            let text = std::fs::read_to_string(&p).unwrap();
+            if text.contains("[profiles.rigorous]") {
+                sb.run(&["validate", path, "--profile", "rigorous"]).expect(0);
+                sb.run(&["validate", path, "--profile", "tiny", "--profile", "rigorous"]).expect(0);
+            }
         }
     }
     let stages = sb.run(&["stages"]).expect(0).stdout();
@@ -73,19 +142,95 @@ fn shipped_pipelines_validate_in_full_and_tiny_form() {
     assert!(!stages.contains("toy-"), "the shipped binary lists only real stages");
 }
 
-#[test]
-fn progressive_tiny_has_before_after_and_the_control_for_every_level() {
-    let (_sb, s) = run_tiny("pipelines/progressive.toml", "progressive-sparsity.tiny.json");
+const LEVELS: [&str; 8] = ["0.05", "0.1", "0.15", "0.2", "0.25", "0.3", "0.4", "0.5"];
+
+/// What both protocols of the progressive run share: a fine-tune per level and per control point,
+/// each continuing the batch stream of its lineage, and the researcher's table.
+fn check_progressive(s: &serde_json::Value) {
     let st = &s["stages"];
     assert_eq!(st["base"]["metrics"]["source"]["builtin"], "tiny-bitnet");
-    assert!(st["control"]["metrics"]["final_loss"].as_f64().unwrap().is_finite());
-    assert!(st["control-after"]["metrics"]["ppl"].as_f64().unwrap().is_finite());
-    let mut previous_zeros = 0;
-    for level in ["0.05", "0.1", "0.15", "0.2", "0.25", "0.3", "0.4", "0.5"] {
+    for (k, level) in LEVELS.iter().enumerate() {
         let get = |stage: &str| st[format!("level[sparsity={level}].{stage}")]["metrics"].clone();
-        let (before, after) = (get("before")["ppl"].as_f64().unwrap(), get("after")["ppl"].as_f64().unwrap());
-        assert!(before.is_finite() && after.is_finite(), "level {level}");
-        let pruned = get("pruned");
+        assert!(f(&get("before")["ppl"]).is_finite() && f(&get("after")["ppl"]).is_finite(), "level {level}");
+        let tuned = get("tuned");
+        assert_eq!(tuned["loss"].as_array().unwrap().len(), 8);
+        assert_eq!(tuned["first_batch"], 8 * k as u64, "level {level} continues the stream after {k} fine-tunes");
+        assert!(get("text")["label"].is_string());
+        let control = &st[format!("control[finetunes={}].tuned", k + 1)]["metrics"];
+        assert_eq!(control["first_batch"], tuned["first_batch"], "the control's point {} sees the same batches", k + 1);
+        assert!(f(&st[format!("control[finetunes={}].after", k + 1)]["metrics"]["ppl"]).is_finite());
+    }
+    let table = &s["tables"][0];
+    assert_eq!(
+        columns(table),
+        [
+            "sparsity",
+            "achieved (%)",
+            "ppl before",
+            "ppl after",
+            "vs baseline (%)",
+            "recovery",
+            "before/after",
+            "0% control",
+            "after ft: zeros / ternary 0 (%)",
+            "ternary 0 before → after prune (%)",
+            "text label"
+        ]
+    );
+    let rows = table["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1 + 8, "the baseline and one row per level (the control is a column)");
+    assert_eq!(rows[8][0], "50%");
+    for r in &rows[1..] {
+        let before: f64 = r[2].as_str().unwrap().parse().unwrap();
+        let after: f64 = r[3].as_str().unwrap().parse().unwrap();
+        let recovery: f64 = r[5].as_str().unwrap().parse().unwrap();
+        assert!((recovery - (before - after)).abs() < 0.011, "recovery = before − after: {r:?}");
+        assert_ne!(r[7], "—", "every level has its control point: {r:?}");
+    }
+}
+
+#[test]
+fn progressive_tiny_notebook_protocol() {
+    let (_sb, s) = run_tiny("pipelines/progressive.toml", "progressive-sparsity.tiny.json");
+    check_progressive(&s);
+    let st = &s["stages"];
+    assert_eq!(st["baseline"]["metrics"]["protocol"]["name"], "rpt-notebook");
+    assert_eq!(st["baseline"]["metrics"]["protocol"]["encode"], "per-row");
+    let mut previous = 0.0;
+    for level in LEVELS {
+        let get = |stage: &str| st[format!("level[sparsity={level}].{stage}")]["metrics"].clone();
+        let (pruned, tuned) = (get("pruned"), get("tuned"));
+        assert_eq!(pruned["rule"], "notebook");
+        // The level is a percentile of what is left: the levels compound.
+        let achieved = f(&pruned["sparsity"]);
+        let before = f(&pruned["sparsity_before"]);
+        let want = before + (1.0 - before) * level.parse::<f64>().unwrap();
+        assert!(achieved >= want - 1e-9 && achieved < want + 0.02, "level {level}: {achieved} vs {want}");
+        assert!(achieved > previous);
+        previous = achieved;
+        // Masks are not re-applied: pruned weights grow back, and the regrowth is reported.
+        assert_eq!(tuned["masks"], "ignore");
+        assert!(f(&tuned["regrown_fraction"]) > 0.0, "level {level}: {tuned}");
+        assert!(f(&tuned["sparsity_after"]) < achieved, "level {level}: regrowth lowers the sparsity");
+        assert_eq!(
+            tuned["trainable"],
+            f(&st["base"]["metrics"]["parameters"]),
+            "every parameter trains, the embedding too"
+        );
+    }
+}
+
+#[test]
+fn progressive_tiny_rigorous_protocol() {
+    let (_sb, s) =
+        run_profiles("pipelines/progressive.toml", &["tiny", "rigorous"], "progressive-sparsity.rigorous.tiny.json");
+    check_progressive(&s);
+    let st = &s["stages"];
+    assert_eq!(st["baseline"]["metrics"]["protocol"]["name"], "chunks");
+    let mut previous_zeros = 0;
+    for level in LEVELS {
+        let get = |stage: &str| st[format!("level[sparsity={level}].{stage}")]["metrics"].clone();
+        let (pruned, tuned) = (get("pruned"), get("tuned"));
         let zeros = pruned["zeros"].as_u64().unwrap();
         assert!(zeros > previous_zeros, "levels nest and grow");
         assert_eq!(
@@ -93,21 +238,13 @@ fn progressive_tiny_has_before_after_and_the_control_for_every_level() {
             previous_zeros,
             "level {level} starts from the previous one"
         );
+        let n = f(&pruned["weights"]);
+        assert!((f(&pruned["sparsity"]) - level.parse::<f64>().unwrap()).abs() <= 0.5 / n + 1e-12);
         previous_zeros = zeros;
-        assert_eq!(get("tuned")["loss"].as_array().unwrap().len(), 8);
-        assert!(get("text")["label"].is_string());
+        assert_eq!(tuned["masks"], "keep");
+        assert_eq!(tuned["regrown"], 0, "masks kept: nothing grows back");
+        assert_eq!(tuned["sparsity_after"], pruned["sparsity"]);
     }
-    // The session carries the researcher's table: baseline, control and one row per level.
-    let table = &s["tables"][0];
-    let columns: Vec<&str> = table["columns"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
-    assert_eq!(
-        columns,
-        ["sparsity", "ppl before", "ppl after", "vs baseline (%)", "recovery (before/after)", "text label"]
-    );
-    let rows = table["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 2 + 8);
-    assert_eq!(rows[1][0], "0% (fine-tune control)");
-    assert_eq!(rows[9][0], "50%");
 }
 
 #[test]
@@ -126,24 +263,125 @@ fn tiny_pretrain_tiny_learns_something_and_is_bit_reproducible() {
     assert!(ppl("ppl-trained") < ppl("ppl-untrained"), "eight steps already lower the perplexity");
 }
 
-#[test]
-fn progressive_criticality_reuses_every_cached_level() {
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// progressive-criticality reuses progressive's cached chain under the same profiles.
+fn progressive_criticality_reuses_the_chain(profiles: &[&str], session: &str) -> serde_json::Value {
     let sb = Sandbox::real();
     let prog = repo().join("pipelines/progressive.toml");
     let crit = repo().join("pipelines/progressive-criticality.toml");
-    sb.run(&["run", prog.to_str().unwrap(), "--profile", "tiny", "-q"]).expect(0);
-    let plan = sb.run(&["plan", crit.to_str().unwrap(), "--profile", "tiny", "--format", "json"]).expect(0).json();
+    let with = |cmd: &str, file: &std::path::Path, extra: &[&str]| {
+        let mut a = vec![cmd.to_string(), file.to_str().unwrap().to_string()];
+        for p in profiles {
+            a.extend(["--profile".to_string(), p.to_string()]);
+        }
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run_prog = with("run", &prog, &["-q"]);
+    sb.run(&args(&run_prog)).expect(0);
+    let plan_crit = with("plan", &crit, &["--format", "json"]);
+    let plan = sb.run(&args(&plan_crit)).expect(0).json();
     for i in plan["instances"].as_array().unwrap() {
         let name = i["name"].as_str().unwrap();
         let shared = name == "base" || name.ends_with(".pruned") || name.ends_with(".tuned");
         let expected = if shared { "cached" } else { "to run" };
-        assert_eq!(i["status"], expected, "{name}");
+        assert_eq!(i["status"], expected, "{name} ({profiles:?})");
     }
-    sb.run(&["run", crit.to_str().unwrap(), "--profile", "tiny", "-q"]).expect(0);
-    let s = sb.session("progressive-criticality.tiny.json");
-    let g = &s["stages"]["level[sparsity=0.5].growth"]["metrics"];
-    assert!(g["lyapunov"].as_f64().unwrap().is_finite());
+    let run_crit = with("run", &crit, &["-q"]);
+    sb.run(&args(&run_crit)).expect(0);
+    let s = sb.session(session);
     assert_eq!(s["stages"]["level[sparsity=0.5].tuned"]["cached"], true);
+    s
+}
+
+#[test]
+fn progressive_criticality_reuses_every_cached_level_in_both_protocols() {
+    let s = progressive_criticality_reuses_the_chain(&["tiny"], "progressive-criticality.tiny.json");
+    let g = &s["stages"]["level[sparsity=0.5].growth"]["metrics"];
+    assert!(f(&g["lyapunov"]).is_finite());
+    assert_eq!(g["scale"], "absolute");
+    assert_eq!(g["protocol"]["texts"]["count"], 8, "the notebook's per-row texts");
+    let s =
+        progressive_criticality_reuses_the_chain(&["tiny", "rigorous"], "progressive-criticality.rigorous.tiny.json");
+    let g = &s["stages"]["level[sparsity=0.5].growth"]["metrics"];
+    assert_eq!(g["scale"], "relative");
+    assert_eq!(g["protocol"]["name"], "chunks");
+}
+
+fn check_criticality(s: &serde_json::Value) {
+    let st = &s["stages"];
+    let layers = st["residuals"]["metrics"]["layers"].as_array().unwrap().len();
+    for name in ["growth", "level[sparsity=0.1].growth", "level[sparsity=0.3].growth"] {
+        let g = &st[name]["metrics"];
+        let delta: Vec<f64> = g["delta"].as_array().unwrap().iter().map(f).collect();
+        assert_eq!(delta.len(), layers + 1, "{name}");
+        // The notebook's convention: from layer 0's output, and the embedding-based figures beside.
+        let amp = delta[layers] / delta[1];
+        assert!((f(&g["amplification"]) - amp).abs() < 1e-12 * amp.abs());
+        assert!((f(&g["lyapunov"]) - amp.ln() / (layers - 1) as f64).abs() < 1e-12);
+        assert!((f(&g["amplification_from_embedding"]) - delta[layers] / delta[0]).abs() < 1e-9);
+    }
+}
+
+#[test]
+fn criticality_tiny_in_both_protocols() {
+    let (_sb, s) = run_tiny("pipelines/criticality.toml", "criticality.tiny.json");
+    check_criticality(&s);
+    let r = &s["stages"]["residuals"]["metrics"];
+    assert_eq!(r["windows"], 8, "eight texts, one forward each");
+    assert_eq!(r["protocol"]["texts"]["longer_than"], 100);
+    assert_eq!(s["stages"]["growth"]["metrics"]["scale"], "absolute");
+    let (_sb, s) = run_profiles("pipelines/criticality.toml", &["tiny", "rigorous"], "criticality.rigorous.tiny.json");
+    check_criticality(&s);
+    assert_eq!(s["stages"]["residuals"]["metrics"]["protocol"]["name"], "chunks");
+    assert_eq!(s["stages"]["growth"]["metrics"]["scale"], "relative");
+}
+
+#[test]
+fn predictive_coding_tiny_in_both_protocols() {
+    for (profiles, session, scope) in [
+        (&["tiny"][..], "predictive-coding.tiny.json", "tensor-percentile"),
+        (&["tiny", "rigorous"][..], "predictive-coding.rigorous.tiny.json", "percentile"),
+    ] {
+        let (_sb, s) = run_profiles("pipelines/predictive_coding.toml", profiles, session);
+        let st = &s["stages"];
+        // Threshold 0 changes nothing: the same perplexity as the clean model on the same windows.
+        assert_eq!(st["absolute[threshold=0].pruned"]["metrics"]["nll"], st["clean"]["metrics"]["nll"]);
+        for p in [50, 70, 90] {
+            let iv = &st[format!("percentile[percentile={p}].pruned")]["metrics"]["intervention"];
+            assert_eq!(iv["mode"], scope, "{profiles:?}");
+            let (masked, zeroed) = (f(&iv["masked_fraction"]), f(&iv["zeroed_fraction"]));
+            // Natural zeros count as zeroed in the notebook's measure, not as newly zeroed.
+            assert!(masked >= zeroed && masked > 0.0, "p{p}: masked {masked}, zeroed {zeroed}");
+            assert!((masked - p as f64 / 100.0).abs() < 0.05, "p{p}: about p% below the cut, got {masked}");
+        }
+        let intervention = s["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["title"].as_str().unwrap().contains("percentile"))
+            .unwrap();
+        assert_eq!(columns(intervention)[1], "% zeroed (notebook)");
+        assert_eq!(intervention["rows"][0][0], "none (baseline)", "the clean stage is the baseline");
+    }
+}
+
+#[test]
+fn baselines_tiny_measures_every_notebook_protocol() {
+    let (_sb, s) = run_tiny("pipelines/baselines.toml", "baselines.tiny.json");
+    let st = &s["stages"];
+    let facts = &st["facts"]["metrics"];
+    assert_eq!(facts["protocol"]["name"], "texts");
+    assert_eq!(facts["windows"], 8, "eight fact sentences, each its own window");
+    assert_eq!(st["wiki-validation"]["metrics"]["protocol"]["name"], "rpt-notebook");
+    assert_eq!(st["wiki-test"]["metrics"]["protocol"]["name"], "chunks");
+    let ppl: Vec<f64> =
+        ["facts", "wiki-validation", "wiki-test"].iter().map(|n| f(&st[*n]["metrics"]["ppl"])).collect();
+    assert!(ppl.iter().all(|p| p.is_finite() && *p > 1.0), "{ppl:?}");
+    assert_ne!(ppl[0], ppl[2], "different text, different number");
 }
 
 #[test]
@@ -153,4 +391,44 @@ fn the_stage_reference_in_docs_is_generated_from_the_definitions() {
     let doc = std::fs::read_to_string(repo().join("docs/stage-reference.md")).unwrap();
     let body = doc.split_once("\n\n## ").map(|(_, rest)| format!("## {rest}")).unwrap_or_default();
     assert!(body == generated, "docs/stage-reference.md is stale: run scripts/stage-reference.sh");
+}
+
+#[test]
+fn protocol_parameters_that_contradict_each_other_are_refused_with_the_fix() {
+    let sb = Sandbox::real();
+    let base = "[stages.base]\nkind = \"load\"\nmodel = \"builtin:tiny-bitnet\"\n";
+    for (stage, error, line) in [
+        (
+            "kind = \"eval-ppl\"\ninput = \"base\"\ndata = \"synthetic:facts:test\"\nprotocol = \"rpt-notebook\"\nbos = \"window-start\"",
+            "protocol \"rpt-notebook\" takes bos = \"none\" (the notebooks) or \"stream-start\"",
+            5,
+        ),
+        (
+            "kind = \"finetune\"\ninput = \"base\"\ndata = \"synthetic:facts:train\"\nmin_row_chars = 20",
+            "min_row_chars applies to encode = \"per-row\"",
+            5,
+        ),
+        (
+            "kind = \"hook-residuals\"\ninput = \"base\"\ndata = \"synthetic:facts:test\"\ntexts = \"rows\"\nmax_windows = 4",
+            "max_windows applies to texts = \"windows\"; use max_texts",
+            5,
+        ),
+        (
+            "kind = \"prune\"\ninput = \"base\"\nsparsity = 0.1\nrule = \"notebook\"\nscope = \"per-row\"",
+            "rule = \"notebook\" takes one threshold over all targets: scope must be \"global\"",
+            5,
+        ),
+        (
+            "kind = \"eval-ppl\"\ninput = \"base\"\ndata = \"synthetic:facts:test\"\nmax_windows = \"most\"",
+            "max_windows",
+            8,
+        ),
+    ] {
+        let p = sb.write("bad.toml", &format!("{base}[stages.s]\n{stage}\n"));
+        let r = sb.run(&["validate", p.to_str().unwrap()]).expect(2);
+        let err = r.stderr();
+        assert!(err.contains(error), "expected `{error}` in:\n{err}");
+        assert!(err.contains(&format!("bad.toml:{line}:")), "the error points into the file (line {line}):\n{err}");
+        assert!(!sb.path().join("cache").exists() && !sb.path().join("sessions").exists(), "validate writes nothing");
+    }
 }

@@ -35,7 +35,7 @@ fn wikitext_raw() -> PathBuf {
 }
 
 /// A TOML literal string (the paths here hold no `'`).
-fn lit(p: &Path) -> String {
+pub fn lit(p: &Path) -> String {
     let s = p.to_str().expect("UTF-8 path");
     assert!(!s.contains('\'') && !s.contains('\n'), "path unusable in a TOML literal string: {s}");
     format!("'{s}'")
@@ -43,7 +43,7 @@ fn lit(p: &Path) -> String {
 
 /// Runs `pipeline` (named `name`) with `rpt-flow run` in a fresh temporary directory and returns
 /// the session's `stages` object.
-fn run_pipeline(name: &str, pipeline: &str) -> serde_json::Map<String, Json> {
+pub fn run_pipeline(name: &str, pipeline: &str) -> serde_json::Map<String, Json> {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("pipeline.toml");
     std::fs::write(&file, pipeline).unwrap();
@@ -76,7 +76,7 @@ fn run_pipeline(name: &str, pipeline: &str) -> serde_json::Map<String, Json> {
     session["stages"].as_object().expect("stages").clone()
 }
 
-fn rel(a: f64, b: f64) -> f64 {
+pub fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs()
 }
 

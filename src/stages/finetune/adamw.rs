@@ -2,7 +2,9 @@
 //! masks for pruned positions and moments that can be checkpointed and restored exactly.
 //! (candle's own AdamW keeps its moments private, so a resumed run could not continue it.)
 //! Parameters stored in bf16 get f32 master copies: an update of lr = 5e-4 on a latent weight
-//! near 1 is below half a bf16 ulp and would otherwise be rounded away.
+//! near 1 is below half a bf16 ulp and would otherwise be rounded away. `in_model_dtype` turns
+//! that off, as torch's AdamW on a bf16 model does (the RPT notebooks): the moments are kept and
+//! the update is written in the parameter's dtype (each step computed in f32, then rounded).
 
 use std::collections::BTreeMap;
 
@@ -26,18 +28,27 @@ pub struct AdamW {
     pub v: Vec<Tensor>,
     /// f32 master weights of parameters stored in another dtype.
     pub master: Vec<Option<Tensor>>,
+    /// Moments stored in the parameter's dtype, no master weights.
+    pub in_model_dtype: bool,
 }
 
 impl AdamW {
-    pub fn new(params: Vec<(String, Var)>, hyper: Hyper) -> Result<AdamW> {
-        let zeros = |p: &Var| Tensor::zeros(p.shape(), DType::F32, p.device());
+    pub fn new(params: Vec<(String, Var)>, hyper: Hyper, in_model_dtype: bool) -> Result<AdamW> {
+        let state_dtype = |p: &Var| if in_model_dtype { p.dtype() } else { DType::F32 };
+        let zeros = |p: &Var| Tensor::zeros(p.shape(), state_dtype(p), p.device());
         let m = params.iter().map(|(_, p)| zeros(p)).collect::<candle_core::Result<Vec<_>>>()?;
         let v = params.iter().map(|(_, p)| zeros(p)).collect::<candle_core::Result<Vec<_>>>()?;
         let master = params
             .iter()
-            .map(|(_, p)| if p.dtype() == DType::F32 { Ok(None) } else { p.as_tensor().to_dtype(DType::F32).map(Some) })
+            .map(|(_, p)| {
+                if p.dtype() == DType::F32 || in_model_dtype {
+                    Ok(None)
+                } else {
+                    p.as_tensor().to_dtype(DType::F32).map(Some)
+                }
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(AdamW { hyper, t: 0, params, m, v, master })
+        Ok(AdamW { hyper, t: 0, params, m, v, master, in_model_dtype })
     }
 
     /// One update with gradients `grads[i]` for `params[i]` (already masked and clipped).
@@ -49,14 +60,21 @@ impl AdamW {
         let bc2 = 1.0 - beta2.powi(self.t as i32);
         for (i, (_, p)) in self.params.iter().enumerate() {
             let g = grads[i].to_dtype(DType::F32)?;
-            let m = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?;
-            let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+            let m = ((self.m[i].to_dtype(DType::F32)? * beta1)? + (&g * (1.0 - beta1))?)?;
+            let v = ((self.v[i].to_dtype(DType::F32)? * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+            let (m, v) = if self.in_model_dtype {
+                // Stored rounded to the model's dtype; the update uses the rounded moments.
+                (m.to_dtype(p.dtype())?, v.to_dtype(p.dtype())?)
+            } else {
+                (m, v)
+            };
+            let (m32, v32) = (m.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
             let w = match &self.master[i] {
                 Some(w) => w.clone(),
-                None => p.as_tensor().clone(),
+                None => p.as_tensor().to_dtype(DType::F32)?,
             };
             let decayed = (&w * (1.0 - lr * weight_decay))?;
-            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + eps)?)?;
+            let update = ((&m32 / bc1)? / ((&v32 / bc2)?.sqrt()? + eps)?)?;
             let next = (decayed - (update * lr)?)?;
             p.set(&next.to_dtype(p.dtype())?)?;
             if self.master[i].is_some() {
@@ -84,8 +102,8 @@ impl AdamW {
     pub fn load_state(&mut self, state: &BTreeMap<String, Tensor>, t: u64) -> Result<()> {
         for (i, (name, p)) in self.params.iter().enumerate() {
             let get = |k: String| state.get(&k).with_context(|| format!("checkpoint lacks `{k}`")).cloned();
-            self.m[i] = get(format!("m.{name}"))?.to_device(p.device())?;
-            self.v[i] = get(format!("v.{name}"))?.to_device(p.device())?;
+            self.m[i] = get(format!("m.{name}"))?.to_device(p.device())?.to_dtype(self.m[i].dtype())?;
+            self.v[i] = get(format!("v.{name}"))?.to_device(p.device())?.to_dtype(self.v[i].dtype())?;
             if self.master[i].is_some() {
                 self.master[i] = Some(get(format!("master.{name}"))?.to_device(p.device())?);
             }
@@ -108,6 +126,7 @@ mod tests {
         let mut opt = AdamW::new(
             vec![("p".into(), p.clone())],
             Hyper { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
+            false,
         )
         .unwrap();
         let g = Tensor::new(&[0.5f32, 0.0], &Device::Cpu).unwrap();
@@ -115,5 +134,25 @@ mod tests {
         let got = p.as_tensor().to_vec1::<f32>().unwrap();
         assert!((got[0] - (0.999 - 0.1 * (0.5 / (0.5 + 1e-8)))).abs() < 1e-6, "{got:?}");
         assert_eq!(got[1], 0.0, "a zero weight with zero gradient stays exactly zero");
+    }
+
+    /// In the model's dtype (bf16) a small update on a weight near 1 is rounded away, as in
+    /// torch on a bf16 model; with f32 masters it accumulates.
+    #[test]
+    fn bf16_updates_round_away_without_masters() {
+        let run = |in_model: bool| {
+            let p = Var::from_tensor(&Tensor::new(&[1.0f32], &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap())
+                .unwrap();
+            let hyper = Hyper { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+            let mut opt = AdamW::new(vec![("p".into(), p.clone())], hyper, in_model).unwrap();
+            for _ in 0..10 {
+                let g = Tensor::new(&[1.0f32], &Device::Cpu).unwrap();
+                opt.step(&[g], 5e-4).unwrap();
+            }
+            assert_eq!(opt.m[0].dtype(), if in_model { DType::BF16 } else { DType::F32 });
+            p.as_tensor().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()[0]
+        };
+        assert_eq!(run(true), 1.0, "each 5e-4 step is below half a bf16 ulp at 1.0");
+        assert!(run(false) < 1.0, "f32 masters accumulate ten steps (5e-3 > half an ulp, 3.9e-3)");
     }
 }

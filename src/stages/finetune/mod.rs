@@ -1,7 +1,8 @@
 //! `finetune`: AdamW training of a model on a text source, quantisation-aware for BitNet
 //! (straight-through estimators; the latent weights are trained), keeping pruned positions
-//! exactly zero, checkpointing resumable state so that an interrupted run continues to the same
-//! bit-identical result.
+//! exactly zero (or, as the RPT notebooks did, letting them grow back and reporting the regrowth),
+//! checkpointing resumable state so that an interrupted run continues to the same bit-identical
+//! result. In a chain, each fine-tune continues the data stream where its lineage stopped.
 
 mod adamw;
 mod schedule;
@@ -27,11 +28,37 @@ use adamw::{AdamW, Hyper};
 
 pub static SCHEMA: KindSchema = KindSchema {
     kind: "finetune",
-    version: 1,
-    help: "AdamW fine-tuning (quantisation-aware for BitNet), pruned positions kept at zero, resumable mid-stage.",
+    version: 2,
+    help: "AdamW fine-tuning (quantisation-aware for BitNet), pruned positions kept at zero or free to regrow, resumable mid-stage.",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to train" }],
     params: &[
         text_param::DATA,
+        text_param::ENCODE,
+        text_param::MIN_ROW_CHARS,
+        ParamDef {
+            name: "batches",
+            ty: ParamType::Enum(&["windows", "chunks"]),
+            default: ParamDefault::Json("\"windows\""),
+            help: "windows = random windows of seq_len + 1 tokens; chunks = the notebooks' fixed seq_len chunks (range(0, n-L, L)) drawn with replacement, seq_len - 1 targets each",
+        },
+        ParamDef {
+            name: "stream",
+            ty: ParamType::Enum(&["continue", "restart"]),
+            default: ParamDefault::Json("\"continue\""),
+            help: "continue = start the batch stream after the steps the input's lineage was already trained (each chain level sees new batches); restart = from step 0",
+        },
+        ParamDef {
+            name: "masks",
+            ty: ParamType::Enum(&["keep", "ignore"]),
+            default: ParamDefault::Json("\"keep\""),
+            help: "keep = pruned positions stay exactly zero; ignore = they get gradients and may grow back (the notebooks); the output then has no mask",
+        },
+        ParamDef {
+            name: "optimizer_precision",
+            ty: ParamType::Enum(&["f32", "model"]),
+            default: ParamDefault::Json("\"f32\""),
+            help: "f32 = f32 moments and master weights; model = moments and updates in the model's dtype (bf16 on the 2B model, as the notebooks' torch AdamW)",
+        },
         ParamDef {
             name: "steps",
             ty: ParamType::Int { min: Some(1), max: None },
@@ -127,6 +154,12 @@ pub static SCHEMA: KindSchema = KindSchema {
 #[serde(deny_unknown_fields)]
 struct Params {
     data: Json,
+    encode: String,
+    min_row_chars: usize,
+    batches: String,
+    stream: String,
+    masks: String,
+    optimizer_precision: String,
     steps: u64,
     batch: usize,
     micro_batch: Option<usize>,
@@ -167,6 +200,7 @@ impl Stage for Finetune {
         if micro > p.batch || !p.batch.is_multiple_of(micro) {
             return Err(format!("micro_batch {micro} must divide batch {}", p.batch));
         }
+        text_param::encoding(&p.encode, p.min_row_chars)?;
         text_param::source(&p.data)?;
         Ok(())
     }
@@ -184,18 +218,24 @@ impl Stage for Finetune {
         let model = &open.model;
         let tok = open.tokenizer()?;
         let source = Source::from_value(&p.data)?;
+        let encoding = text_param::encoding(&p.encode, p.min_row_chars).map_err(anyhow::Error::msg)?;
         let stream =
-            data::token_stream(&source, &data::HubOptions::from_env(), tok.inner(), &open.tokenizer_id, false)?;
-        let batches = TrainBatches::new(stream.ids.clone(), p.seq_len, p.batch, p.seed)?;
+            data::encoded_stream(&source, &data::HubOptions::from_env(), tok.inner(), &open.tokenizer_id, encoding)?;
+        let batches = Batches::new(&p.batches, stream.ids.clone(), p.seq_len, p.batch, p.seed)?;
+        // Where this fine-tune's batches start in the (seed-determined) stream.
+        let first_batch = if p.stream == "continue" { open.settings.train_steps } else { 0 };
         let micro = p.micro_batch.unwrap_or(p.batch);
 
         let params = trainable(model, &p.trainable);
         if params.is_empty() {
             bail!("no trainable parameters (trainable = {:?}; packed checkpoints are frozen)", p.trainable);
         }
-        let masks = grad_masks(&input.dir, &params, &device)?;
+        let input_masks = grad_masks(&input.dir, &params, &device)?;
+        let keep_masks = p.masks == "keep";
+        let masks: Vec<Option<Tensor>> = if keep_masks { input_masks.clone() } else { vec![None; params.len()] };
+        let sparsity_before = projection_sparsity(model)?;
         let hyper = Hyper { beta1: p.beta1, beta2: p.beta2, eps: p.eps, weight_decay: p.weight_decay };
-        let mut opt = AdamW::new(params.clone(), hyper)?;
+        let mut opt = AdamW::new(params.clone(), hyper, p.optimizer_precision == "model")?;
         let mut progress = Progress { step: 0, loss: vec![] };
         if let Some(ck) = ctx.partial.latest()? {
             progress = restore(&ck.dir, &params, &mut opt)?;
@@ -210,15 +250,16 @@ impl Stage for Finetune {
         while progress.step < p.steps {
             ctx.check_cancelled()?;
             let t = progress.step;
-            let batch = batches.get(t);
+            let batch = batches.get(first_batch + t);
+            let len = batch.seq_len;
             let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
             let mut loss_sum = 0f64;
             for r in (0..p.batch).step_by(micro) {
                 let rows = micro.min(p.batch - r);
-                let span = r * p.seq_len..(r + rows) * p.seq_len;
-                let ids = Tensor::from_vec(batch.input_ids[span.clone()].to_vec(), (rows, p.seq_len), &device)?;
-                let targets = Tensor::from_vec(batch.targets[span].to_vec(), rows * p.seq_len, &device)?;
-                let logits = model.forward_train(&ids)?.reshape((rows * p.seq_len, ()))?.to_dtype(DType::F32)?;
+                let span = r * len..(r + rows) * len;
+                let ids = Tensor::from_vec(batch.input_ids[span.clone()].to_vec(), (rows, len), &device)?;
+                let targets = Tensor::from_vec(batch.targets[span].to_vec(), rows * len, &device)?;
+                let logits = model.forward_train(&ids)?.reshape((rows * len, ()))?.to_dtype(DType::F32)?;
                 let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
                 let weight = rows as f64 / p.batch as f64;
                 loss_sum += loss.to_scalar::<f32>()? as f64 * weight;
@@ -268,21 +309,35 @@ impl Stage for Finetune {
         let seconds = started.elapsed().as_secs_f64();
 
         verify_masks(&params, &masks)?;
+        let regrowth = regrowth(&params, &input_masks)?;
         model.refresh();
         let mut settings = open.settings.clone();
         settings.source = None;
+        settings.train_steps += p.steps;
         artifact::save(model, ctx.out_dir, Some(&open.dir), &settings)?;
         let mask = input.dir.join(artifact::MASK_FILE);
-        if mask.exists() {
+        if mask.exists() && keep_masks {
             std::fs::copy(&mask, ctx.out_dir.join(artifact::MASK_FILE)).context("copying the mask")?;
         }
         let trained_steps = progress.step - start_step;
+        let tokens_per_step = p.batch * batches.get(0).seq_len; // seq_len − 1 per chunk
+        let ternary_zero_after =
+            if model.config().is_bitnet() { json!(artifact::ternary_zero_fractions(model)?.1) } else { Json::Null };
         Ok(json!({
+            "masks": p.masks,
+            "sparsity_before": sparsity_before,
+            "sparsity_after": projection_sparsity(model)?,
+            "ternary_zero_after": ternary_zero_after,
+            "pruned_positions": regrowth.0,
+            "regrown": regrowth.1,
+            "regrown_fraction": if regrowth.0 > 0 { json!(regrowth.1 as f64 / regrowth.0 as f64) } else { Json::Null },
+            "first_batch": first_batch,
+            "batches": p.batches,
             "steps": p.steps,
             "final_loss": progress.loss.last().map(|l| l.1),
             "loss": progress.loss,
             "trainable": params.iter().map(|(_, v)| v.elem_count()).sum::<usize>(),
-            "tokens_per_second": (trained_steps as usize * p.batch * p.seq_len) as f64 / seconds.max(1e-9),
+            "tokens_per_second": (trained_steps as usize * tokens_per_step) as f64 / seconds.max(1e-9),
             "seconds": seconds,
             "peak_rss_mb": peak_rss_mb(),
         }))
@@ -305,6 +360,54 @@ fn trainable(model: &Model, mode: &str) -> Vec<(String, Var)> {
 fn grad_masks(entry: &Path, params: &[(String, Var)], device: &Device) -> Result<Vec<Option<Tensor>>> {
     let masks = artifact::read_mask(entry, device)?.unwrap_or_default();
     Ok(params.iter().map(|(name, _)| masks.get(name).cloned()).collect())
+}
+
+/// The batches of a fine-tune: random windows, or the notebooks' chunks with replacement.
+enum Batches {
+    Windows(TrainBatches),
+    Chunks(data::ChunkBatches),
+}
+
+impl Batches {
+    fn new(kind: &str, tokens: std::sync::Arc<Vec<u32>>, seq_len: usize, batch: usize, seed: u64) -> Result<Batches> {
+        Ok(match kind {
+            "chunks" => Batches::Chunks(data::ChunkBatches::new(tokens, seq_len, batch, seed)?),
+            _ => Batches::Windows(TrainBatches::new(tokens, seq_len, batch, seed)?),
+        })
+    }
+
+    fn get(&self, step: u64) -> data::Batch {
+        match self {
+            Batches::Windows(b) => b.get(step),
+            Batches::Chunks(b) => b.get(step),
+        }
+    }
+}
+
+/// Fraction of the projection weights that are exactly zero.
+fn projection_sparsity(model: &Model) -> Result<f64> {
+    let (mut zeros, mut total) = (0f64, 0f64);
+    for (_, w) in model.projections()? {
+        if w.dtype() == DType::U8 {
+            continue;
+        }
+        zeros += w.eq(0f64)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
+        total += w.elem_count() as f64;
+    }
+    Ok(if total > 0.0 { zeros / total } else { 0.0 })
+}
+
+/// Positions the input's mask marks as pruned, and how many of them are nonzero now.
+fn regrowth(params: &[(String, Var)], masks: &[Option<Tensor>]) -> Result<(u64, u64)> {
+    let (mut pruned, mut regrown) = (0u64, 0u64);
+    for ((_, var), m) in params.iter().zip(masks) {
+        let Some(m) = m else { continue };
+        let is_pruned = m.to_dtype(DType::F32)?.affine(-1.0, 1.0)?; // 1 where pruned
+        let nonzero = var.as_tensor().ne(0f64)?.to_dtype(DType::F32)?;
+        pruned += is_pruned.sum_all()?.to_scalar::<f32>()? as u64;
+        regrown += (nonzero * is_pruned)?.sum_all()?.to_scalar::<f32>()? as u64;
+    }
+    Ok((pruned, regrown))
 }
 
 /// Fails if any pruned position of a trained parameter is not exactly zero.
