@@ -245,9 +245,12 @@ fn settings_of(model: &Model, source: Option<PathBuf>) -> ModelSettings {
     }
 }
 
-/// Copies the model files of a local directory into the entry. (Not hard links: a tool that later
-/// rewrites the source file in place would silently change the cached entry too.)
+/// Copies the model files of a local directory into the entry, following symbolic links (a hub
+/// snapshot is a folder of links into `blobs/`). (Not hard links: a tool that later rewrites the
+/// source file in place would silently change the cached entry too.) Fails when no weights were
+/// copied, so a broken entry is never committed.
 fn copy_model_files(src: &Path, out: &Path) -> Result<()> {
+    let mut weights = 0;
     for entry in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
         let entry = entry?;
         let name = entry.file_name();
@@ -256,10 +259,19 @@ fn copy_model_files(src: &Path, out: &Path) -> Result<()> {
             || name_s.ends_with(".json")
             || name_s.ends_with(".jinja")
             || name_s == "tokenizer.model";
-        if !entry.file_type()?.is_file() || !wanted || name_s == artifact::SETTINGS_FILE {
+        // metadata() follows links; a dangling link is an error, not a silent skip.
+        let meta = std::fs::metadata(entry.path()).with_context(|| format!("reading {}", entry.path().display()))?;
+        if !meta.is_file() || !wanted || name_s == artifact::SETTINGS_FILE {
             continue;
         }
         std::fs::copy(entry.path(), out.join(&name)).with_context(|| format!("copying {}", entry.path().display()))?;
+        weights += usize::from(name_s.ends_with(".safetensors") && name_s != artifact::MASK_FILE);
+    }
+    if weights == 0 {
+        bail!(
+            "model directory {} has no weights (model.safetensors or shards) that could be copied",
+            src.display()
+        );
     }
     Ok(())
 }

@@ -38,3 +38,40 @@ fn tiny_pretrain_regenerates_the_embedded_model_exactly() {
         assert!(made == shipped, "{f} differs from assets/tiny-bitnet/{f}");
     }
 }
+
+/// A hub snapshot is a folder of symbolic links into `blobs/`: `load { path = snapshot }` must
+/// copy what they point to (it once copied nothing and the next stage failed), and a folder
+/// without weights fails in `load` itself, committing nothing.
+#[test]
+fn a_local_model_folder_of_symbolic_links_loads_and_one_without_weights_fails() {
+    let sb = crate::support::Sandbox::real();
+    let fixture = crate::support::repo().join("tests/fixtures/bitnet_tiny");
+    let blobs = sb.path().join("blobs");
+    let snap = sb.path().join("snapshot");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(&snap).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        let blob = blobs.join(format!("blob-{f}"));
+        std::fs::copy(fixture.join(f), &blob).unwrap();
+        std::os::unix::fs::symlink(&blob, snap.join(f)).unwrap();
+    }
+    let p = sb.write(
+        "p.toml",
+        "[stages.base]\nkind = \"load\"\nmodel = { path = \"snapshot\" }\ndtype = \"f32\"\n\
+         [stages.ppl]\nkind = \"eval-ppl\"\ninput = \"base\"\ndata = \"synthetic:facts:test\"\nseq_len = 32\nmax_windows = 2\n",
+    );
+    sb.run(&["run", p.to_str().unwrap(), "-q"]).expect(0);
+    let s = sb.session("p.json");
+    assert!(s["stages"]["ppl"]["metrics"]["ppl"].as_f64().unwrap().is_finite());
+    let key = s["stages"]["base"]["key"].as_str().unwrap().to_string();
+    let entry = sb.path().join("cache").join(&key[..2]).join(&key);
+    let copied = std::fs::symlink_metadata(entry.join("model.safetensors")).unwrap();
+    assert!(copied.is_file(), "the entry holds the weights themselves, not a link");
+
+    // The same folder without its weights: load fails and commits nothing.
+    std::fs::remove_file(snap.join("model.safetensors")).unwrap();
+    std::os::unix::fs::symlink(sb.path().join("gone.safetensors"), snap.join("model.safetensors")).unwrap();
+    let r = sb.run(&["run", p.to_str().unwrap(), "-q"]);
+    assert_ne!(r.code(), 0, "a dangling weights link must fail: {}", r.stdout());
+    assert!(r.stderr().contains("snapshot"), "{}", r.stderr());
+}
