@@ -268,10 +268,7 @@ fn copy_model_files(src: &Path, out: &Path) -> Result<()> {
         weights += usize::from(name_s.ends_with(".safetensors") && name_s != artifact::MASK_FILE);
     }
     if weights == 0 {
-        bail!(
-            "model directory {} has no weights (model.safetensors or shards) that could be copied",
-            src.display()
-        );
+        bail!("model directory {} has no weights (model.safetensors or shards) that could be copied", src.display());
     }
     Ok(())
 }

@@ -12,20 +12,13 @@ use rpt_flow::data::{
 };
 use serde_json::json;
 
-const TEST_RAW: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/wikitext-2-raw/wiki.test.raw");
-
-fn test_raw() -> PathBuf {
-    let path = PathBuf::from(TEST_RAW);
-    assert!(
-        path.is_file(),
-        "{TEST_RAW} is missing: these tests read WikiText-2 from the shared data folder \
-         (see shared/data/README.md); it is never committed to this repository"
-    );
-    path
+/// `wiki.test.raw`, when the shared folder is here (see [`crate::support::shared`]).
+fn test_raw() -> Option<PathBuf> {
+    crate::support::shared("data/wikitext-2-raw/wiki.test.raw")
 }
 
-fn file_source() -> Source {
-    Source::from_value(&json!({ "path": test_raw().to_str().unwrap() })).unwrap()
+fn file_source(raw: &std::path::Path) -> Source {
+    Source::from_value(&json!({ "path": raw.to_str().unwrap() })).unwrap()
 }
 
 /// The HF script's row rule, written independently of the library: lines with their "\n",
@@ -37,37 +30,41 @@ fn rows_by_hand(content: &str) -> Vec<String> {
 
 #[test]
 fn test_split_rows_and_text() {
-    let text = file_source().text().unwrap();
+    let Some(raw) = test_raw() else { return };
+    let text = file_source(&raw).text().unwrap();
     assert_eq!(text.rows, 4358, "rows of wiki.test.raw");
     assert_eq!(text.bytes(), 1_296_370, "bytes of \"\\n\\n\".join(rows)");
     assert_eq!(text.text.chars().count(), 1_294_336);
     // The file starts with an empty line, then the first article's title line (read at run time:
     // no WikiText text is committed); rows keep their "\n" and are joined with "\n\n".
-    let title = fs::read_to_string(test_raw()).unwrap().lines().nth(1).unwrap().to_string();
+    let title = fs::read_to_string(&raw).unwrap().lines().nth(1).unwrap().to_string();
     assert!(title.starts_with(" = ") && title.ends_with(" = "), "{title:?}");
     assert!(text.text.starts_with(&format!("\n\n{title}\n\n\n\n\n")), "{:?}", &text.text[..40]);
-    let content = fs::read_to_string(test_raw()).unwrap();
+    let content = fs::read_to_string(&raw).unwrap();
     assert_eq!(text.text, rows_by_hand(&content).join("\n\n"));
     assert_eq!(rows_by_hand(&content).iter().filter(|r| r.is_empty()).count(), 1467);
 }
 
 #[test]
 fn tokenised_wikitext_file_has_the_same_row_rule() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/wikitext-2/test.txt");
-    assert!(std::path::Path::new(path).is_file(), "{path} is missing (see shared/data/README.md)");
-    let text = Source::from_value(&json!({ "path": path })).unwrap().text().unwrap();
+    let Some(path) = crate::support::shared("data/wikitext-2/test.txt") else { return };
+    let text = Source::from_value(&json!({ "path": path.to_str().unwrap() })).unwrap().text().unwrap();
     assert_eq!(text.rows, 4358);
     assert_eq!(text.bytes(), 1_262_229, "bytes of \"\\n\\n\".join(rows) of wikitext-2/test.txt");
-    assert!(text.text.starts_with("\n\n = Robert <unk> = \n\n"));
+    // An empty first row, then the first title (read from the file: no WikiText text is committed).
+    let title = fs::read_to_string(&path).unwrap().lines().nth(1).unwrap().to_string();
+    assert!(title.starts_with(" = ") && title.contains("<unk>"), "the tokenized version has <unk>: {title:?}");
+    assert!(text.text.starts_with(&format!("\n\n{title}\n\n")));
 }
 
 #[test]
 fn byte_level_window_counts() {
+    let Some(raw) = test_raw() else { return };
     // A BPE without merges (vocab = 2 specials + 256 bytes) makes one token per byte, so the
     // stream length is the text's byte count: 1,296,370.
     let tok = train_bpe(&["a"], 258).unwrap();
     let stream =
-        token_stream(&file_source(), &HubOptions::offline_at("/nonexistent"), &tok, "bytes-258", false).unwrap();
+        token_stream(&file_source(&raw), &HubOptions::offline_at("/nonexistent"), &tok, "bytes-258", false).unwrap();
     assert_eq!(stream.ids.len(), 1_296_370);
     assert_eq!(stream.bytes, 1_296_370);
     let opts = |seq_len, bos| WindowOptions { seq_len, bos, bos_id: tok.token_to_id("<s>"), max_windows: None };
@@ -100,12 +97,13 @@ fn hub_cache(rows: &[String], via_ref: bool) -> tempfile::TempDir {
 
 #[test]
 fn file_and_offline_hub_give_the_same_text_and_tokens() {
-    let content = fs::read_to_string(test_raw()).unwrap();
+    let Some(raw) = test_raw() else { return };
+    let content = fs::read_to_string(&raw).unwrap();
     let rows = rows_by_hand(&content);
     let corpus: Vec<String> =
         Source::parse_name("synthetic:facts").unwrap().text().unwrap().text.lines().map(String::from).collect();
     let tok = train_bpe(&corpus, 600).unwrap();
-    let file = file_source();
+    let file = file_source(&raw);
     let file_stream =
         token_stream(&file, &HubOptions::offline_at("/nonexistent"), &tok, "synthetic-600", false).unwrap();
     for via_ref in [false, true] {
@@ -126,13 +124,15 @@ fn file_and_offline_hub_give_the_same_text_and_tokens() {
 
 #[test]
 fn scored_bytes_cover_the_text_when_every_token_is_scored() {
+    let Some(raw) = test_raw() else { return };
     let corpus: Vec<String> =
         Source::parse_name("synthetic:facts").unwrap().text().unwrap().text.lines().map(String::from).collect();
     let tok = train_bpe(&corpus, 700).unwrap();
     let table = token_bytes(&tok).unwrap();
     assert_eq!(table[0], 0, "BOS stands for no text");
     let stream =
-        token_stream(&file_source(), &HubOptions::offline_at("/nonexistent"), &tok, "synthetic-700", false).unwrap();
+        token_stream(&file_source(&raw), &HubOptions::offline_at("/nonexistent"), &tok, "synthetic-700", false)
+            .unwrap();
     let total: u64 = stream.ids.iter().map(|&id| table[id as usize] as u64).sum();
     assert_eq!(total, 1_296_370, "token bytes do not add up to the text's bytes");
     let opts = WindowOptions { seq_len: 512, bos: Bos::StreamStart, bos_id: Some(0), max_windows: None };

@@ -14,7 +14,7 @@
 //!   Lyapunov / amplification from our δ follow the notebook's convention exactly.
 //!
 //! WikiText-2 and stories260K are read from ../shared at run time (never committed): without
-//! them these tests say they were skipped.
+//! them these tests say they were skipped (`support::shared`; CI requires them).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -23,6 +23,7 @@ use std::process::Command;
 use serde_json::Value as Json;
 
 use crate::ppl_parity::{lit, rel, run_pipeline};
+use crate::support::shared;
 
 const NLL_RTOL: f64 = 1e-5;
 const RATIO_RTOL: f64 = 1e-4;
@@ -31,11 +32,6 @@ const SEEDS: u64 = 16;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn shared(path: &str) -> Option<PathBuf> {
-    let p = repo().join("../shared").join(path);
-    p.exists().then_some(p)
 }
 
 fn reference() -> Json {
@@ -88,10 +84,7 @@ fn pipeline(name: &str, model_dir: &Path, valid: &Path, r: &Json) -> String {
 }
 
 fn check(name: &str, model_dir: &Path) {
-    let Some(valid) = shared("data/wikitext-2-raw/wiki.valid.raw") else {
-        eprintln!("skipped: ../shared/data/wikitext-2-raw/wiki.valid.raw is not here (CI has it; a clone does not)");
-        return;
-    };
+    let Some(valid) = shared("data/wikitext-2-raw/wiki.valid.raw") else { return };
     let r = reference();
     let want = &r["models"][name];
     let stages = run_pipeline(&format!("notebook-{name}"), &pipeline(name, model_dir, &valid, &r));

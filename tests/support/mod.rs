@@ -32,6 +32,26 @@ pub fn toy_flow() -> PathBuf {
     .clone()
 }
 
+/// A path in the shared folder beside the checkout (`../shared`: WikiText-2, stories260K), which
+/// CI has and a user's clone does not. `None` when it is absent: the calling test returns early
+/// after this prints that it was skipped and why. With `RPT_REQUIRE_SHARED=1` (set by `.ci/run`)
+/// its absence fails the test instead, so CI cannot pass by skipping.
+pub fn shared(rel: &str) -> Option<PathBuf> {
+    let p = repo().join("../shared").join(rel);
+    if p.exists() {
+        return Some(p);
+    }
+    let why = format!(
+        "{} is missing (the shared data folder beside the checkout, see shared/data/README.md; never committed here)",
+        p.display()
+    );
+    if std::env::var_os("RPT_REQUIRE_SHARED").is_some_and(|v| v == "1") {
+        panic!("{why}, and RPT_REQUIRE_SHARED=1 requires it");
+    }
+    eprintln!("skipped: {why}");
+    None
+}
+
 /// The shipped binary (with the real stage kinds).
 pub fn rpt_flow() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_rpt-flow"))
