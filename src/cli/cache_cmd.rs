@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Subcommand;
 
-use super::{load_plan, open_cache, CliError, CliResult, PipelineArgs};
+use super::{load_plan, open_cache, plan_for_class, CliError, CliResult, PipelineArgs};
 use crate::cache::{GcOptions, Key};
 use crate::exec::Registry;
 
@@ -19,9 +19,14 @@ pub enum CacheCommand {
     /// Remove entries not reachable from the given pipelines and/or older than an age, partial
     /// states of finished keys, and leftovers of killed runs. Never touches an entry in use.
     Gc {
-        /// Keep every entry these pipelines (with and without each of their profiles) use.
+        /// Keep every entry these pipelines use: with every combination of their profiles, on
+        /// every device class, and every entry a recorded run of them used (its session files,
+        /// whatever its --set overrides).
         #[arg(long = "keep", value_name = "PIPELINE.toml")]
         keep: Vec<PathBuf>,
+        /// Where the session files of recorded runs are (for --keep).
+        #[arg(long, env = "RPT_SESSIONS", default_value = "sessions")]
+        sessions: PathBuf,
         /// Remove entries not used for at least this long: 30d, 12h, 90m, 45s (0s: all).
         #[arg(long, value_name = "AGE")]
         older_than: Option<String>,
@@ -52,9 +57,9 @@ pub fn run(cmd: &CacheCommand, registry: &Registry, root: &Path) -> CliResult {
                 entries.len()
             )))
         }
-        CacheCommand::Gc { keep, older_than, dry_run } => {
+        CacheCommand::Gc { keep, sessions, older_than, dry_run } => {
             let older_than = older_than.as_deref().map(parse_age).transpose()?;
-            let keep = if keep.is_empty() { None } else { Some(reachable(keep, registry, root)?) };
+            let keep = if keep.is_empty() { None } else { Some(reachable(keep, sessions, registry, root)?) };
             let report = cache.gc(&GcOptions { keep, older_than, dry_run: *dry_run })?;
             let verb = if *dry_run { "would remove" } else { "removed" };
             for (k, bytes) in &report.removed_entries {
@@ -107,28 +112,66 @@ fn ls(cache: &crate::cache::Cache) -> CliResult {
     Ok(())
 }
 
-/// Keys of every instance of these pipelines, with no profile and with each profile they define.
-fn reachable(files: &[PathBuf], registry: &Registry, root: &Path) -> Result<HashSet<Key>, CliError> {
+/// Keys of every instance of these pipelines: with no profile and every combination of the
+/// profiles they define, on each device class (a key includes it: planning on the CPU alone
+/// would drop every GPU result), and every key their recorded runs used (session files under
+/// `sessions` naming the same pipeline and file name — runs with `--set` overrides included).
+fn reachable(files: &[PathBuf], sessions: &Path, registry: &Registry, root: &Path) -> Result<HashSet<Key>, CliError> {
     let mut keys = HashSet::new();
     for f in files {
         let base = PipelineArgs { pipeline: f.clone(), profiles: vec![], sets: vec![], device: "cpu".into() };
         let plan = load_plan(&base, registry, Some(root))?;
-        keys.extend(plan.keys.iter().copied());
         // Every combination of the pipeline's profiles (e.g. `tiny` with `rigorous`); past six
         // profiles, each alone.
         let profiles = plan.pipeline.profiles.clone();
-        let combos: Vec<Vec<String>> = if profiles.len() <= 6 {
-            (1u32..1 << profiles.len())
-                .map(|m| {
-                    profiles.iter().enumerate().filter(|(i, _)| m & (1 << i) != 0).map(|(_, p)| p.clone()).collect()
-                })
-                .collect()
+        let mut combos: Vec<Vec<String>> = vec![vec![]];
+        if profiles.len() <= 6 {
+            combos.extend((1u32..1 << profiles.len()).map(|m| {
+                profiles.iter().enumerate().filter(|(i, _)| m & (1 << i) != 0).map(|(_, p)| p.clone()).collect()
+            }));
         } else {
-            profiles.iter().map(|p| vec![p.clone()]).collect()
-        };
-        for combo in combos {
-            let args = PipelineArgs { profiles: combo, ..base.clone() };
-            keys.extend(load_plan(&args, registry, Some(root))?.keys);
+            combos.extend(profiles.iter().map(|p| vec![p.clone()]));
+        }
+        for class in ["cpu", "cuda"] {
+            for combo in &combos {
+                let args = PipelineArgs { profiles: combo.clone(), ..base.clone() };
+                keys.extend(plan_for_class(&args, class, registry, Some(root))?.keys);
+            }
+        }
+        keys.extend(recorded_keys(sessions, &plan.pipeline.name, f)?);
+    }
+    Ok(keys)
+}
+
+/// The keys in every session file under `dir` (any depth: `DATE/<name>.json`) of a run of the
+/// pipeline `name` from a file with the same file name as `file`.
+fn recorded_keys(dir: &Path, name: &str, file: &Path) -> Result<Vec<Key>, CliError> {
+    let mut keys = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue }; // no sessions yet: nothing recorded
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            if p.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let Ok(doc) = std::fs::read_to_string(&p).map(|t| serde_json::from_str::<serde_json::Value>(&t)) else {
+                continue;
+            };
+            let Ok(doc) = doc else { continue }; // a report's JSON or a damaged file: not a session
+            let same_file = doc["file"].as_str().map(|f| Path::new(f).file_name() == file.file_name());
+            if doc["pipeline"] != name || same_file != Some(true) {
+                continue;
+            }
+            for stage in doc["stages"].as_object().into_iter().flat_map(|m| m.values()) {
+                if let Some(k) = stage["key"].as_str().and_then(Key::from_hex) {
+                    keys.push(k);
+                }
+            }
         }
     }
     Ok(keys)

@@ -133,28 +133,43 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
-/// Checks `--device` and returns its class (`cpu` or `cuda`).
+/// Checks `--device` and returns its class (`cpu` or `cuda`). Any build can plan for either
+/// class (keys are pure: `plan --device cuda` on a laptop shows what a GPU run has cached);
+/// running on one is [`check_runnable`]'s business.
 pub fn device_class(device: &str) -> Result<String, CliError> {
     let (class, ordinal) = device.split_once(':').unwrap_or((device, "0"));
     match class {
         "cpu" if !device.contains(':') => Ok("cpu".into()),
-        "cuda" if ordinal.parse::<usize>().is_ok() => {
-            if cfg!(feature = "cuda") {
-                Ok("cuda".into())
-            } else {
-                Err(CliError::Usage(format!(
-                    "--device {device}: this rpt-flow was built without CUDA; rebuild with `cargo build --release --features cuda`"
-                )))
-            }
-        }
+        "cuda" if ordinal.parse::<usize>().is_ok() => Ok("cuda".into()),
         _ => Err(CliError::Usage(format!("--device `{device}` is not cpu, cuda or cuda:N"))),
     }
+}
+
+/// Fails for a device this build cannot compute on (cuda without the `cuda` feature).
+pub fn check_runnable(device: &str) -> Result<(), CliError> {
+    if device_class(device)? == "cuda" && !cfg!(feature = "cuda") {
+        return Err(CliError::Usage(format!(
+            "--device {device}: this rpt-flow was built without CUDA; rebuild with `cargo build --release --features cuda`"
+        )));
+    }
+    Ok(())
 }
 
 /// Reads, validates and plans a pipeline; file hashes are remembered in the cache root when one
 /// is given (`validate` passes none: it writes nothing).
 pub fn load_plan(args: &PipelineArgs, registry: &Registry, cache_root: Option<&Path>) -> Result<Plan, CliError> {
-    let settings = Settings { device_class: device_class(&args.device)? };
+    plan_for_class(args, &device_class(&args.device)?, registry, cache_root)
+}
+
+/// The plan with keys for a device class (`cpu` or `cuda`) whether or not this build can run on
+/// it: `cache gc --keep` must know the keys of GPU runs on a CPU-only build.
+pub fn plan_for_class(
+    args: &PipelineArgs,
+    class: &str,
+    registry: &Registry,
+    cache_root: Option<&Path>,
+) -> Result<Plan, CliError> {
+    let settings = Settings { device_class: class.to_string() };
     let options = SpecOptions { profiles: args.profiles.clone(), sets: args.sets.clone() };
     let catalog = registry.catalog();
     let pipeline = spec::load(&args.pipeline, &catalog, &options).map_err(CliError::Spec)?;

@@ -20,6 +20,7 @@ pub struct RunArgs {
 }
 
 pub fn run(args: &RunArgs, registry: &Registry, cache_root: &Path, quiet: bool) -> CliResult {
+    super::check_runnable(&args.pipeline.device)?;
     let plan = load_plan(&args.pipeline, registry, Some(cache_root))?;
     let cache = open_cache(cache_root);
     let cancel = CancelFlag::default();

@@ -71,3 +71,67 @@ fn gc_never_removes_an_entry_a_running_process_reads() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// `gc --keep` must not delete GPU results or levels added with `--set`: it keeps every device
+/// class and every key a recorded run of the pipeline used (its session files).
+#[test]
+fn gc_keep_spares_gpu_runs_and_runs_with_overrides() {
+    let sb = Sandbox::new();
+    let p = chain();
+    sb.run(&["run", &p, "-q"]).expect(0);
+    // A GPU run's entries (this build has no CUDA): the same cache keyed for the cuda class.
+    let cuda_keys = gpu_keys(&sb, &p);
+    assert_eq!(cuda_keys.len(), 11);
+    if !cfg!(feature = "cuda") {
+        let r = sb.run(&["run", &p, "--device", "cuda"]).expect(2);
+        assert!(r.stderr().contains("built without CUDA"), "planning for cuda is fine, running is not: {}", r.stderr());
+    }
+    let more = "sweeps.level.over.factor=[0.5, 0.25, 0.125, 0.0625]";
+    sb.run(&["run", &p, "-q", "--set", more]).expect(0);
+    let before = sb.run(&["cache", "ls"]).expect(0).stdout();
+    // 11 on the CPU, 11 under the cuda device class, 3 for the appended level.
+    assert!(before.contains("25 entries"), "{before}");
+    let other = sb.write("other.toml", "[stages.x]\nkind = \"toy-load\"\nsize = 3\n");
+    sb.run(&["run", other.to_str().unwrap(), "-q"]).expect(0);
+
+    let gc = sb.run(&["cache", "gc", "--keep", &p]).expect(0).stdout();
+    assert!(gc.contains("removed 1 entries"), "only the other pipeline's entry goes:\n{gc}");
+    assert!(sb.run(&["cache", "ls"]).expect(0).stdout().contains("25 entries"));
+    assert!(sb.run(&["run", &p, "-q", "--set", more]).expect(0).stdout().contains("nothing to compute"));
+    for k in &cuda_keys {
+        assert!(sb.path().join("cache").join(&k[..2]).join(k).is_dir(), "GPU entry {k} kept");
+    }
+    // Without the session files, the appended level is unknown to --keep and goes.
+    std::fs::remove_dir_all(sb.path().join("sessions")).unwrap();
+    let gc = sb.run(&["cache", "gc", "--keep", &p]).expect(0).stdout();
+    assert!(gc.contains("removed 3 entries"), "{gc}");
+}
+
+/// Copies every CPU entry of pipeline `p` to the key it has under the `cuda` device class (what a
+/// GPU run would have committed: this build has no CUDA, but any build plans for either class)
+/// and returns those keys.
+fn gpu_keys(sb: &Sandbox, p: &str) -> Vec<String> {
+    let keys = |device: &str| -> Vec<String> {
+        let plan = sb.run(&["plan", p, "--format", "json", "--device", device]).expect(0).json();
+        plan["instances"].as_array().unwrap().iter().map(|i| i["key"].as_str().unwrap().to_string()).collect()
+    };
+    let cache = sb.path().join("cache");
+    let (cpu, cuda) = (keys("cpu"), keys("cuda"));
+    for (c, g) in cpu.iter().zip(&cuda) {
+        assert_ne!(c, g, "the device class is part of the key");
+        let (from, to) = (cache.join(&c[..2]).join(c), cache.join(&g[..2]).join(g));
+        std::fs::create_dir_all(&to).unwrap();
+        for e in std::fs::read_dir(&from).unwrap() {
+            let e = e.unwrap();
+            let text = std::fs::read(e.path()).unwrap();
+            // The manifest names its key: rename it, so the copy is a consistent entry.
+            let text = if e.file_name() == "manifest.json" {
+                String::from_utf8(text).unwrap().replace(c.as_str(), g).into_bytes()
+            } else {
+                text
+            };
+            std::fs::write(to.join(e.file_name()), text).unwrap();
+        }
+    }
+    cuda
+}
