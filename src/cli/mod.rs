@@ -176,7 +176,8 @@ pub fn plan_for_class(
     let files = match cache_root {
         Some(root) => FileHasher::persistent(root.join("file-hashes.json")),
         None => FileHasher::in_memory(),
-    };
+    }
+    .relative_to(&pipeline.base_dir());
     let plan =
         plan::build(pipeline, &catalog, &settings, &Identifier { registry, files: &files }).map_err(CliError::Spec)?;
     files.save();

@@ -22,18 +22,36 @@ pub struct FileHasher {
     memo: Mutex<BTreeMap<PathBuf, Memo>>,
     store: Option<PathBuf>,
     dirty: Mutex<bool>,
+    /// The pipeline file's folder: relative paths in parameters resolve against it.
+    base_dir: PathBuf,
 }
 
 impl FileHasher {
     /// Memoises in this process only (used by `validate`, which writes nothing).
     pub fn in_memory() -> FileHasher {
-        FileHasher { memo: Mutex::new(BTreeMap::new()), store: None, dirty: Mutex::new(false) }
+        FileHasher { memo: Mutex::new(BTreeMap::new()), store: None, dirty: Mutex::new(false), base_dir: ".".into() }
     }
 
     /// Also remembers hashes across processes in `store` (written by [`FileHasher::save`]).
     pub fn persistent(store: PathBuf) -> FileHasher {
         let memo = std::fs::read_to_string(&store).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
-        FileHasher { memo: Mutex::new(memo), store: Some(store), dirty: Mutex::new(false) }
+        FileHasher { memo: Mutex::new(memo), store: Some(store), dirty: Mutex::new(false), base_dir: ".".into() }
+    }
+
+    /// Resolves relative paths against `dir` (the pipeline file's folder).
+    pub fn relative_to(mut self, dir: &Path) -> FileHasher {
+        self.base_dir = dir.to_path_buf();
+        self
+    }
+
+    /// The folder relative paths in parameters resolve against.
+    pub fn base_dir(&self) -> &Path {
+        &self.base_dir
+    }
+
+    /// `path` resolved against [`FileHasher::base_dir`] (unchanged when absolute).
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        self.base_dir.join(path)
     }
 
     /// blake3 (hex) of a file's contents.

@@ -92,6 +92,8 @@ pub struct StageContext<'a> {
     pub partial: &'a PartialDir,
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: &'a str,
+    /// The pipeline file's folder: relative paths in parameters resolve against it.
+    pub base_dir: &'a Path,
     pub progress: &'a Progress,
     pub cancel: &'a CancelFlag,
 }
@@ -105,6 +107,10 @@ impl StageContext<'_> {
             .iter()
             .find(|i| i.slot == slot)
             .with_context(|| format!("stage `{}` has no input `{slot}`", self.instance))
+    }
+    /// `path` resolved against the pipeline file's folder (unchanged when absolute).
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        self.base_dir.join(path)
     }
     /// Returns `Err(Cancelled)` once Ctrl-C was pressed.
     pub fn check_cancelled(&self) -> Result<()> {

@@ -183,6 +183,7 @@ fn run_one(
     progress.line(&format!("{label}: {}", if resumed { "resuming from partial state" } else { "running" }));
     progress.begin_stage(&inst.name);
     let started = Instant::now();
+    let base_dir = p.base_dir();
     let ctx = StageContext {
         pipeline: &p.name,
         instance: &inst.name,
@@ -192,6 +193,7 @@ fn run_one(
         out_dir: pending.dir(),
         partial: &partial,
         device: &opts.device,
+        base_dir: &base_dir,
         progress,
         cancel: &opts.cancel,
     };

@@ -78,6 +78,14 @@ impl Pipeline {
         self.instances.iter().position(|i| i.name == name)
     }
 
+    /// The pipeline file's folder: relative paths in its parameters resolve against it.
+    pub fn base_dir(&self) -> PathBuf {
+        match self.file.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
     /// Errors located in this pipeline's sources.
     pub fn errors(&self, diagnostics: Vec<Diagnostic>) -> SpecErrors {
         SpecErrors { sources: self.sources.clone(), diagnostics }

@@ -95,9 +95,9 @@ impl Stage for EvalPpl {
         Ok(())
     }
 
-    fn identity(&self, params: &Map<String, Json>, _files: &FileHasher) -> Result<Option<Json>, String> {
+    fn identity(&self, params: &Map<String, Json>, files: &FileHasher) -> Result<Option<Json>, String> {
         let p: Params = typed_params(params)?;
-        text_param::identity(&p.data)
+        text_param::identity(&p.data, files)
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Json> {
@@ -107,7 +107,8 @@ impl Stage for EvalPpl {
         let protocol = Protocol::parse(&p.protocol, p.stride)?;
         let encoding =
             text_param::protocol_encoding(&protocol, &p.encode, p.min_row_chars, &p.bos).map_err(anyhow::Error::msg)?;
-        let eval = scoring::eval_windows(&open, &p.data, protocol, p.seq_len, &p.bos, p.max_windows, encoding)?;
+        let eval =
+            scoring::eval_windows(&open, &p.data, protocol, p.seq_len, &p.bos, p.max_windows, encoding, ctx.base_dir)?;
         let windows = &eval.windows;
 
         ctx.progress.set_length(windows.len() as u64);

@@ -347,9 +347,9 @@ impl Stage for HookResiduals {
         Ok(())
     }
 
-    fn identity(&self, params: &Map<String, Json>, _files: &FileHasher) -> Result<Option<Json>, String> {
+    fn identity(&self, params: &Map<String, Json>, files: &FileHasher) -> Result<Option<Json>, String> {
         let p: Params = typed_params(params)?;
-        text_param::identity(&p.data)
+        text_param::identity(&p.data, files)
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Json> {
@@ -368,7 +368,7 @@ impl Stage for HookResiduals {
             bail!("layers: layer {bad} does not exist (the model has {n_layers} layers, 0..{})", n_layers - 1);
         }
         let selection = selection_of(&p).map_err(anyhow::Error::msg)?;
-        let eval = scoring::select_windows(&open, &p.data, selection, p.seq_len, &p.bos, p.max_windows)?;
+        let eval = scoring::select_windows(&open, &p.data, selection, p.seq_len, &p.bos, p.max_windows, ctx.base_dir)?;
         let n_prompts = prompts.as_ref().map_or(0, Vec::len);
         ctx.progress.set_length((eval.windows.len() + n_prompts) as u64);
 

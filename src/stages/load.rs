@@ -157,6 +157,7 @@ impl Stage for Load {
                 None => return Err(super::builtin::unknown(&name)),
             },
             ModelSource::Dir(dir) => {
+                let dir = files.resolve(&dir);
                 if !dir.join("config.json").exists() {
                     return Err(format!("model directory `{}` has no config.json", dir.display()));
                 }
@@ -165,7 +166,9 @@ impl Stage for Load {
             ModelSource::Random { tokenizer, .. } => match tokenizer {
                 None => Json::Null,
                 Some(t) => {
-                    let src = Source::from_value(&t).map_err(|e| format!("model.tokenizer: {e:#}"))?;
+                    let src = Source::from_value(&t)
+                        .map_err(|e| format!("model.tokenizer: {e:#}"))?
+                        .with_base_dir(files.base_dir());
                     json!({ "tokenizer_text": src.identity().map_err(|e| format!("{e:#}"))? })
                 }
             },
@@ -192,6 +195,7 @@ impl Stage for Load {
                 (model, json!({ "hub": spec.repo, "revision": spec.revision, "snapshot": dir }))
             }
             ModelSource::Dir(dir) => {
+                let dir = ctx.resolve(&dir);
                 let model = Model::from_dir(&dir, &opts)?;
                 copy_model_files(&dir, out)?;
                 artifact::write_settings(out, &settings_of(&model, None))?;
@@ -206,7 +210,7 @@ impl Stage for Load {
             ModelSource::Random { config, seed, tokenizer } => {
                 let tok = match &tokenizer {
                     None => None,
-                    Some(t) => Some(train_tokenizer(t, &config)?),
+                    Some(t) => Some(train_tokenizer(t, &config, ctx.base_dir)?),
                 };
                 let bos_eos = tok.as_ref().map(|_| (0, 1));
                 let cfg = random_config(&config, bos_eos)?;
@@ -273,12 +277,12 @@ fn copy_model_files(src: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn train_tokenizer(source: &Json, config: &Map<String, Json>) -> Result<tokenizers::Tokenizer> {
+fn train_tokenizer(source: &Json, config: &Map<String, Json>, base: &Path) -> Result<tokenizers::Tokenizer> {
     let vocab = config
         .get("vocab_size")
         .and_then(Json::as_u64)
         .context("model = { random = … } with a tokenizer needs random.vocab_size")?;
-    let rows = Source::from_value(source)?.rows_with(&crate::data::HubOptions::from_env())?;
+    let rows = Source::from_value(source)?.with_base_dir(base).rows_with(&crate::data::HubOptions::from_env())?;
     crate::data::train_bpe(&rows, vocab as usize)
 }
 

@@ -158,9 +158,9 @@ impl Stage for Perturb {
         Ok(())
     }
 
-    fn identity(&self, params: &Map<String, Json>, _files: &FileHasher) -> Result<Option<Json>, String> {
+    fn identity(&self, params: &Map<String, Json>, files: &FileHasher) -> Result<Option<Json>, String> {
         let p: Params = typed_params(params)?;
-        text_param::identity(&p.data)
+        text_param::identity(&p.data, files)
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Json> {
@@ -172,7 +172,7 @@ impl Stage for Perturb {
         let hidden = model.config().hidden_size;
         let relative = p.scale == "relative";
         let selection = selection_of(&p).map_err(anyhow::Error::msg)?;
-        let eval = scoring::select_windows(&open, &p.data, selection, p.seq_len, &p.bos, p.max_windows)?;
+        let eval = scoring::select_windows(&open, &p.data, selection, p.seq_len, &p.bos, p.max_windows, ctx.base_dir)?;
         ctx.progress.set_length(eval.windows.len() as u64);
 
         // Per boundary: Σ over texts of the whole-output δ (and texts counted); Σ over tokens of

@@ -2,6 +2,8 @@
 //! summed NLL of each window, and the perplexity metrics with the protocol echoed next to them
 //! (`eval-ppl`, `hook-residuals`, `perturb`).
 
+use std::path::Path;
+
 use anyhow::{Context as _, Result};
 use candle_core::{DType, Tensor, D};
 use serde_json::{json, Map, Value as Json};
@@ -49,11 +51,12 @@ pub fn eval_windows(
     bos: &str,
     max_windows: Option<usize>,
     encoding: Encoding,
+    base: &Path,
 ) -> Result<EvalWindows> {
-    select_windows(open, data, TextSelection::Windows { protocol, encoding }, seq_len, bos, max_windows)
+    select_windows(open, data, TextSelection::Windows { protocol, encoding }, seq_len, bos, max_windows, base)
 }
 
-/// The windows of `selection` over `data`.
+/// The windows of `selection` over `data` (a relative `path` resolved against `base`).
 pub fn select_windows(
     open: &OpenModel,
     data: &Json,
@@ -61,9 +64,10 @@ pub fn select_windows(
     seq_len: usize,
     bos: &str,
     max_windows: Option<usize>,
+    base: &Path,
 ) -> Result<EvalWindows> {
     let tok = open.tokenizer()?;
-    let source = Source::from_value(data)?;
+    let source = Source::from_value(data)?.with_base_dir(base);
     let hub = data::HubOptions::from_env();
     let opts = WindowOptions { seq_len, bos: Bos::parse(bos)?, bos_id: tok.bos_id, max_windows };
     let mut prep = Map::new();

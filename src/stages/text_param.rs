@@ -1,11 +1,13 @@
 //! The `data = …` parameter that several stages share: its definition, its check, and its
 //! contribution to the cache key (the source's identity: name+split+revision, or content hash).
 
+use std::path::Path;
+
 use serde_json::{json, Value as Json};
 
 use super::scoring::TextSelection;
 use crate::data::{Encoding, Protocol, Source};
-use crate::exec::{ParamDef, ParamDefault, ParamType};
+use crate::exec::{FileHasher, ParamDef, ParamDefault, ParamType};
 
 pub const DATA: ParamDef = ParamDef {
     name: "data",
@@ -161,8 +163,15 @@ pub fn source(data: &Json) -> Result<Source, String> {
     Source::from_value(data).map_err(|e| format!("data: {e:#}"))
 }
 
-/// Key material of a `data` value: `{ "data": <source identity> }`.
-pub fn identity(data: &Json) -> Result<Option<Json>, String> {
-    let id = source(data)?.identity().map_err(|e| format!("data: {e:#}"))?;
+/// The source a `data` value names, a relative `path` resolved against `base` (the pipeline
+/// file's folder).
+pub fn source_at(data: &Json, base: &Path) -> anyhow::Result<Source> {
+    Ok(Source::from_value(data)?.with_base_dir(base))
+}
+
+/// Key material of a `data` value: `{ "data": <source identity> }` (a local file's identity is
+/// its content, so where the path is written from does not matter).
+pub fn identity(data: &Json, files: &FileHasher) -> Result<Option<Json>, String> {
+    let id = source(data)?.with_base_dir(files.base_dir()).identity().map_err(|e| format!("data: {e:#}"))?;
     Ok(Some(json!({ "data": id })))
 }

@@ -75,3 +75,33 @@ fn a_local_model_folder_of_symbolic_links_loads_and_one_without_weights_fails() 
     assert_ne!(r.code(), 0, "a dangling weights link must fail: {}", r.stdout());
     assert!(r.stderr().contains("snapshot"), "{}", r.stderr());
 }
+
+/// Relative `path`s (data and model folders) resolve against the pipeline file's folder, not
+/// the current directory, and the keys follow the content, not where it lies.
+#[test]
+fn relative_paths_resolve_against_the_pipeline_folder() {
+    let sb = crate::support::Sandbox::real();
+    let fixture = crate::support::repo().join("tests/fixtures/bitnet_tiny");
+    for dir in ["exp", "copy"] {
+        let model = sb.path().join(dir).join("model");
+        std::fs::create_dir_all(&model).unwrap();
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            std::fs::copy(fixture.join(f), model.join(f)).unwrap();
+        }
+        sb.write(
+            &format!("{dir}/text.txt"),
+            "The little robot counted seven pebbles on the quiet beach.\n".repeat(40).as_str(),
+        );
+        sb.write(
+            &format!("{dir}/p.toml"),
+            "[stages.base]\nkind = \"load\"\nmodel = { path = \"model\" }\ndtype = \"f32\"\n\
+             [stages.ppl]\nkind = \"eval-ppl\"\ninput = \"base\"\ndata = { path = \"text.txt\" }\nseq_len = 32\n",
+        );
+    }
+    // Run from the sandbox root: `model` and `text.txt` are beside the pipeline, not here.
+    sb.run(&["run", "exp/p.toml", "-q"]).expect(0);
+    let s = sb.session("p.json");
+    assert!(s["stages"]["ppl"]["metrics"]["ppl"].as_f64().unwrap().is_finite());
+    let again = sb.run(&["run", "copy/p.toml"]).expect(0);
+    assert!(again.stdout().contains("nothing to compute"), "same content elsewhere, same keys: {}", again.stdout());
+}

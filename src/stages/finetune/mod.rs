@@ -18,7 +18,7 @@ use serde_json::{json, Map, Value as Json};
 
 use super::model_artifact as artifact;
 use super::text_param;
-use crate::data::{self, Source, TrainBatches};
+use crate::data::{self, TrainBatches};
 use crate::exec::{
     typed_params, ArtifactType, FileHasher, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage,
     StageContext,
@@ -205,9 +205,9 @@ impl Stage for Finetune {
         Ok(())
     }
 
-    fn identity(&self, params: &Map<String, Json>, _files: &FileHasher) -> Result<Option<Json>, String> {
+    fn identity(&self, params: &Map<String, Json>, files: &FileHasher) -> Result<Option<Json>, String> {
         let p: Params = typed_params(params)?;
-        text_param::identity(&p.data)
+        text_param::identity(&p.data, files)
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Json> {
@@ -217,7 +217,7 @@ impl Stage for Finetune {
         let open = artifact::open(input, &device)?;
         let model = &open.model;
         let tok = open.tokenizer()?;
-        let source = Source::from_value(&p.data)?;
+        let source = text_param::source_at(&p.data, ctx.base_dir)?;
         let encoding = text_param::encoding(&p.encode, p.min_row_chars).map_err(anyhow::Error::msg)?;
         let stream =
             data::encoded_stream(&source, &data::HubOptions::from_env(), tok.inner(), &open.tokenizer_id, encoding)?;
