@@ -107,8 +107,8 @@ impl Stage for EvalPpl {
         let protocol = Protocol::parse(&p.protocol, p.stride)?;
         let encoding =
             text_param::protocol_encoding(&protocol, &p.encode, p.min_row_chars, &p.bos).map_err(anyhow::Error::msg)?;
-        let eval =
-            scoring::eval_windows(&open, &p.data, protocol, p.seq_len, &p.bos, p.max_windows, encoding, ctx.base_dir)?;
+        let selection = scoring::TextSelection::Windows { protocol, encoding };
+        let eval = scoring::select_windows(&open, &p.data, selection, p.seq_len, &p.bos, p.max_windows, ctx.base_dir)?;
         let windows = &eval.windows;
 
         ctx.progress.set_length(windows.len() as u64);

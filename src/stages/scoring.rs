@@ -41,22 +41,8 @@ pub enum TextSelection {
     },
 }
 
-/// Tokenises `data` with the model's tokenizer (once per process) and cuts the stream into the
-/// windows of `protocol` (rows prepared as `encoding` says).
-pub fn eval_windows(
-    open: &OpenModel,
-    data: &Json,
-    protocol: Protocol,
-    seq_len: usize,
-    bos: &str,
-    max_windows: Option<usize>,
-    encoding: Encoding,
-    base: &Path,
-) -> Result<EvalWindows> {
-    select_windows(open, data, TextSelection::Windows { protocol, encoding }, seq_len, bos, max_windows, base)
-}
-
-/// The windows of `selection` over `data` (a relative `path` resolved against `base`).
+/// The windows of `selection` over `data` (a relative `path` resolved against `base`): the
+/// source tokenised with the model's tokenizer (once per process) and cut as the protocol says.
 pub fn select_windows(
     open: &OpenModel,
     data: &Json,
