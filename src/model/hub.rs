@@ -1,6 +1,7 @@
 //! Model sources: a local directory or `hf:org/name[@revision]` through hf-hub.
 //!
-//! hf-hub's sync API honours `HF_HOME` (cache location), `HF_ENDPOINT` and `HF_TOKEN`. With
+//! hf-hub's sync API honours `HF_HOME` (cache location), `HF_ENDPOINT` and `HF_TOKEN`. A branch
+//! or tag is resolved to its commit ([`resolve_commit`]) before keys are computed. With
 //! `HF_HUB_OFFLINE=1` nothing is fetched: the files are read from the local hub cache
 //! (`$HF_HOME/hub/models--org--name/{refs,snapshots}`), as transformers does. Pin revisions
 //! (a commit hash): the current `main` of the BitNet repos has been re-uploaded with zeroed MLP
@@ -32,8 +33,90 @@ impl HubSpec {
     }
 }
 
-fn offline() -> bool {
-    matches!(std::env::var("HF_HUB_OFFLINE").as_deref(), Ok("1") | Ok("true") | Ok("TRUE") | Ok("yes"))
+/// `HF_HUB_OFFLINE` as huggingface_hub reads it: `1`, `ON`, `YES`, `TRUE` in any case.
+pub fn offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| matches!(v.trim().to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE"))
+}
+
+/// The commit `spec` names, known before anything is keyed or downloaded, so a key never moves
+/// when a download writes `refs/main`: a 40-hex revision as it is; online, the hub API's answer
+/// for the branch or tag (`GET {HF_ENDPOINT}/api/models/{repo}/revision/{rev}`); offline, or when
+/// the hub cannot be reached, the local cache's `refs/{rev}`. Memoised per process.
+pub fn resolve_commit(spec: &HubSpec) -> Result<String> {
+    static MEMO: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<(String, String), String>>> =
+        std::sync::OnceLock::new();
+    if is_commit(&spec.revision) {
+        return Ok(spec.revision.to_ascii_lowercase());
+    }
+    let memo = MEMO.get_or_init(Default::default);
+    let k = (spec.repo.clone(), spec.revision.clone());
+    if let Some(c) = memo.lock().expect("commit memo").get(&k) {
+        return Ok(c.clone());
+    }
+    let cache = hf_hub::Cache::from_env();
+    let local = || -> Option<String> {
+        let repo_dir = cache.path().join(Repo::new(spec.repo.clone(), RepoType::Model).folder_name());
+        let r = std::fs::read_to_string(repo_dir.join("refs").join(&spec.revision)).ok()?;
+        Some(r.trim().to_string()).filter(|c| is_commit(c))
+    };
+    let online_error = if offline() {
+        "HF_HUB_OFFLINE is set".to_string()
+    } else {
+        match api().and_then(|a| {
+            let repo = a.repo(Repo::with_revision(spec.repo.clone(), RepoType::Model, spec.revision.clone()));
+            repo.info().with_context(|| format!("asking the hub for {}@{}", spec.repo, spec.revision))
+        }) {
+            Ok(info) if is_commit(&info.sha) => {
+                memo.lock().expect("commit memo").insert(k, info.sha.clone());
+                return Ok(info.sha);
+            }
+            Ok(info) => format!("the hub answered a revision that is not a commit ({:?})", info.sha),
+            Err(e) => format!("{e:#}"),
+        }
+    };
+    match local() {
+        Some(c) => {
+            if !offline() {
+                tracing::warn!("{online_error}; using the cached refs/{} of {} = {c}", spec.revision, spec.repo);
+            }
+            memo.lock().expect("commit memo").insert(k, c.clone());
+            Ok(c)
+        }
+        None => bail!(
+            "cannot resolve hf:{repo}@{rev} to a commit: {online_error}, and the local hub cache ({cache}) has no \
+             refs/{rev} for it. Pin a commit (hf:{repo}@<40 hex digits>), or download the repo once online \
+             (`huggingface-cli download {repo}`, or an rpt-flow run without HF_HUB_OFFLINE)",
+            repo = spec.repo,
+            rev = spec.revision,
+            cache = cache.path().display(),
+        ),
+    }
+}
+
+/// Downloads (or finds) `spec` at `commit` and returns the snapshot folder. A branch or tag
+/// also gets its `refs/{revision}` written, as huggingface_hub does, so that offline runs later
+/// resolve it to the same commit.
+pub fn fetch_commit(spec: &HubSpec, commit: &str) -> Result<PathBuf> {
+    let dir = resolve(&format!("hf:{}@{commit}", spec.repo))?;
+    if !is_commit(&spec.revision) && !offline() {
+        let cache = hf_hub::Cache::from_env();
+        let refs = cache.path().join(Repo::new(spec.repo.clone(), RepoType::Model).folder_name()).join("refs");
+        std::fs::create_dir_all(&refs).with_context(|| format!("creating {}", refs.display()))?;
+        std::fs::write(refs.join(&spec.revision), commit)
+            .with_context(|| format!("writing {}", refs.join(&spec.revision).display()))?;
+    }
+    Ok(dir)
+}
+
+/// The hf-hub client as the environment configures it (`HF_ENDPOINT`, `HF_HOME`, `HF_TOKEN`).
+fn api() -> Result<hf_hub::api::sync::Api> {
+    let token = std::env::var("HF_TOKEN").ok().or_else(|| hf_hub::Cache::from_env().token());
+    hf_hub::api::sync::ApiBuilder::from_env()
+        .with_token(token)
+        .with_progress(false)
+        .build()
+        .context("building the hf-hub client")
 }
 
 /// Resolve a source to a local directory holding config.json and the weights.
@@ -78,12 +161,7 @@ pub fn resolve_offline(cache: &hf_hub::Cache, spec: &HubSpec) -> Result<PathBuf>
 }
 
 fn resolve_online(spec: &HubSpec) -> Result<PathBuf> {
-    let token = std::env::var("HF_TOKEN").ok().or_else(|| hf_hub::Cache::from_env().token());
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_token(token)
-        .with_progress(false)
-        .build()
-        .context("building the hf-hub client")?;
+    let api = api()?;
     let repo = api.repo(Repo::with_revision(spec.repo.clone(), RepoType::Model, spec.revision.clone()));
     let get = |f: &str| repo.get(f).with_context(|| format!("fetching {f} from {}@{}", spec.repo, spec.revision));
     let config = get("config.json")?;

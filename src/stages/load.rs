@@ -149,8 +149,10 @@ impl Stage for Load {
         let p: Params = typed_params(params)?;
         Ok(Some(match parse_source(&p.model)? {
             ModelSource::Hub(spec) => {
-                let commit = pinned_revision(&spec);
-                json!({ "hub": spec.repo, "revision": commit.as_deref().unwrap_or(&spec.revision), "pinned": commit.is_some() })
+                // The commit, resolved now: a key that moved after the first download would make a
+                // killed run start over and a finished one look undone.
+                let commit = crate::model::hub::resolve_commit(&spec).map_err(|e| format!("{e:#}"))?;
+                json!({ "hub": spec.repo, "commit": commit })
             }
             ModelSource::Builtin(name) => match super::builtin::identity(&name) {
                 Some(id) => id,
@@ -188,11 +190,12 @@ impl Stage for Load {
         let out = ctx.out_dir;
         let (model, origin) = match source {
             ModelSource::Hub(spec) => {
-                let dir = crate::model::hub::resolve(&format!("hf:{}@{}", spec.repo, spec.revision))?;
+                let commit = crate::model::hub::resolve_commit(&spec)?;
+                let dir = crate::model::hub::fetch_commit(&spec, &commit)?;
                 let model = Model::from_dir(&dir, &opts)?;
                 let settings = settings_of(&model, Some(dir.clone()));
                 artifact::write_settings(out, &settings)?;
-                (model, json!({ "hub": spec.repo, "revision": spec.revision, "snapshot": dir }))
+                (model, json!({ "hub": spec.repo, "revision": spec.revision, "commit": commit, "snapshot": dir }))
             }
             ModelSource::Dir(dir) => {
                 let dir = ctx.resolve(&dir);
@@ -226,18 +229,6 @@ impl Stage for Load {
         };
         describe(&model, origin)
     }
-}
-
-/// A revision pinned to a commit: given as 40 hex digits, or read from the local hub cache.
-fn pinned_revision(spec: &HubSpec) -> Option<String> {
-    let is_commit = |s: &str| s.len() == 40 && s.chars().all(|c| c.is_ascii_hexdigit());
-    if is_commit(&spec.revision) {
-        return Some(spec.revision.clone());
-    }
-    let cache = hf_hub::Cache::from_env();
-    let folder = hf_hub::Repo::new(spec.repo.clone(), hf_hub::RepoType::Model).folder_name();
-    let r = std::fs::read_to_string(cache.path().join(folder).join("refs").join(&spec.revision)).ok()?;
-    Some(r.trim().to_string()).filter(|s| is_commit(s))
 }
 
 fn settings_of(model: &Model, source: Option<PathBuf>) -> ModelSettings {

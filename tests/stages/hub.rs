@@ -36,8 +36,7 @@ fn hub_models_load_offline_from_the_cache_and_pin_the_commit() {
     };
     run(&["run", p.to_str().unwrap(), "-q"]);
     let explain = run(&["explain", p.to_str().unwrap(), "base"]);
-    assert!(explain.contains(&format!("\"revision\":\"{COMMIT}\"")), "{explain}");
-    assert!(explain.contains("\"pinned\":true"), "{explain}");
+    assert!(explain.contains(&format!("\"commit\":\"{COMMIT}\"")), "{explain}");
     let s = sb.session("hub.json");
     let base = &s["stages"]["base"]["metrics"];
     assert_eq!(base["arch"], "bitnet");
@@ -50,7 +49,79 @@ fn hub_models_load_offline_from_the_cache_and_pin_the_commit() {
     // Offline and not cached: a clear error, not a hang.
     let q = sb.write("q.toml", "[stages.base]\nkind = \"load\"\nmodel = \"hf:rpt/absent\"\n");
     let out = sb.cmd(&["run", q.to_str().unwrap()]).env("HF_HOME", &home).env("HF_HUB_OFFLINE", "1").output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2), "an unresolvable revision is bad input, found before anything runs");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("HF_HUB_OFFLINE") && err.contains("rpt/absent"), "{err}");
+    assert!(err.contains("HF_HUB_OFFLINE") && err.contains("rpt/absent") && err.contains("Pin a commit"), "{err}");
+}
+
+const COMMIT_B: &str = "89abcdef0123456789abcdef0123456789abcdef";
+
+/// The real download path against a loopback mock of the hub: an unpinned `hf:org/name` is keyed
+/// by the commit the hub names before anything is downloaded, so the key is the same before and
+/// after the first run (a killed first run resumes, a finished one shows as cached), offline mode
+/// agrees with it from the local refs, and a moved `main` is a new key.
+#[test]
+fn an_unpinned_hub_model_is_keyed_by_its_commit_before_and_after_download() {
+    let hub = crate::mock_hub::MockHub::start();
+    let files = ["config.json", "model.safetensors", "tokenizer.json"]
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(repo().join("tests/fixtures/bitnet_tiny").join(f)).unwrap()))
+        .collect();
+    hub.publish("rpt/tiny", "main", COMMIT, files);
+    let sb = Sandbox::real();
+    let home = sb.path().join("hf");
+    let p = sb.write(
+        "p.toml",
+        "[pipeline]\nname = \"hub\"\n[stages.base]\nkind = \"load\"\nmodel = \"hf:rpt/tiny\"\ndtype = \"f32\"\n",
+    );
+    let p = p.to_str().unwrap();
+    let cli = |args: &[&str], offline: bool| {
+        let mut c = sb.cmd(args);
+        c.env("HF_HOME", &home).env("HF_ENDPOINT", &hub.endpoint).env_remove("HF_TOKEN");
+        if offline {
+            c.env("HF_HUB_OFFLINE", "True");
+        } else {
+            c.env_remove("HF_HUB_OFFLINE");
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let base = |plan: &str| -> (String, String) {
+        let v: serde_json::Value = serde_json::from_str(plan).unwrap();
+        let i = v["instances"].as_array().unwrap().iter().find(|i| i["name"] == "base").unwrap().clone();
+        (i["key"].as_str().unwrap().to_string(), i["status"].as_str().unwrap().to_string())
+    };
+    let (key, status) = base(&cli(&["plan", p, "--format", "json"], false));
+    assert_eq!(status, "to run");
+    assert!(!home.join("hub/models--rpt--tiny/refs/main").exists(), "planning downloads nothing");
+    cli(&["run", p, "-q"], false);
+    let s = sb.session("hub.json");
+    assert_eq!(s["stages"]["base"]["key"], key.as_str(), "the key did not move with the download");
+    assert_eq!(s["stages"]["base"]["metrics"]["source"]["commit"], COMMIT);
+    let snapshot = home.join("hub/models--rpt--tiny/snapshots").join(COMMIT);
+    assert!(snapshot.join("model.safetensors").exists(), "downloaded into the hub cache");
+    assert_eq!(base(&cli(&["plan", p, "--format", "json"], false)), (key.clone(), "cached".into()));
+
+    // Offline: the local refs give the same commit, and nothing asks the hub.
+    let asked = hub.requests();
+    assert_eq!(base(&cli(&["plan", p, "--format", "json"], true)), (key.clone(), "cached".into()));
+    assert!(cli(&["run", p], true).contains("nothing to compute"));
+    assert_eq!(hub.requests(), asked, "offline mode sent requests");
+
+    // `main` moves: a new commit is a new key.
+    let files = ["config.json", "model.safetensors", "tokenizer.json"]
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(repo().join("tests/fixtures/bitnet_tiny").join(f)).unwrap()))
+        .collect();
+    hub.publish("rpt/tiny", "main", COMMIT_B, files);
+    let (moved, status) = base(&cli(&["plan", p, "--format", "json"], false));
+    assert_ne!(moved, key);
+    assert_eq!(status, "to run");
+    // Pinned to the old commit, it is keyed without asking the hub which commit `main` is now.
+    let pinned = std::fs::read_to_string(p).unwrap().replace("hf:rpt/tiny", &format!("hf:rpt/tiny@{COMMIT}"));
+    let pinned = sb.write("pinned.toml", &pinned);
+    let asked = hub.requests();
+    cli(&["plan", pinned.to_str().unwrap()], false);
+    assert_eq!(hub.requests(), asked, "a pinned commit needs no hub request to be keyed");
 }
