@@ -10,10 +10,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+/// A repo: revision (branch or commit) → commit, and file name → bytes.
+type RepoState = (BTreeMap<String, String>, BTreeMap<String, Vec<u8>>);
+
 #[derive(Default)]
 struct State {
-    /// repo → (branch → commit, file name → bytes).
-    repos: BTreeMap<String, (BTreeMap<String, String>, BTreeMap<String, Vec<u8>>)>,
+    repos: BTreeMap<String, RepoState>,
 }
 
 pub struct MockHub {
