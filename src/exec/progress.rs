@@ -25,6 +25,8 @@ enum Mode {
 
 struct PlainState {
     label: String,
+    /// What the stage says about itself now: loss, tokens/s.
+    detail: String,
     len: u64,
     pos: u64,
     last: Instant,
@@ -59,7 +61,13 @@ impl Progress {
             overall,
             multi,
             current: Mutex::new(None),
-            state: Mutex::new(PlainState { label: String::new(), len: 0, pos: 0, last: Instant::now() }),
+            state: Mutex::new(PlainState {
+                label: String::new(),
+                detail: String::new(),
+                len: 0,
+                pos: 0,
+                last: Instant::now(),
+            }),
         }
     }
 
@@ -89,11 +97,11 @@ impl Progress {
 
     pub(crate) fn begin_stage(&self, label: &str) {
         let mut st = self.state.lock().expect("progress lock");
-        *st = PlainState { label: label.to_string(), len: 0, pos: 0, last: Instant::now() };
+        *st = PlainState { label: label.to_string(), detail: String::new(), len: 0, pos: 0, last: Instant::now() };
         if let (Mode::Bars, Some(m)) = (self.mode, &self.multi) {
             let bar = m.add(ProgressBar::new(0));
             bar.set_style(
-                ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+                ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({elapsed}, ETA {eta})")
                     .expect("valid template")
                     .progress_chars("=> "),
             );
@@ -132,7 +140,18 @@ impl Progress {
         st.pos = pos;
         if self.mode == Mode::Lines && st.last.elapsed() >= LINE_EVERY {
             st.last = Instant::now();
-            eprintln!("    {}: {}/{}", st.label, st.pos, st.len);
+            let detail = if st.detail.is_empty() { String::new() } else { format!(" · {}", st.detail) };
+            eprintln!("    {}: {}/{}{detail}", st.label, st.pos, st.len);
+        }
+    }
+
+    /// What the current stage reports about itself (e.g. `loss 2.31 · 5400 tok/s`), shown beside
+    /// its bar and in its periodic lines.
+    pub fn set_detail(&self, detail: &str) {
+        let mut st = self.state.lock().expect("progress lock");
+        st.detail = detail.to_string();
+        if let Some(bar) = &*self.current.lock().expect("progress lock") {
+            bar.set_message(format!("{} · {detail}", st.label));
         }
     }
 

@@ -114,7 +114,8 @@ fn api() -> Result<hf_hub::api::sync::Api> {
     let token = std::env::var("HF_TOKEN").ok().or_else(|| hf_hub::Cache::from_env().token());
     hf_hub::api::sync::ApiBuilder::from_env()
         .with_token(token)
-        .with_progress(false)
+        // Byte progress bars for downloads on a terminal (the 2B model is 4.8 GB).
+        .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .build()
         .context("building the hf-hub client")
 }

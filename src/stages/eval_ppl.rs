@@ -119,6 +119,7 @@ impl Stage for EvalPpl {
             ctx.check_cancelled()?;
             per_window.extend(scoring::window_nlls(&open.model, batch)?);
             fed += batch.iter().map(|w| w.input_ids.len()).sum::<usize>();
+            ctx.progress.set_detail(&format!("{:.0} tok/s", fed as f64 / started.elapsed().as_secs_f64()));
             ctx.progress.set_position(((b + 1) * p.batch).min(windows.len()) as u64);
         }
         let seconds = started.elapsed().as_secs_f64();

@@ -298,6 +298,8 @@ impl Stage for Finetune {
             opt.step(&grads, lr)?;
             progress.step += 1;
             progress.loss.push((progress.step, loss_sum));
+            let rate = ((progress.step - start_step) as usize * p.batch * len) as f64 / started.elapsed().as_secs_f64();
+            ctx.progress.set_detail(&format!("loss {loss_sum:.4} · {rate:.0} tok/s"));
             ctx.progress.set_position(progress.step);
             let due = progress.step.is_multiple_of(p.checkpoint_every)
                 || last_save.elapsed().as_secs_f64() >= p.checkpoint_minutes * 60.0;
