@@ -173,9 +173,10 @@ pub fn plan_for_class(
     let options = SpecOptions { profiles: args.profiles.clone(), sets: args.sets.clone() };
     let catalog = registry.catalog();
     let pipeline = spec::load(&args.pipeline, &catalog, &options).map_err(CliError::Spec)?;
+    // Without a cache root (validate, graph) no key is shown: identities ask no remote service.
     let files = match cache_root {
         Some(root) => FileHasher::persistent(root.join("file-hashes.json")),
-        None => FileHasher::in_memory(),
+        None => FileHasher::in_memory().local_only(),
     }
     .relative_to(&pipeline.base_dir());
     let plan =

@@ -24,24 +24,50 @@ pub struct FileHasher {
     dirty: Mutex<bool>,
     /// The pipeline file's folder: relative paths in parameters resolve against it.
     base_dir: PathBuf,
+    /// Whether identities may ask remote services (the hub for a branch's commit); off for
+    /// commands that show no keys (`validate`, `graph`), so they work without a network.
+    remote: bool,
 }
 
 impl FileHasher {
     /// Memoises in this process only (used by `validate`, which writes nothing).
     pub fn in_memory() -> FileHasher {
-        FileHasher { memo: Mutex::new(BTreeMap::new()), store: None, dirty: Mutex::new(false), base_dir: ".".into() }
+        FileHasher {
+            memo: Mutex::new(BTreeMap::new()),
+            store: None,
+            dirty: Mutex::new(false),
+            base_dir: ".".into(),
+            remote: true,
+        }
     }
 
     /// Also remembers hashes across processes in `store` (written by [`FileHasher::save`]).
     pub fn persistent(store: PathBuf) -> FileHasher {
         let memo = std::fs::read_to_string(&store).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
-        FileHasher { memo: Mutex::new(memo), store: Some(store), dirty: Mutex::new(false), base_dir: ".".into() }
+        FileHasher {
+            memo: Mutex::new(memo),
+            store: Some(store),
+            dirty: Mutex::new(false),
+            base_dir: ".".into(),
+            remote: true,
+        }
     }
 
     /// Resolves relative paths against `dir` (the pipeline file's folder).
     pub fn relative_to(mut self, dir: &Path) -> FileHasher {
         self.base_dir = dir.to_path_buf();
         self
+    }
+
+    /// Identities from local information only (no hub requests): for commands that show no keys.
+    pub fn local_only(mut self) -> FileHasher {
+        self.remote = false;
+        self
+    }
+
+    /// Whether an identity may ask a remote service.
+    pub fn remote(&self) -> bool {
+        self.remote
     }
 
     /// The folder relative paths in parameters resolve against.

@@ -55,11 +55,7 @@ pub fn resolve_commit(spec: &HubSpec) -> Result<String> {
         return Ok(c.clone());
     }
     let cache = hf_hub::Cache::from_env();
-    let local = || -> Option<String> {
-        let repo_dir = cache.path().join(Repo::new(spec.repo.clone(), RepoType::Model).folder_name());
-        let r = std::fs::read_to_string(repo_dir.join("refs").join(&spec.revision)).ok()?;
-        Some(r.trim().to_string()).filter(|c| is_commit(c))
-    };
+    let local = || local_commit(spec);
     let online_error = if offline() {
         "HF_HUB_OFFLINE is set".to_string()
     } else {
@@ -107,6 +103,18 @@ pub fn fetch_commit(spec: &HubSpec, commit: &str) -> Result<PathBuf> {
             .with_context(|| format!("writing {}", refs.join(&spec.revision).display()))?;
     }
     Ok(dir)
+}
+
+/// The commit `spec` names from local information alone: a 40-hex revision, or the local hub
+/// cache's `refs/{revision}`.
+pub fn local_commit(spec: &HubSpec) -> Option<String> {
+    if is_commit(&spec.revision) {
+        return Some(spec.revision.to_ascii_lowercase());
+    }
+    let cache = hf_hub::Cache::from_env();
+    let repo_dir = cache.path().join(Repo::new(spec.repo.clone(), RepoType::Model).folder_name());
+    let r = std::fs::read_to_string(repo_dir.join("refs").join(&spec.revision)).ok()?;
+    Some(r.trim().to_string()).filter(|c| is_commit(c))
 }
 
 /// The hf-hub client as the environment configures it (`HF_ENDPOINT`, `HF_HOME`, `HF_TOKEN`).

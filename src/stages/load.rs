@@ -151,7 +151,12 @@ impl Stage for Load {
             ModelSource::Hub(spec) => {
                 // The commit, resolved now: a key that moved after the first download would make a
                 // killed run start over and a finished one look undone.
-                let commit = crate::model::hub::resolve_commit(&spec).map_err(|e| format!("{e:#}"))?;
+                let commit = if files.remote() {
+                    crate::model::hub::resolve_commit(&spec).map_err(|e| format!("{e:#}"))?
+                } else {
+                    // validate / graph: no key is shown, so no hub request is made.
+                    crate::model::hub::local_commit(&spec).unwrap_or_else(|| format!("unresolved {}", spec.revision))
+                };
                 json!({ "hub": spec.repo, "commit": commit })
             }
             ModelSource::Builtin(name) => match super::builtin::identity(&name) {
