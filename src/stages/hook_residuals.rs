@@ -87,21 +87,12 @@ pub static SCHEMA: KindSchema = KindSchema {
     output: ArtifactType::Metrics,
 };
 
+/// (No `deny_unknown_fields`: serde cannot combine it with `flatten`; the schema check has
+/// already refused unknown parameters.)
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Params {
-    data: Json,
-    texts: String,
-    protocol: String,
-    encode: String,
-    min_row_chars: usize,
-    seq_len: usize,
-    #[serde(default, deserialize_with = "text_param::de_max_windows")]
-    max_windows: Option<usize>,
-    bos: String,
-    texts_longer_than: usize,
-    text_chars: usize,
-    max_texts: usize,
+    #[serde(flatten)]
+    text: text_param::TextParams,
     rel_tol: f64,
     threshold: Option<f64>,
     percentile: Option<f64>,
@@ -187,20 +178,6 @@ fn intervention_of(p: &Params) -> Result<Option<Intervention>, String> {
         return Err("`layers` selects where the intervention applies: give `threshold` or `percentile` too".into());
     }
     Ok(pruning.map(|pruning| Intervention { pruning, layers }))
-}
-
-fn selection_of(p: &Params) -> Result<scoring::TextSelection, String> {
-    text_param::selection(
-        &p.texts,
-        &p.protocol,
-        &p.encode,
-        p.min_row_chars,
-        p.texts_longer_than,
-        p.text_chars,
-        p.max_texts,
-        p.max_windows,
-        &p.bos,
-    )
 }
 
 /// The prompts to generate from, if any.
@@ -340,8 +317,8 @@ impl Stage for HookResiduals {
 
     fn check(&self, params: &Map<String, Json>) -> Result<(), String> {
         let p: Params = typed_params(params)?;
-        text_param::source(&p.data)?;
-        selection_of(&p)?;
+        text_param::source(&p.text.data)?;
+        p.text.selection()?;
         intervention_of(&p)?;
         generation_prompts(&p.generate)?;
         Ok(())
@@ -349,7 +326,7 @@ impl Stage for HookResiduals {
 
     fn identity(&self, params: &Map<String, Json>, files: &FileHasher) -> Result<Option<Json>, String> {
         let p: Params = typed_params(params)?;
-        text_param::identity(&p.data, files)
+        text_param::identity(&p.text.data, files)
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Json> {
@@ -367,8 +344,16 @@ impl Stage for HookResiduals {
         if let Some(bad) = chosen.iter().flatten().find(|l| **l >= n_layers) {
             bail!("layers: layer {bad} does not exist (the model has {n_layers} layers, 0..{})", n_layers - 1);
         }
-        let selection = selection_of(&p).map_err(anyhow::Error::msg)?;
-        let eval = scoring::select_windows(&open, &p.data, selection, p.seq_len, &p.bos, p.max_windows, ctx.base_dir)?;
+        let selection = p.text.selection().map_err(anyhow::Error::msg)?;
+        let eval = scoring::select_windows(
+            &open,
+            &p.text.data,
+            selection,
+            p.text.seq_len,
+            &p.text.bos,
+            p.text.max_windows,
+            ctx.base_dir,
+        )?;
         let n_prompts = prompts.as_ref().map_or(0, Vec::len);
         ctx.progress.set_length((eval.windows.len() + n_prompts) as u64);
 

@@ -59,21 +59,12 @@ pub static SCHEMA: KindSchema = KindSchema {
     output: ArtifactType::Metrics,
 };
 
+/// (No `deny_unknown_fields`: serde cannot combine it with `flatten`; the schema check has
+/// already refused unknown parameters.)
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Params {
-    data: Json,
-    texts: String,
-    protocol: String,
-    encode: String,
-    min_row_chars: usize,
-    seq_len: usize,
-    #[serde(default, deserialize_with = "text_param::de_max_windows")]
-    max_windows: Option<usize>,
-    bos: String,
-    texts_longer_than: usize,
-    text_chars: usize,
-    max_texts: usize,
+    #[serde(flatten)]
+    text: text_param::TextParams,
     eps: f64,
     scale: String,
     seed: u64,
@@ -130,20 +121,6 @@ fn boundary(p: HookPoint) -> Option<usize> {
     }
 }
 
-fn selection_of(p: &Params) -> Result<scoring::TextSelection, String> {
-    text_param::selection(
-        &p.texts,
-        &p.protocol,
-        &p.encode,
-        p.min_row_chars,
-        p.texts_longer_than,
-        p.text_chars,
-        p.max_texts,
-        p.max_windows,
-        &p.bos,
-    )
-}
-
 pub struct Perturb;
 
 impl Stage for Perturb {
@@ -153,14 +130,14 @@ impl Stage for Perturb {
 
     fn check(&self, params: &Map<String, Json>) -> Result<(), String> {
         let p: Params = typed_params(params)?;
-        text_param::source(&p.data)?;
-        selection_of(&p)?;
+        text_param::source(&p.text.data)?;
+        p.text.selection()?;
         Ok(())
     }
 
     fn identity(&self, params: &Map<String, Json>, files: &FileHasher) -> Result<Option<Json>, String> {
         let p: Params = typed_params(params)?;
-        text_param::identity(&p.data, files)
+        text_param::identity(&p.text.data, files)
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Json> {
@@ -171,8 +148,16 @@ impl Stage for Perturb {
         let n_layers = model.num_layers();
         let hidden = model.config().hidden_size;
         let relative = p.scale == "relative";
-        let selection = selection_of(&p).map_err(anyhow::Error::msg)?;
-        let eval = scoring::select_windows(&open, &p.data, selection, p.seq_len, &p.bos, p.max_windows, ctx.base_dir)?;
+        let selection = p.text.selection().map_err(anyhow::Error::msg)?;
+        let eval = scoring::select_windows(
+            &open,
+            &p.text.data,
+            selection,
+            p.text.seq_len,
+            &p.text.bos,
+            p.text.max_windows,
+            ctx.base_dir,
+        )?;
         ctx.progress.set_length(eval.windows.len() as u64);
 
         // Per boundary: Σ over texts of the whole-output δ (and texts counted); Σ over tokens of

@@ -129,31 +129,47 @@ pub const MAX_TEXTS: ParamDef = ParamDef {
     help: "texts = rows: the first N such rows",
 };
 
-/// The text selection of an analysis stage's parameters.
-#[allow(clippy::too_many_arguments)]
-pub fn selection(
-    texts: &str,
-    protocol: &str,
-    encode: &str,
-    min_row_chars: usize,
-    longer_than: usize,
-    chars: usize,
-    count: usize,
-    max_windows: Option<usize>,
-    bos: &str,
-) -> Result<TextSelection, String> {
-    let encoding = encoding(encode, min_row_chars)?;
-    match texts {
-        "rows" => {
-            if max_windows.is_some() {
-                return Err("max_windows applies to texts = \"windows\"; use max_texts with texts = \"rows\"".into());
+/// The text parameters of the analysis stages (hook-residuals, perturb), declared by
+/// [`DATA`], [`TEXTS`], [`TEXT_PROTOCOL`], [`ENCODE`], [`MIN_ROW_CHARS`], the `WINDOW_*` and the
+/// row parameters; a stage's `Params` takes them with `#[serde(flatten)]`.
+#[derive(serde::Deserialize)]
+pub struct TextParams {
+    pub data: Json,
+    pub texts: String,
+    pub protocol: String,
+    pub encode: String,
+    pub min_row_chars: usize,
+    pub seq_len: usize,
+    #[serde(default, deserialize_with = "de_max_windows")]
+    pub max_windows: Option<usize>,
+    pub bos: String,
+    pub texts_longer_than: usize,
+    pub text_chars: usize,
+    pub max_texts: usize,
+}
+
+impl TextParams {
+    /// Which texts the stage reads.
+    pub fn selection(&self) -> Result<TextSelection, String> {
+        let encoding = encoding(&self.encode, self.min_row_chars)?;
+        match self.texts.as_str() {
+            "rows" => {
+                if self.max_windows.is_some() {
+                    return Err(
+                        "max_windows applies to texts = \"windows\"; use max_texts with texts = \"rows\"".into()
+                    );
+                }
+                Ok(TextSelection::Rows {
+                    longer_than: self.texts_longer_than,
+                    chars: self.text_chars,
+                    count: self.max_texts,
+                })
             }
-            Ok(TextSelection::Rows { longer_than, chars, count })
-        }
-        _ => {
-            let protocol = Protocol::parse(protocol, None).map_err(|e| format!("{e:#}"))?;
-            protocol_encoding(&protocol, encode, min_row_chars, bos)?;
-            Ok(TextSelection::Windows { protocol, encoding })
+            _ => {
+                let protocol = Protocol::parse(&self.protocol, None).map_err(|e| format!("{e:#}"))?;
+                protocol_encoding(&protocol, &self.encode, self.min_row_chars, &self.bos)?;
+                Ok(TextSelection::Windows { protocol, encoding })
+            }
         }
     }
 }
