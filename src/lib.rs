@@ -9,6 +9,7 @@ pub mod cache;
 pub mod cli;
 pub mod data;
 pub mod exec;
+pub mod hub;
 pub mod model;
 pub mod plan;
 pub mod report;

@@ -4,9 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
-use hf_hub::{api::sync::ApiBuilder, Cache, Repo, RepoType};
+use hf_hub::{Repo, RepoType};
 
 use super::error::DataError;
+pub use crate::hub::HubOptions;
 
 /// The dataset repo the WikiText names resolve to.
 pub const WIKITEXT_REPO: &str = "Salesforce/wikitext";
@@ -40,70 +41,31 @@ impl WikiText {
 
     /// The dataset rows (the `text` column), fetched through `hub`.
     pub fn rows(&self, hub: &HubOptions) -> Result<Vec<String>> {
-        let path = hub.dataset_file(WIKITEXT_REPO, WIKITEXT_REVISION, &self.parquet_file())?;
+        let path = dataset_file(hub, WIKITEXT_REPO, WIKITEXT_REVISION, &self.parquet_file())?;
         super::parquet_io::read_text_column(&path, "text")
             .with_context(|| format!("reading WikiText `{}`", self.name()))
     }
 }
 
-/// Where and how hub files are found. [`HubOptions::from_env`] follows the Hugging Face
-/// conventions: `HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`;
-/// `HF_HUB_OFFLINE=1` never touches the network; `HF_TOKEN`, else the token file in `HF_HOME`;
-/// `HF_ENDPOINT`.
-#[derive(Debug, Clone)]
-pub struct HubOptions {
-    pub cache_dir: PathBuf,
-    pub offline: bool,
-    pub token: Option<String>,
-    pub endpoint: Option<String>,
-}
-
-impl HubOptions {
-    pub fn from_env() -> Self {
-        let cache = match std::env::var_os("HF_HUB_CACHE") {
-            Some(dir) if !dir.is_empty() => Cache::new(PathBuf::from(dir)),
-            _ => Cache::from_env(),
-        };
-        let offline = std::env::var("HF_HUB_OFFLINE")
-            .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
-            .unwrap_or(false);
-        let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()).or_else(|| cache.token());
-        let endpoint = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty());
-        Self { cache_dir: cache.path().clone(), offline, token, endpoint }
+/// The local path of `file` in dataset `repo` at `revision`: from the cache when it is there,
+/// else downloaded into the cache (unless offline).
+pub fn dataset_file(hub: &HubOptions, repo: &str, revision: &str, file: &str) -> Result<PathBuf> {
+    if let Some(path) = cached_file(&hub.cache_dir, repo, revision, file) {
+        return Ok(path);
     }
-
-    /// Offline, reading only the hub cache at `cache_dir` (the directory that holds
-    /// `datasets--<owner>--<name>/`). For tests and air-gapped machines.
-    pub fn offline_at(cache_dir: impl Into<PathBuf>) -> Self {
-        Self { cache_dir: cache_dir.into(), offline: true, token: None, endpoint: None }
+    let not_cached = |why: String| DataError::HubNotCached {
+        repo: repo.to_string(),
+        file: file.to_string(),
+        revision: revision.to_string(),
+        cache: hub.cache_dir.clone(),
+        why,
+    };
+    if hub.offline {
+        return Err(not_cached(" and offline mode is on (HF_HUB_OFFLINE)".into()).into());
     }
-
-    /// The local path of `file` in dataset `repo` at `revision`: from the cache when it is
-    /// there, else downloaded into the cache (unless offline).
-    pub fn dataset_file(&self, repo: &str, revision: &str, file: &str) -> Result<PathBuf> {
-        if let Some(path) = cached_file(&self.cache_dir, repo, revision, file) {
-            return Ok(path);
-        }
-        let not_cached = |why: String| DataError::HubNotCached {
-            repo: repo.to_string(),
-            file: file.to_string(),
-            revision: revision.to_string(),
-            cache: self.cache_dir.clone(),
-            why,
-        };
-        if self.offline {
-            return Err(not_cached(" and offline mode is on (HF_HUB_OFFLINE)".into()).into());
-        }
-        let mut builder = ApiBuilder::from_cache(Cache::new(self.cache_dir.clone()))
-            .with_token(self.token.clone())
-            .with_progress(false);
-        if let Some(endpoint) = &self.endpoint {
-            builder = builder.with_endpoint(endpoint.clone());
-        }
-        let api = builder.build().context("building the hub client")?;
-        let repo = Repo::with_revision(repo.to_string(), RepoType::Dataset, revision.to_string());
-        api.repo(repo).get(file).map_err(|e| not_cached(format!(" and downloading it failed: {e}")).into())
-    }
+    let api = hub.api()?;
+    let repo = Repo::with_revision(repo.to_string(), RepoType::Dataset, revision.to_string());
+    api.repo(repo).get(file).map_err(|e| not_cached(format!(" and downloading it failed: {e}")).into())
 }
 
 /// The hub cache layout (shared by huggingface_hub and hf-hub):

@@ -1,14 +1,16 @@
 //! Model sources: a local directory or `hf:org/name[@revision]` through hf-hub.
 //!
-//! hf-hub's sync API honours `HF_HOME` (cache location), `HF_ENDPOINT` and `HF_TOKEN`. A branch
-//! or tag is resolved to its commit ([`resolve_commit`]) before keys are computed. With
-//! `HF_HUB_OFFLINE=1` nothing is fetched: the files are read from the local hub cache
+//! The hub environment (`HF_HUB_CACHE` / `HF_HOME`, `HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE`)
+//! is read by [`crate::hub::HubOptions`], as for datasets. A branch or tag is resolved to its
+//! commit ([`resolve_commit`]) before keys are computed. Offline nothing is fetched: the files are read from the local hub cache
 //! (`$HF_HOME/hub/models--org--name/{refs,snapshots}`), as transformers does. Pin revisions
 //! (a commit hash): the current `main` of the BitNet repos has been re-uploaded with zeroed MLP
 //! tensors (notes §7, pitfall 3).
 
 use anyhow::{bail, Context, Result};
 use hf_hub::{Repo, RepoType};
+
+use crate::hub::HubOptions;
 use std::path::{Path, PathBuf};
 
 /// A parsed `hf:org/name[@revision]`.
@@ -33,10 +35,14 @@ impl HubSpec {
     }
 }
 
+/// The hub environment, as models and datasets read it.
+fn env() -> HubOptions {
+    HubOptions::from_env()
+}
+
 /// `HF_HUB_OFFLINE` as huggingface_hub reads it: `1`, `ON`, `YES`, `TRUE` in any case.
 pub fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE")
-        .is_ok_and(|v| matches!(v.trim().to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE"))
+    env().offline
 }
 
 /// The commit `spec` names, known before anything is keyed or downloaded, so a key never moves
@@ -54,12 +60,12 @@ pub fn resolve_commit(spec: &HubSpec) -> Result<String> {
     if let Some(c) = memo.lock().expect("commit memo").get(&k) {
         return Ok(c.clone());
     }
-    let cache = hf_hub::Cache::from_env();
+    let cache = env().cache();
     let local = || local_commit(spec);
     let online_error = if offline() {
         "HF_HUB_OFFLINE is set".to_string()
     } else {
-        match api().and_then(|a| {
+        match env().api().and_then(|a| {
             let repo = a.repo(Repo::with_revision(spec.repo.clone(), RepoType::Model, spec.revision.clone()));
             repo.info().with_context(|| format!("asking the hub for {}@{}", spec.repo, spec.revision))
         }) {
@@ -96,8 +102,7 @@ pub fn resolve_commit(spec: &HubSpec) -> Result<String> {
 pub fn fetch_commit(spec: &HubSpec, commit: &str) -> Result<PathBuf> {
     let dir = resolve(&format!("hf:{}@{commit}", spec.repo))?;
     if !is_commit(&spec.revision) && !offline() {
-        let cache = hf_hub::Cache::from_env();
-        let refs = cache.path().join(Repo::new(spec.repo.clone(), RepoType::Model).folder_name()).join("refs");
+        let refs = env().cache_dir.join(Repo::new(spec.repo.clone(), RepoType::Model).folder_name()).join("refs");
         std::fs::create_dir_all(&refs).with_context(|| format!("creating {}", refs.display()))?;
         std::fs::write(refs.join(&spec.revision), commit)
             .with_context(|| format!("writing {}", refs.join(&spec.revision).display()))?;
@@ -111,21 +116,9 @@ pub fn local_commit(spec: &HubSpec) -> Option<String> {
     if is_commit(&spec.revision) {
         return Some(spec.revision.to_ascii_lowercase());
     }
-    let cache = hf_hub::Cache::from_env();
-    let repo_dir = cache.path().join(Repo::new(spec.repo.clone(), RepoType::Model).folder_name());
+    let repo_dir = env().cache_dir.join(Repo::new(spec.repo.clone(), RepoType::Model).folder_name());
     let r = std::fs::read_to_string(repo_dir.join("refs").join(&spec.revision)).ok()?;
     Some(r.trim().to_string()).filter(|c| is_commit(c))
-}
-
-/// The hf-hub client as the environment configures it (`HF_ENDPOINT`, `HF_HOME`, `HF_TOKEN`).
-fn api() -> Result<hf_hub::api::sync::Api> {
-    let token = std::env::var("HF_TOKEN").ok().or_else(|| hf_hub::Cache::from_env().token());
-    hf_hub::api::sync::ApiBuilder::from_env()
-        .with_token(token)
-        // Byte progress bars for downloads on a terminal (the 2B model is 4.8 GB).
-        .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .build()
-        .context("building the hf-hub client")
 }
 
 /// Resolve a source to a local directory holding config.json and the weights.
@@ -138,7 +131,7 @@ pub fn resolve(source: &str) -> Result<PathBuf> {
             }
             Ok(p)
         }
-        Some(spec) if offline() => resolve_offline(&hf_hub::Cache::from_env(), &spec),
+        Some(spec) if offline() => resolve_offline(&env().cache(), &spec),
         Some(spec) => resolve_online(&spec),
     }
 }
@@ -170,7 +163,7 @@ pub fn resolve_offline(cache: &hf_hub::Cache, spec: &HubSpec) -> Result<PathBuf>
 }
 
 fn resolve_online(spec: &HubSpec) -> Result<PathBuf> {
-    let api = api()?;
+    let api = env().api()?;
     let repo = api.repo(Repo::with_revision(spec.repo.clone(), RepoType::Model, spec.revision.clone()));
     let get = |f: &str| repo.get(f).with_context(|| format!("fetching {f} from {}@{}", spec.repo, spec.revision));
     let config = get("config.json")?;

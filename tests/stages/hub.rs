@@ -125,3 +125,34 @@ fn an_unpinned_hub_model_is_keyed_by_its_commit_before_and_after_download() {
     cli(&["plan", pinned.to_str().unwrap()], false);
     assert_eq!(hub.requests(), asked, "a pinned commit needs no hub request to be keyed");
 }
+
+/// Models read the hub environment as datasets do (one reader, `rpt_flow::hub`): `HF_HUB_CACHE`
+/// wins over `HF_HOME`, and `HF_HUB_OFFLINE` takes huggingface_hub's values in any case.
+#[test]
+fn models_honour_hf_hub_cache_and_offline_values_like_datasets() {
+    let sb = Sandbox::real();
+    let elsewhere = sb.path().join("elsewhere");
+    hub_cache(&elsewhere); // elsewhere/hub/models--rpt--tiny/…
+    let p = sb.write("p.toml", "[pipeline]\nname = \"hub\"\n[stages.base]\nkind = \"load\"\nmodel = \"hf:rpt/tiny\"\n");
+    for value in ["yes", "On", "TRUE", "1"] {
+        let out = sb
+            .cmd(&["plan", p.to_str().unwrap()])
+            .env("HF_HUB_CACHE", elsewhere.join("hub"))
+            .env("HF_HOME", sb.path().join("empty-home"))
+            .env("HF_HUB_OFFLINE", value)
+            .env("HF_ENDPOINT", "http://127.0.0.1:9") // nothing listens: offline must not ask
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "HF_HUB_OFFLINE={value}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = sb
+        .cmd(&["run", p.to_str().unwrap(), "-q"])
+        .env("HF_HUB_CACHE", elsewhere.join("hub"))
+        .env("HF_HOME", sb.path().join("empty-home"))
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let snap = sb.session("hub.json")["stages"]["base"]["metrics"]["source"]["snapshot"].as_str().unwrap().to_string();
+    assert!(snap.starts_with(elsewhere.to_str().unwrap()), "read from HF_HUB_CACHE: {snap}");
+}
