@@ -156,3 +156,67 @@ fn models_honour_hf_hub_cache_and_offline_values_like_datasets() {
     let snap = sb.session("hub.json")["stages"]["base"]["metrics"]["source"]["snapshot"].as_str().unwrap().to_string();
     assert!(snap.starts_with(elsewhere.to_str().unwrap()), "read from HF_HUB_CACHE: {snap}");
 }
+
+/// The real download code end to end against the mock hub: the model and the WikiText parquet
+/// file arrive through hf-hub into the hub cache, and a download cut off half-way resumes from
+/// its `.part` file on the next run instead of starting over.
+#[test]
+fn a_model_and_wikitext_download_and_an_interrupted_download_resumes() {
+    let hub = crate::mock_hub::MockHub::start();
+    let files = ["config.json", "model.safetensors", "tokenizer.json"]
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(repo().join("tests/fixtures/bitnet_tiny").join(f)).unwrap()))
+        .collect();
+    hub.publish("rpt/tiny", "main", COMMIT, files);
+    // A WikiText test split of our own text, as the hub's parquet conversion stores it.
+    let sb = Sandbox::real();
+    let rows: Vec<String> =
+        (0..200)
+            .map(|i| {
+                if i % 5 == 0 {
+                    String::new()
+                } else {
+                    format!(" The quiet river number {i} turned silver at dusk .\n")
+                }
+            })
+            .collect();
+    let parquet = sb.path().join("test.parquet");
+    rpt_flow::data::write_text_column(&parquet, "text", &rows).unwrap();
+    let rev = rpt_flow::data::WIKITEXT_REVISION;
+    let name = "wikitext-2-raw-v1/test-00000-of-00001.parquet";
+    let mut data = std::collections::BTreeMap::new();
+    data.insert(name.to_string(), std::fs::read(&parquet).unwrap());
+    hub.publish(&format!("datasets/{}", rpt_flow::data::WIKITEXT_REPO), rev, rev, data);
+    hub.cut_next_download("model.safetensors");
+
+    let home = sb.path().join("hf");
+    let p = sb.write(
+        "p.toml",
+        "[pipeline]\nname = \"dl\"\n[stages.base]\nkind = \"load\"\nmodel = \"hf:rpt/tiny\"\ndtype = \"f32\"\n\
+         [stages.ppl]\nkind = \"eval-ppl\"\ninput = \"base\"\ndata = \"wikitext-2-raw-v1:test\"\nseq_len = 16\nmax_windows = 4\n",
+    );
+    let run = || {
+        sb.cmd(&["run", p.to_str().unwrap(), "-q"])
+            .env("HF_HOME", &home)
+            .env("HF_ENDPOINT", &hub.endpoint)
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HF_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(!first.status.success(), "the cut-off download fails the first run");
+    let blobs = home.join("hub/models--rpt--tiny/blobs");
+    let part = std::fs::read_dir(&blobs).unwrap().flatten().any(|e| e.path().extension().is_some_and(|x| x == "part"));
+    assert!(part, "the partial download is kept in {}", blobs.display());
+    let second = run();
+    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+    let size = std::fs::metadata(repo().join("tests/fixtures/bitnet_tiny/model.safetensors")).unwrap().len() as usize;
+    assert_eq!(hub.resumed_from(), vec![size / 2], "resumed where the cut left it");
+    let s = sb.session("dl.json");
+    assert!(s["stages"]["ppl"]["metrics"]["ppl"].as_f64().unwrap().is_finite());
+    assert_eq!(s["stages"]["ppl"]["metrics"]["windows"], 4);
+    let snapshot = home.join("hub/datasets--Salesforce--wikitext/snapshots").join(rev).join(name);
+    assert!(snapshot.is_file(), "WikiText came through the hub cache");
+}

@@ -1,7 +1,8 @@
 //! A loopback mock of the Hugging Face hub API, enough for hf-hub 0.5's sync client
 //! (notes/hub-protocol.md): repo info (`/api/models/{repo}/revision/{rev}` → `sha`, `siblings`)
-//! and file downloads (`/{repo}/resolve/{rev}/{file}` with `Range`, answering `x-repo-commit`,
-//! `etag` and `Content-Range`). It listens on 127.0.0.1 only and stops when dropped.
+//! and file downloads (`/{repo}/resolve/{rev}/{file}`, `/datasets/{repo}/resolve/…`, with
+//! `Range`, answering `x-repo-commit`, `etag` and `Content-Range`). It can cut a download off
+//! half-way, once, to test resuming. It listens on 127.0.0.1 only and stops when dropped.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -15,7 +16,12 @@ type RepoState = (BTreeMap<String, String>, BTreeMap<String, Vec<u8>>);
 
 #[derive(Default)]
 struct State {
+    /// `org/name` for models, `datasets/org/name` for datasets.
     repos: BTreeMap<String, RepoState>,
+    /// File names whose next full download is cut off half-way (then served normally).
+    cut_once: Vec<String>,
+    /// The start of every ranged download request that did not start at byte 0.
+    resumed_from: Vec<usize>,
 }
 
 pub struct MockHub {
@@ -57,6 +63,16 @@ impl MockHub {
         entry.1 = files;
     }
 
+    /// The next download of `file` (from byte 0) sends half of it and closes the connection.
+    pub fn cut_next_download(&self, file: &str) {
+        self.state.lock().unwrap().cut_once.push(file.to_string());
+    }
+
+    /// Byte offsets at which downloads were resumed.
+    pub fn resumed_from(&self) -> Vec<usize> {
+        self.state.lock().unwrap().resumed_from.clone()
+    }
+
     /// Requests answered so far.
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
@@ -93,7 +109,7 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
             range_end = b.parse().ok();
         }
     }
-    let st = state.lock().unwrap();
+    let mut st = state.lock().unwrap();
     let respond = |conn: &mut TcpStream, status: &str, headers: &[(String, String)], body: &[u8]| {
         let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
         for (k, v) in headers {
@@ -124,22 +140,46 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
         }
         return respond(&mut conn, "404 Not Found", &[("x-error-code".into(), "RepoNotFound".into())], b"{}");
     }
-    // /{org}/{name}/resolve/{rev}/{file}
-    let parts: Vec<&str> = path.trim_start_matches('/').splitn(5, '/').collect();
+    // /{org}/{name}/resolve/{rev}/{file} and /datasets/{org}/{name}/resolve/{rev}/{file}
+    let (prefix, rest) = match path.strip_prefix("/datasets/") {
+        Some(rest) => ("datasets/", rest),
+        None => ("", path.trim_start_matches('/')),
+    };
+    let parts: Vec<&str> = rest.splitn(5, '/').collect();
     if parts.len() == 5 && parts[2] == "resolve" {
-        let repo = format!("{}/{}", parts[0], parts[1]);
-        if let Some((branches, files)) = st.repos.get(&repo) {
-            if let (Some(commit), Some(bytes)) = (branches.get(parts[3]), files.get(parts[4])) {
-                let start = range_start.min(bytes.len());
-                let last = range_end.unwrap_or(usize::MAX).min(bytes.len().saturating_sub(1));
-                let body: &[u8] = if start <= last { &bytes[start..=last] } else { &[] };
-                let headers = vec![
-                    ("x-repo-commit".to_string(), commit.clone()),
-                    ("etag".to_string(), format!("\"{}\"", blake3::hash(bytes).to_hex())),
-                    ("Content-Range".to_string(), format!("bytes {start}-{last}/{}", bytes.len())),
-                ];
-                return respond(&mut conn, "206 Partial Content", &headers, body);
+        let repo = format!("{prefix}{}/{}", parts[0], parts[1]);
+        let found = st
+            .repos
+            .get(&repo)
+            .and_then(|(branches, files)| Some((branches.get(parts[3])?.clone(), files.get(parts[4])?.clone())));
+        if let Some((commit, bytes)) = found {
+            let start = range_start.min(bytes.len());
+            let last = range_end.unwrap_or(usize::MAX).min(bytes.len().saturating_sub(1));
+            let body: &[u8] = if start <= last { &bytes[start..=last] } else { &[] };
+            let headers = vec![
+                ("x-repo-commit".to_string(), commit),
+                ("etag".to_string(), format!("\"{}\"", blake3::hash(&bytes).to_hex())),
+                ("Content-Range".to_string(), format!("bytes {start}-{last}/{}", bytes.len())),
+            ];
+            if range_end.is_none() && start > 0 {
+                st.resumed_from.push(start);
             }
+            let name = parts[4].to_string();
+            if range_end.is_none() && start == 0 && st.cut_once.contains(&name) {
+                // Announce the whole body, send half, hang up: an interrupted download.
+                st.cut_once.retain(|f| *f != name);
+                let mut head =
+                    format!("HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+                for (k, v) in &headers {
+                    head.push_str(&format!("{k}: {v}\r\n"));
+                }
+                head.push_str("\r\n");
+                conn.write_all(head.as_bytes())?;
+                conn.write_all(&body[..body.len() / 2])?;
+                conn.flush()?;
+                return conn.shutdown(std::net::Shutdown::Both);
+            }
+            return respond(&mut conn, "206 Partial Content", &headers, body);
         }
         return respond(&mut conn, "404 Not Found", &[("x-error-code".into(), "EntryNotFound".into())], b"");
     }
