@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Subcommand;
 
-use super::{load_plan, open_cache, plan_for_class, CliError, CliResult, PipelineArgs};
+use super::{open_cache, plan_for_class, CliError, CliResult, PipelineArgs};
 use crate::cache::{GcOptions, Key};
 use crate::exec::Registry;
 
@@ -120,7 +120,9 @@ fn reachable(files: &[PathBuf], sessions: &Path, registry: &Registry, root: &Pat
     let mut keys = HashSet::new();
     for f in files {
         let base = PipelineArgs { pipeline: f.clone(), profiles: vec![], sets: vec![], device: "cpu".into() };
-        let plan = load_plan(&base, registry, Some(root))?;
+        // Local identities only: gc must work offline, and what was downloaded here has its
+        // local refs (entries of an older commit are in the session files below).
+        let plan = plan_for_class(&base, "cpu", registry, Some(root), false)?;
         // Every combination of the pipeline's profiles (e.g. `tiny` with `rigorous`); past six
         // profiles, each alone.
         let profiles = plan.pipeline.profiles.clone();
@@ -135,7 +137,7 @@ fn reachable(files: &[PathBuf], sessions: &Path, registry: &Registry, root: &Pat
         for class in ["cpu", "cuda"] {
             for combo in &combos {
                 let args = PipelineArgs { profiles: combo.clone(), ..base.clone() };
-                keys.extend(plan_for_class(&args, class, registry, Some(root))?.keys);
+                keys.extend(plan_for_class(&args, class, registry, Some(root), false)?.keys);
             }
         }
         keys.extend(recorded_keys(sessions, &plan.pipeline.name, f)?);

@@ -158,27 +158,31 @@ pub fn check_runnable(device: &str) -> Result<(), CliError> {
 /// Reads, validates and plans a pipeline; file hashes are remembered in the cache root when one
 /// is given (`validate` passes none: it writes nothing).
 pub fn load_plan(args: &PipelineArgs, registry: &Registry, cache_root: Option<&Path>) -> Result<Plan, CliError> {
-    plan_for_class(args, &device_class(&args.device)?, registry, cache_root)
+    // Without a cache root (validate, graph) no key is shown: identities ask no remote service.
+    plan_for_class(args, &device_class(&args.device)?, registry, cache_root, cache_root.is_some())
 }
 
 /// The plan with keys for a device class (`cpu` or `cuda`) whether or not this build can run on
-/// it: `cache gc --keep` must know the keys of GPU runs on a CPU-only build.
+/// it (`cache gc --keep` must know the keys of GPU runs on a CPU-only build). With `remote`
+/// false, identities use local information only (no hub request: a branch resolves through the
+/// local refs, which every download writes).
 pub fn plan_for_class(
     args: &PipelineArgs,
     class: &str,
     registry: &Registry,
     cache_root: Option<&Path>,
+    remote: bool,
 ) -> Result<Plan, CliError> {
     let settings = Settings { device_class: class.to_string() };
     let options = SpecOptions { profiles: args.profiles.clone(), sets: args.sets.clone() };
     let catalog = registry.catalog();
     let pipeline = spec::load(&args.pipeline, &catalog, &options).map_err(CliError::Spec)?;
-    // Without a cache root (validate, graph) no key is shown: identities ask no remote service.
     let files = match cache_root {
         Some(root) => FileHasher::persistent(root.join("file-hashes.json")),
-        None => FileHasher::in_memory().local_only(),
+        None => FileHasher::in_memory(),
     }
     .relative_to(&pipeline.base_dir());
+    let files = if remote { files } else { files.local_only() };
     let plan =
         plan::build(pipeline, &catalog, &settings, &Identifier { registry, files: &files }).map_err(CliError::Spec)?;
     files.save();
