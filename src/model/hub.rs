@@ -40,11 +40,6 @@ fn env() -> HubOptions {
     HubOptions::from_env()
 }
 
-/// `HF_HUB_OFFLINE` as huggingface_hub reads it: `1`, `ON`, `YES`, `TRUE` in any case.
-pub fn offline() -> bool {
-    env().offline
-}
-
 /// The commit `spec` names, known before anything is keyed or downloaded, so a key never moves
 /// when a download writes `refs/main`: a 40-hex revision as it is; online, the hub API's answer
 /// for the branch or tag (`GET {HF_ENDPOINT}/api/models/{repo}/revision/{rev}`); offline, or when
@@ -60,12 +55,11 @@ pub fn resolve_commit(spec: &HubSpec) -> Result<String> {
     if let Some(c) = memo.lock().expect("commit memo").get(&k) {
         return Ok(c.clone());
     }
-    let cache = env().cache();
-    let local = || local_commit(spec);
-    let online_error = if offline() {
+    let hub = env();
+    let online_error = if hub.offline {
         "HF_HUB_OFFLINE is set".to_string()
     } else {
-        match env().api().and_then(|a| {
+        match hub.api().and_then(|a| {
             let repo = a.repo(Repo::with_revision(spec.repo.clone(), RepoType::Model, spec.revision.clone()));
             repo.info().with_context(|| format!("asking the hub for {}@{}", spec.repo, spec.revision))
         }) {
@@ -77,9 +71,9 @@ pub fn resolve_commit(spec: &HubSpec) -> Result<String> {
             Err(e) => format!("{e:#}"),
         }
     };
-    match local() {
+    match cached_ref(&hub.cache_dir, spec) {
         Some(c) => {
-            if !offline() {
+            if !hub.offline {
                 tracing::warn!("{online_error}; using the cached refs/{} of {} = {c}", spec.revision, spec.repo);
             }
             memo.lock().expect("commit memo").insert(k, c.clone());
@@ -91,9 +85,20 @@ pub fn resolve_commit(spec: &HubSpec) -> Result<String> {
              (`huggingface-cli download {repo}`, or an rpt-flow run without HF_HUB_OFFLINE)",
             repo = spec.repo,
             rev = spec.revision,
-            cache = cache.path().display(),
+            cache = hub.cache_dir.display(),
         ),
     }
+}
+
+/// `models--org--name/` of `spec` in the hub cache at `cache_dir`.
+fn repo_dir(cache_dir: &Path, spec: &HubSpec) -> PathBuf {
+    cache_dir.join(Repo::new(spec.repo.clone(), RepoType::Model).folder_name())
+}
+
+/// The commit in the cache's `refs/{revision}` of `spec`, if it is there and is one.
+fn cached_ref(cache_dir: &Path, spec: &HubSpec) -> Option<String> {
+    let r = std::fs::read_to_string(repo_dir(cache_dir, spec).join("refs").join(&spec.revision)).ok()?;
+    Some(r.trim().to_string()).filter(|c| is_commit(c))
 }
 
 /// Downloads (or finds) `spec` at `commit` and returns the snapshot folder. A branch or tag
@@ -101,8 +106,9 @@ pub fn resolve_commit(spec: &HubSpec) -> Result<String> {
 /// resolve it to the same commit.
 pub fn fetch_commit(spec: &HubSpec, commit: &str) -> Result<PathBuf> {
     let dir = resolve(&format!("hf:{}@{commit}", spec.repo))?;
-    if !is_commit(&spec.revision) && !offline() {
-        let refs = env().cache_dir.join(Repo::new(spec.repo.clone(), RepoType::Model).folder_name()).join("refs");
+    let hub = env();
+    if !is_commit(&spec.revision) && !hub.offline {
+        let refs = repo_dir(&hub.cache_dir, spec).join("refs");
         std::fs::create_dir_all(&refs).with_context(|| format!("creating {}", refs.display()))?;
         std::fs::write(refs.join(&spec.revision), commit)
             .with_context(|| format!("writing {}", refs.join(&spec.revision).display()))?;
@@ -116,9 +122,7 @@ pub fn local_commit(spec: &HubSpec) -> Option<String> {
     if is_commit(&spec.revision) {
         return Some(spec.revision.to_ascii_lowercase());
     }
-    let repo_dir = env().cache_dir.join(Repo::new(spec.repo.clone(), RepoType::Model).folder_name());
-    let r = std::fs::read_to_string(repo_dir.join("refs").join(&spec.revision)).ok()?;
-    Some(r.trim().to_string()).filter(|c| is_commit(c))
+    cached_ref(&env().cache_dir, spec)
 }
 
 /// Resolve a source to a local directory holding config.json and the weights.
@@ -131,8 +135,14 @@ pub fn resolve(source: &str) -> Result<PathBuf> {
             }
             Ok(p)
         }
-        Some(spec) if offline() => resolve_offline(&env().cache(), &spec),
-        Some(spec) => resolve_online(&spec),
+        Some(spec) => {
+            let hub = env();
+            if hub.offline {
+                resolve_offline(&hub.cache(), &spec)
+            } else {
+                resolve_online(&hub, &spec)
+            }
+        }
     }
 }
 
@@ -142,7 +152,7 @@ fn is_commit(rev: &str) -> bool {
 
 /// Find a snapshot in the local hub cache (`cache` = the `hub` directory).
 pub fn resolve_offline(cache: &hf_hub::Cache, spec: &HubSpec) -> Result<PathBuf> {
-    let repo_dir = cache.path().join(Repo::new(spec.repo.clone(), RepoType::Model).folder_name());
+    let repo_dir = repo_dir(cache.path(), spec);
     let commit = if is_commit(&spec.revision) {
         spec.revision.clone()
     } else {
@@ -162,8 +172,8 @@ pub fn resolve_offline(cache: &hf_hub::Cache, spec: &HubSpec) -> Result<PathBuf>
     Ok(snap)
 }
 
-fn resolve_online(spec: &HubSpec) -> Result<PathBuf> {
-    let api = env().api()?;
+fn resolve_online(hub: &HubOptions, spec: &HubSpec) -> Result<PathBuf> {
+    let api = hub.api()?;
     let repo = api.repo(Repo::with_revision(spec.repo.clone(), RepoType::Model, spec.revision.clone()));
     let get = |f: &str| repo.get(f).with_context(|| format!("fetching {f} from {}@{}", spec.repo, spec.revision));
     let config = get("config.json")?;

@@ -344,16 +344,7 @@ impl Stage for HookResiduals {
         if let Some(bad) = chosen.iter().flatten().find(|l| **l >= n_layers) {
             bail!("layers: layer {bad} does not exist (the model has {n_layers} layers, 0..{})", n_layers - 1);
         }
-        let selection = p.text.selection().map_err(anyhow::Error::msg)?;
-        let eval = scoring::select_windows(
-            &open,
-            &p.text.data,
-            selection,
-            p.text.seq_len,
-            &p.text.bos,
-            p.text.max_windows,
-            ctx.base_dir,
-        )?;
+        let eval = p.text.windows(&open, ctx.base_dir)?;
         let n_prompts = prompts.as_ref().map_or(0, Vec::len);
         ctx.progress.set_length((eval.windows.len() + n_prompts) as u64);
 

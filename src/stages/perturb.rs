@@ -148,16 +148,7 @@ impl Stage for Perturb {
         let n_layers = model.num_layers();
         let hidden = model.config().hidden_size;
         let relative = p.scale == "relative";
-        let selection = p.text.selection().map_err(anyhow::Error::msg)?;
-        let eval = scoring::select_windows(
-            &open,
-            &p.text.data,
-            selection,
-            p.text.seq_len,
-            &p.text.bos,
-            p.text.max_windows,
-            ctx.base_dir,
-        )?;
+        let eval = p.text.windows(&open, ctx.base_dir)?;
         ctx.progress.set_length(eval.windows.len() as u64);
 
         // Per boundary: Σ over texts of the whole-output δ (and texts counted); Σ over tokens of

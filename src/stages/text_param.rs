@@ -149,6 +149,16 @@ pub struct TextParams {
 }
 
 impl TextParams {
+    /// The stage's texts as windows over `open`'s tokenizer (a relative `path` against `base`).
+    pub fn windows(
+        &self,
+        open: &super::model_artifact::OpenModel,
+        base: &Path,
+    ) -> anyhow::Result<super::scoring::EvalWindows> {
+        let selection = self.selection().map_err(anyhow::Error::msg)?;
+        super::scoring::select_windows(open, &self.data, selection, self.seq_len, &self.bos, self.max_windows, base)
+    }
+
     /// Which texts the stage reads.
     pub fn selection(&self) -> Result<TextSelection, String> {
         let encoding = encoding(&self.encode, self.min_row_chars)?;

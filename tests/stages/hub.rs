@@ -54,6 +54,14 @@ fn hub_models_load_offline_from_the_cache_and_pin_the_commit() {
     assert!(err.contains("HF_HUB_OFFLINE") && err.contains("rpt/absent") && err.contains("Pin a commit"), "{err}");
 }
 
+/// The tiny BitNet fixture's files, as the mock hub publishes them.
+fn fixture_files() -> std::collections::BTreeMap<String, Vec<u8>> {
+    ["config.json", "model.safetensors", "tokenizer.json"]
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(repo().join("tests/fixtures/bitnet_tiny").join(f)).unwrap()))
+        .collect()
+}
+
 const COMMIT_B: &str = "89abcdef0123456789abcdef0123456789abcdef";
 
 /// The real download path against a loopback mock of the hub: an unpinned `hf:org/name` is keyed
@@ -63,10 +71,7 @@ const COMMIT_B: &str = "89abcdef0123456789abcdef0123456789abcdef";
 #[test]
 fn an_unpinned_hub_model_is_keyed_by_its_commit_before_and_after_download() {
     let hub = crate::mock_hub::MockHub::start();
-    let files = ["config.json", "model.safetensors", "tokenizer.json"]
-        .iter()
-        .map(|f| (f.to_string(), std::fs::read(repo().join("tests/fixtures/bitnet_tiny").join(f)).unwrap()))
-        .collect();
+    let files = fixture_files();
     hub.publish("rpt/tiny", "main", COMMIT, files);
     let sb = Sandbox::real();
     let home = sb.path().join("hf");
@@ -110,10 +115,7 @@ fn an_unpinned_hub_model_is_keyed_by_its_commit_before_and_after_download() {
     assert_eq!(hub.requests(), asked, "offline mode sent requests");
 
     // `main` moves: a new commit is a new key.
-    let files = ["config.json", "model.safetensors", "tokenizer.json"]
-        .iter()
-        .map(|f| (f.to_string(), std::fs::read(repo().join("tests/fixtures/bitnet_tiny").join(f)).unwrap()))
-        .collect();
+    let files = fixture_files();
     hub.publish("rpt/tiny", "main", COMMIT_B, files);
     let (moved, status) = base(&cli(&["plan", p, "--format", "json"], false));
     assert_ne!(moved, key);
@@ -163,10 +165,7 @@ fn models_honour_hf_hub_cache_and_offline_values_like_datasets() {
 #[test]
 fn a_model_and_wikitext_download_and_an_interrupted_download_resumes() {
     let hub = crate::mock_hub::MockHub::start();
-    let files = ["config.json", "model.safetensors", "tokenizer.json"]
-        .iter()
-        .map(|f| (f.to_string(), std::fs::read(repo().join("tests/fixtures/bitnet_tiny").join(f)).unwrap()))
-        .collect();
+    let files = fixture_files();
     hub.publish("rpt/tiny", "main", COMMIT, files);
     // A WikiText test split of our own text, as the hub's parquet conversion stores it.
     let sb = Sandbox::real();
