@@ -39,12 +39,12 @@ pub(super) fn read_last_used(dir: &Path) -> Option<LastUsed> {
 }
 
 pub(super) fn summarize(dir: &Path, manifest: Manifest) -> EntrySummary {
-    let bytes = fsutil::dir_size(dir);
+    let (bytes, linked) = fsutil::dir_usage(dir);
     let (last_used, last_pipeline) = match read_last_used(dir) {
         Some(lu) => (lu.unix, lu.pipeline),
         None => (manifest.created, manifest.pipeline.clone()),
     };
-    EntrySummary { manifest, bytes, last_used, last_pipeline }
+    EntrySummary { manifest, bytes, linked, last_used, last_pipeline }
 }
 
 /// Every `<root>/<2 hex>/<key>` directory (committed or not), sorted by key. Names that are not
@@ -125,7 +125,13 @@ pub(super) fn commit(pending: &mut PendingEntry, info: EntryInfo) -> Result<Mani
     }
 
     let files = hash_files(&pending.tmp)?;
-    let manifest = Manifest {
+    let mut inputs = Vec::with_capacity(info.inputs.len());
+    for k in &info.inputs {
+        let m =
+            read_manifest(&cache.entry_dir(k))?.with_context(|| format!("input entry {k} vanished before commit"))?;
+        inputs.push(super::InputRecord { key: *k, content: m.content() });
+    }
+    let mut manifest = Manifest {
         key,
         kind: info.kind,
         version: info.version,
@@ -137,7 +143,10 @@ pub(super) fn commit(pending: &mut PendingEntry, info: EntryInfo) -> Result<Mani
         rpt_flow_version: env!("CARGO_PKG_VERSION").to_string(),
         pipeline: info.pipeline,
         instance: info.instance,
+        inputs,
+        seal: String::new(),
     };
+    manifest.seal = manifest.expected_seal();
     let json = serde_json::to_vec_pretty(&manifest).context("serialising manifest")?;
     fsutil::write_synced(&pending.tmp.join(MANIFEST), &json)?;
     fsutil::sync_tree(&pending.tmp)?;

@@ -154,16 +154,33 @@ pub(super) fn walk_files(root: &Path) -> Result<Vec<WalkedFile>> {
 
 /// Total size in bytes of the non-directories below `path` (0 if absent).
 pub(super) fn dir_size(path: &Path) -> u64 {
+    dir_usage(path).0
+}
+
+/// [`dir_size`], and the files among
+/// them that have other hard links (an entry sharing an unchanged file with its input), as
+/// (device, inode) → size, so totals can count them once.
+pub(super) fn dir_usage(path: &Path) -> (u64, Vec<super::LinkedFile>) {
+    let mut linked = Vec::new();
+    let bytes = usage(path, &mut linked);
+    (bytes, linked)
+}
+
+fn usage(path: &Path, linked: &mut Vec<super::LinkedFile>) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
     let Ok(meta) = fs::symlink_metadata(path) else {
         return 0;
     };
     if !meta.is_dir() {
+        if meta.is_file() && meta.nlink() > 1 {
+            linked.push(((meta.dev(), meta.ino()), meta.len()));
+        }
         return meta.len();
     }
     let Ok(rd) = fs::read_dir(path) else {
         return 0;
     };
-    rd.filter_map(|e| e.ok()).map(|e| dir_size(&e.path())).sum()
+    rd.filter_map(|e| e.ok()).map(|e| usage(&e.path(), linked)).sum()
 }
 
 /// blake3 of one file (mmap + rayon for big files) and the number of bytes hashed.

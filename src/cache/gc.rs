@@ -111,6 +111,11 @@ pub(super) fn gc(cache: &Cache, opts: &GcOptions) -> Result<GcReport> {
         }
     }
 
+    // Entries moved aside as damaged (`run` or `verify --fix` put them there): garbage.
+    for item in fsutil::read_dir_if_exists(&cache.root.join(super::integrity::QUARANTINE))? {
+        remove_tmp_item(&mut report, &item.path, opts.dry_run)?;
+    }
+
     // Temporary entries and files whose writer is gone.
     for item in fsutil::read_dir_if_exists(&cache.root.join(TMP))? {
         let Some((key, pid)) = fsutil::parse_tmp_name(&item.name) else {

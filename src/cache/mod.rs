@@ -19,6 +19,7 @@
 mod entry;
 mod fsutil;
 mod gc;
+mod integrity;
 mod key;
 mod lock;
 mod partial;
@@ -26,6 +27,8 @@ mod verify;
 
 #[cfg(test)]
 mod tests;
+
+pub use integrity::EntryState;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -93,6 +96,17 @@ pub struct EntryInfo {
     /// Pipeline and instance that produced it (informational).
     pub pipeline: String,
     pub instance: String,
+    /// The entries it was computed from: their content is recorded, so a descendant computed from
+    /// other bytes than its inputs hold now is recognised (see [`Manifest::inputs`]).
+    pub inputs: Vec<Key>,
+}
+
+/// An input of an entry and the content it had when the entry was computed.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct InputRecord {
+    pub key: Key,
+    /// [`Manifest::content`] of the input at the time.
+    pub content: String,
 }
 
 /// `manifest.json` of a committed entry.
@@ -110,6 +124,46 @@ pub struct Manifest {
     pub rpt_flow_version: String,
     pub pipeline: String,
     pub instance: String,
+    #[serde(default)]
+    pub inputs: Vec<InputRecord>,
+    /// blake3 over everything above that matters (key, kind, version, key material, files,
+    /// metrics, inputs): an edited metric or file list no longer matches it. Empty in entries
+    /// written before rpt-flow 0.1 sealed its manifests.
+    #[serde(default)]
+    pub seal: String,
+}
+
+impl Manifest {
+    /// What the seal must be for the manifest's current content.
+    pub fn expected_seal(&self) -> String {
+        let sealed = serde_json::json!({
+            "key": self.key,
+            "kind": self.kind,
+            "version": self.version,
+            "key_material": self.key_material,
+            "files": self.files,
+            "metrics": self.metrics,
+            "inputs": self.inputs,
+        });
+        blake3::hash(&serde_json::to_vec(&sealed).expect("JSON values serialise")).to_hex().to_string()
+    }
+
+    /// The artifact's content: a hash of its files' paths, sizes and hashes (not of its metrics,
+    /// which carry timings). Deterministic stages give the same content when recomputed.
+    pub fn content(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        for f in &self.files {
+            h.update(format!("{}\0{}\0{}\n", f.path, f.size, f.blake3).as_bytes());
+        }
+        h.finalize().to_hex().to_string()
+    }
+
+    /// Why the manifest cannot be trusted, if it cannot: a seal that does not match. A manifest
+    /// without a seal (an older rpt-flow) is accepted.
+    pub fn seal_problem(&self) -> Option<String> {
+        (!self.seal.is_empty() && self.seal != self.expected_seal())
+            .then(|| "manifest.json does not match its seal: its metrics, file list or inputs were edited".to_string())
+    }
 }
 
 pub struct Cache {
@@ -182,9 +236,22 @@ pub struct VerifyProblem {
 pub struct EntrySummary {
     pub manifest: Manifest,
     pub bytes: u64,
+    /// Files of this entry with other hard links.
+    pub linked: Vec<LinkedFile>,
     /// Unix seconds of last use, creation if never used since.
     pub last_used: u64,
     pub last_pipeline: String,
+}
+
+/// A file with several hard links: ((device, inode), size).
+pub type LinkedFile = ((u64, u64), u64);
+
+/// Bytes the entries take on disk: a file hard-linked into several of them counts once.
+pub fn disk_bytes(entries: &[EntrySummary]) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    let repeated: u64 =
+        entries.iter().flat_map(|e| &e.linked).filter(|(id, _)| !seen.insert(*id)).map(|(_, size)| size).sum();
+    entries.iter().map(|e| e.bytes).sum::<u64>() - repeated
 }
 
 impl Cache {

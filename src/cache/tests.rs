@@ -18,6 +18,7 @@ fn info(pipeline: &str, metric: f64) -> EntryInfo {
         seconds: 0.5,
         pipeline: pipeline.into(),
         instance: "inst".into(),
+        inputs: vec![],
     }
 }
 
@@ -777,4 +778,31 @@ fn gc_removes_abandoned_tmp_only() {
     assert!(tmp_root.join("unknown").exists());
     pending.commit(info("p", 0.0)).unwrap();
     assert!(cache.contains(&k));
+}
+
+#[test]
+fn manifests_are_sealed_over_metrics_files_and_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path());
+    let p = cache.begin(&key(40)).unwrap();
+    std::fs::write(p.dir().join("a.bin"), b"abc").unwrap();
+    let m = p.commit(info("p", 1.0)).unwrap();
+    assert!(m.seal_problem().is_none() && !m.seal.is_empty());
+    assert!(matches!(cache.inspect(&key(40)), EntryState::Intact(_)));
+    for edit in [0, 1] {
+        let mut e = m.clone();
+        match edit {
+            0 => e.metrics = json!({"m": 2.0}),
+            _ => e.files[0].size += 1,
+        }
+        assert!(e.seal_problem().is_some(), "edit {edit} must break the seal");
+    }
+    // An unsealed (older) manifest is accepted.
+    let mut old = m.clone();
+    old.seal.clear();
+    assert!(old.seal_problem().is_none());
+    // The content ignores metrics (timings differ between identical recomputations).
+    let mut other = m.clone();
+    other.metrics = json!({"m": 3.0});
+    assert_eq!(other.content(), m.content());
 }

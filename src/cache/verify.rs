@@ -28,6 +28,25 @@ fn valid_rel_path(p: &str) -> bool {
         && !Path::new(p).is_absolute()
 }
 
+/// An input whose entry now holds other content than the entry was computed from (it was
+/// damaged, then recomputed or replaced). Inputs that are gone are not a problem here.
+pub(super) fn stale_input(cache: &Cache, manifest: &super::Manifest) -> Option<String> {
+    manifest.inputs.iter().find_map(|rec| match read_manifest(&cache.entry_dir(&rec.key)) {
+        Ok(Some(m)) if m.content() != rec.content => Some(format!(
+            "computed from other content of input {} than that entry holds now (recompute it)",
+            rec.key.short()
+        )),
+        _ => None,
+    })
+}
+
+/// Every problem of one entry (manifest, seal, inputs, every file re-hashed); empty when intact.
+pub(super) fn check_entry(key: Key, dir: &Path) -> Vec<String> {
+    let mut report = Report { problems: Vec::new() };
+    verify_entry(&mut report, key, dir);
+    report.problems.into_iter().map(|p| p.problem).collect()
+}
+
 pub(super) fn verify(cache: &Cache) -> Result<Vec<VerifyProblem>> {
     let mut report = Report { problems: Vec::new() };
     for shard in fsutil::read_dir_if_exists(&cache.root)? {
@@ -66,6 +85,14 @@ fn verify_entry(report: &mut Report, key: Key, dir: &Path) {
     };
     if manifest.key != key {
         report.add(Some(key), dir, format!("manifest names key {} but lies in the directory of {}", manifest.key, key));
+    }
+    if let Some(problem) = manifest.seal_problem() {
+        report.add(Some(key), dir, problem);
+    }
+    if let Some(root) = dir.parent().and_then(Path::parent) {
+        if let Some(problem) = stale_input(&Cache::open(root), &manifest) {
+            report.add(Some(key), dir, problem);
+        }
     }
 
     let mut listed = HashSet::new();

@@ -15,7 +15,12 @@ pub enum CacheCommand {
     /// List entries: key, kind, size, age, the pipeline that last used it.
     Ls,
     /// Re-hash every file against its manifest; exit 1 if any entry is damaged.
-    Verify,
+    Verify {
+        /// Move damaged entries, and every entry computed from them, to <cache>/quarantine/; the
+        /// next run recomputes them.
+        #[arg(long)]
+        fix: bool,
+    },
     /// Remove entries not reachable from the given pipelines and/or older than an age, partial
     /// states of finished keys, and leftovers of killed runs. Never touches an entry in use.
     Gc {
@@ -37,10 +42,10 @@ pub enum CacheCommand {
 }
 
 pub fn run(cmd: &CacheCommand, registry: &Registry, root: &Path) -> CliResult {
-    let cache = open_cache(root);
+    let cache = open_cache(root)?;
     match cmd {
         CacheCommand::Ls => ls(&cache),
-        CacheCommand::Verify => {
+        CacheCommand::Verify { fix } => {
             let entries = cache.entries()?;
             let problems = cache.verify()?;
             if problems.is_empty() {
@@ -51,10 +56,14 @@ pub fn run(cmd: &CacheCommand, registry: &Registry, root: &Path) -> CliResult {
                 let key = p.key.map(|k| k.short()).unwrap_or_else(|| "?".into());
                 println!("DAMAGED {key}  {}: {}", p.dir.display(), p.problem);
             }
+            if *fix {
+                return quarantine_damaged(&cache, &problems);
+            }
             Err(CliError::Failed(format!(
-                "{} problem(s) in {} entries; remove damaged entries with `rpt-flow cache gc` after deleting them, or rerun the pipeline to recompute",
+                "{} problem(s) in {} entries; `rpt-flow cache verify --fix` moves the damaged entries and those computed from them to {}, and the next run recomputes them",
                 problems.len(),
-                entries.len()
+                entries.len(),
+                root.join("quarantine").display()
             )))
         }
         CacheCommand::Gc { keep, sessions, older_than, dry_run } => {
@@ -86,6 +95,40 @@ pub fn run(cmd: &CacheCommand, registry: &Registry, root: &Path) -> CliResult {
     }
 }
 
+/// `verify --fix`: moves every damaged entry and every entry computed from one to quarantine.
+fn quarantine_damaged(cache: &crate::cache::Cache, problems: &[crate::cache::VerifyProblem]) -> CliResult {
+    let mut damaged: Vec<Key> = problems.iter().filter_map(|p| p.key).collect();
+    damaged.dedup();
+    let descendants = cache.descendants(&damaged)?;
+    let mut moved = 0;
+    let mut busy = Vec::new();
+    for (key, why) in damaged
+        .iter()
+        .map(|k| (k, "damaged (see `rpt-flow cache verify`)".to_string()))
+        .chain(descendants.iter().map(|k| (k, "computed from a damaged entry".to_string())))
+    {
+        if !cache.entry_dir(key).exists() {
+            continue;
+        }
+        let Some(_lock) = cache.try_lock(key)? else {
+            busy.push(key.short());
+            continue;
+        };
+        let to = cache.quarantine(key, &why)?;
+        println!("moved {} to {} ({why})", key.short(), to.display());
+        moved += 1;
+    }
+    println!(
+        "{moved} entries moved to quarantine ({} damaged, {} computed from them); run the pipelines again to recompute them",
+        damaged.len(),
+        descendants.len()
+    );
+    if !busy.is_empty() {
+        return Err(CliError::Failed(format!("entries in use by another process were left: {}", busy.join(", "))));
+    }
+    Ok(())
+}
+
 fn ls(cache: &crate::cache::Cache) -> CliResult {
     let entries = cache.entries()?;
     if entries.is_empty() {
@@ -94,9 +137,7 @@ fn ls(cache: &crate::cache::Cache) -> CliResult {
     }
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     println!("{:<12}  {:<14} {:>10}  {:>8}  {:<24} instance", "key", "kind", "size", "age", "last used by");
-    let mut total = 0;
     for e in &entries {
-        total += e.bytes;
         let m = &e.manifest;
         println!(
             "{:<12}  {:<14} {:>10}  {:>8}  {:<24} {}",
@@ -108,7 +149,14 @@ fn ls(cache: &crate::cache::Cache) -> CliResult {
             m.instance
         );
     }
-    println!("{} entries, {}", entries.len(), human_bytes(total));
+    let listed: u64 = entries.iter().map(|e| e.bytes).sum();
+    let disk = crate::cache::disk_bytes(&entries);
+    let shared = if disk < listed {
+        format!(" ({} of the listed sizes are files shared between entries by hard links)", human_bytes(listed - disk))
+    } else {
+        String::new()
+    };
+    println!("{} entries, {} on disk{shared}", entries.len(), human_bytes(disk));
     Ok(())
 }
 

@@ -27,7 +27,7 @@ pub fn run(args: &ExplainArgs, registry: &Registry, cache_root: &std::path::Path
         };
         return Err(CliError::Usage(format!("no instance `{}` in pipeline `{}`; {hint}", args.instance, p.name)));
     };
-    let cache = open_cache(cache_root);
+    let cache = open_cache(cache_root)?;
     let entries = cache.entries()?;
     let statuses = status_of(&plan, &cache, &entries);
     let inst = &p.instances[i];

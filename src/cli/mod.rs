@@ -99,6 +99,9 @@ pub type CliResult = Result<(), CliError>;
 pub fn main(registry: Registry) -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    if !matches!(cli.command, Command::Run(_)) {
+        default_sigpipe();
+    }
     let result = match &cli.command {
         Command::Validate(a) => validate::run(a, &registry),
         Command::Plan(a) => plan_cmd::run(a, &registry, &cli.cache),
@@ -124,6 +127,16 @@ pub fn main(registry: Registry) -> ExitCode {
             ExitCode::from(EXIT_FAILED)
         }
         Err(CliError::Interrupted) => ExitCode::from(EXIT_INTERRUPTED),
+    }
+}
+
+/// Commands that print a listing end quietly when the reader goes away (`rpt-flow plan … | head`),
+/// as other command-line tools do, instead of panicking on the broken pipe. Not `run`: a closed
+/// pipe must not kill a computation midway.
+fn default_sigpipe() {
+    // SAFETY: restores the default disposition of one signal before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
@@ -189,6 +202,13 @@ pub fn plan_for_class(
     Ok(plan)
 }
 
-pub fn open_cache(root: &std::path::Path) -> Cache {
-    Cache::open(root)
+/// The cache at `root`; a path that exists but is not a directory is a usage error (exit 2).
+pub fn open_cache(root: &std::path::Path) -> Result<Cache, CliError> {
+    if root.exists() && !root.is_dir() {
+        return Err(CliError::Usage(format!(
+            "cache root {} is not a directory: pass a directory with --cache (or RPT_CACHE)",
+            root.display()
+        )));
+    }
+    Ok(Cache::open(root))
 }

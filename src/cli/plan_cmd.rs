@@ -18,7 +18,7 @@ pub struct PlanArgs {
 
 pub fn run(args: &PlanArgs, registry: &Registry, cache_root: &std::path::Path) -> CliResult {
     let plan = load_plan(&args.pipeline, registry, Some(cache_root))?;
-    let cache = open_cache(cache_root);
+    let cache = open_cache(cache_root)?;
     let entries = cache.entries()?;
     let statuses = status_of(&plan, &cache, &entries);
     let p = &plan.pipeline;
@@ -56,14 +56,16 @@ pub fn run(args: &PlanArgs, registry: &Registry, cache_root: &std::path::Path) -
     } else {
         format!(", profile {}", p.options.profiles.join("+"))
     };
+    let damaged = count(|s| matches!(s, Status::Damaged(_)));
     println!(
-        "pipeline {} ({}{profiles}): {} instances — {} cached, {} partial, {} to run",
+        "pipeline {} ({}{profiles}): {} instances — {} cached, {} partial, {} to run{}",
         p.name,
         p.file.display(),
         p.instances.len(),
         count(|s| *s == Status::Cached),
         count(|s| *s == Status::Partial),
         count(|s| matches!(s, Status::ToRun(_))),
+        if damaged > 0 { format!(", {damaged} damaged (recomputed by `run`)") } else { String::new() },
     );
     let width = plan.order.iter().map(|&i| p.instances[i].name.len()).max().unwrap_or(0);
     for &i in &plan.order {

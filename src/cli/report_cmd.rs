@@ -115,8 +115,8 @@ fn from_pipeline(args: &ReportArgs, file: &Path, registry: &Registry, cache_root
         device: args.device.clone(),
     };
     let plan = load_plan(&pargs, registry, Some(cache_root))?;
-    let cache = open_cache(cache_root);
-    let path = session_path(&args.sessions, &plan);
+    let cache = open_cache(cache_root)?;
+    let path = session_path(&args.sessions, &plan, &args.device);
     let mut doc = exec::Session::new(path.clone(), &plan, &args.device, cache_root);
     for &i in &plan.order {
         let inst = &plan.pipeline.instances[i];

@@ -22,14 +22,14 @@ pub struct RunArgs {
 pub fn run(args: &RunArgs, registry: &Registry, cache_root: &Path, quiet: bool) -> CliResult {
     super::check_runnable(&args.pipeline.device)?;
     let plan = load_plan(&args.pipeline, registry, Some(cache_root))?;
-    let cache = open_cache(cache_root);
+    let cache = open_cache(cache_root)?;
     let cancel = CancelFlag::default();
     install_ctrlc(&cancel);
     let opts = RunOptions {
         keep_going: args.keep_going,
         quiet,
         device: args.pipeline.device.clone(),
-        session_path: session_path(&args.sessions, &plan),
+        session_path: session_path(&args.sessions, &plan, &args.pipeline.device),
         cancel,
     };
     let outcome = exec::run(&plan, registry, &cache, &opts)?;

@@ -10,7 +10,7 @@ use serde_json::{json, Value as Json};
 
 use super::session::Session;
 use super::{CancelFlag, Cancelled, InputArtifact, Progress, Registry, StageContext};
-use crate::cache::{Cache, EntryInfo};
+use crate::cache::{Cache, EntryInfo, EntryState};
 use crate::plan::Plan;
 
 pub struct RunOptions {
@@ -53,6 +53,11 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
     let mut outcome = RunOutcome { session_path: opts.session_path.clone(), ..Default::default() };
     let mut unavailable: HashSet<usize> = HashSet::new();
     let mut metrics: Vec<Json> = vec![Json::Null; p.instances.len()];
+    let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); p.instances.len()];
+    for (j, inst) in p.instances.iter().enumerate() {
+        inst.inputs.iter().for_each(|r| consumers[r.target].push(j));
+    }
+    let mut verified = Verified::default();
 
     for (pos, &i) in plan.order.iter().enumerate() {
         let inst = &p.instances[i];
@@ -73,7 +78,12 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
             continue;
         }
         let started = Instant::now();
-        let result = run_one(plan, i, registry, cache, opts, &progress, &metrics, &label);
+        super::memory::reset_peak();
+        // An entry a stage is about to read has its bytes re-hashed first; one only reported as
+        // cached needs its manifest checked.
+        let read_next = consumers[i].iter().any(|&j| !matches!(cache.inspect(&plan.keys[j]), EntryState::Intact(_)));
+        let run = RunOne { plan, i, registry, cache, opts, progress: &progress, metrics: &metrics, label: &label };
+        let result = run.run(read_next, &mut verified);
         progress.end_stage();
         let s = session.stage_mut(&inst.name);
         match result {
@@ -87,9 +97,12 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
                 outcome.cached += 1;
             }
             Ok(Done::Computed(m, secs)) => {
-                progress.line(&format!("{label}: done in {secs:.1}s"));
+                let peak = super::memory::peak_rss_mb();
+                let mem = peak.map(|mb| format!(", peak memory {:.2} GiB", mb / 1024.0)).unwrap_or_default();
+                progress.line(&format!("{label}: done in {secs:.1}s{mem}"));
                 s["status"] = json!("done");
                 s["seconds"] = json!(secs);
+                s["peak_rss_mb"] = json!(peak);
                 s["metrics"] = m.clone();
                 metrics[i] = m;
                 outcome.computed += 1;
@@ -133,93 +146,140 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_one(
-    plan: &Plan,
-    i: usize,
-    registry: &Registry,
-    cache: &Cache,
-    opts: &RunOptions,
-    progress: &Progress,
-    metrics: &[Json],
-    label: &str,
-) -> Result<Done> {
-    let p = &plan.pipeline;
-    let inst = &p.instances[i];
-    let key = plan.keys[i];
-    if let Some(m) = cached_metrics(cache, &key, &p.name)? {
-        return Ok(Done::Cached(m));
-    }
-    // One process computes a key; others wait here and then find the entry.
-    let _lock = match cache.try_lock(&key)? {
-        Some(l) => l,
-        None => {
-            progress.line(&format!("{label}: another rpt-flow process is computing it; waiting"));
-            cache.lock(&key)?
-        }
-    };
-    if let Some(m) = cached_metrics(cache, &key, &p.name)? {
-        return Ok(Done::Cached(m));
-    }
+/// Keys whose files this process has re-hashed and found intact (each is hashed once).
+#[derive(Default)]
+struct Verified(HashSet<crate::cache::Key>);
 
-    let stage = registry.get(&inst.kind).with_context(|| format!("unknown stage kind `{}`", inst.kind))?;
-    stage.check(&inst.params).map_err(|e| anyhow::anyhow!("stage `{}`: {e}", inst.name))?;
-    let mut input_locks = Vec::new();
-    let mut inputs = Vec::new();
-    for r in &inst.inputs {
-        let k = plan.keys[r.target];
-        input_locks.push(cache.lock_shared(&k)?);
-        inputs.push(InputArtifact {
-            slot: r.slot.clone(),
-            instance: p.instances[r.target].name.clone(),
-            kind: p.instances[r.target].kind.clone(),
-            key: k,
-            dir: cache.entry_dir(&k),
-            metrics: metrics[r.target].clone(),
-        });
+impl Verified {
+    fn inspect(&mut self, cache: &Cache, key: &crate::cache::Key, full: bool) -> EntryState {
+        if !full || self.0.contains(key) {
+            return cache.inspect(key);
+        }
+        let state = cache.inspect_full(key);
+        if matches!(state, EntryState::Intact(_)) {
+            self.0.insert(*key);
+        }
+        state
     }
-    let pending = cache.begin(&key)?;
-    let partial = cache.partial(&key);
-    let resumed = partial.exists();
-    progress.line(&format!("{label}: {}", if resumed { "resuming from partial state" } else { "running" }));
-    progress.begin_stage(&inst.name);
-    let started = Instant::now();
-    let base_dir = p.base_dir();
-    let ctx = StageContext {
-        pipeline: &p.name,
-        instance: &inst.name,
-        key,
-        params: &inst.params,
-        inputs,
-        out_dir: pending.dir(),
-        partial: &partial,
-        device: &opts.device,
-        base_dir: &base_dir,
-        progress,
-        cancel: &opts.cancel,
-    };
-    let m = stage.run(&ctx)?;
-    let m = if m.is_null() { json!({}) } else { m };
-    let seconds = started.elapsed().as_secs_f64();
-    let manifest = pending.commit(EntryInfo {
-        kind: inst.kind.clone(),
-        version: stage.schema().version,
-        key_material: plan.material[i].clone(),
-        metrics: m,
-        seconds,
-        pipeline: p.name.clone(),
-        instance: inst.name.clone(),
-    })?;
-    partial.remove()?;
-    cache.touch(&key, &p.name)?;
-    Ok(Done::Computed(manifest.metrics, seconds))
 }
 
-fn cached_metrics(cache: &Cache, key: &crate::cache::Key, pipeline: &str) -> Result<Option<Json>> {
-    match cache.manifest(key)? {
-        Some(m) => {
-            cache.touch(key, pipeline)?;
-            Ok(Some(m.metrics))
+struct RunOne<'a> {
+    plan: &'a Plan,
+    i: usize,
+    registry: &'a Registry,
+    cache: &'a Cache,
+    opts: &'a RunOptions,
+    progress: &'a Progress,
+    metrics: &'a [Json],
+    label: &'a str,
+}
+
+impl RunOne<'_> {
+    /// Reuses the entry when it is intact (its files re-hashed when `full`), else computes it,
+    /// moving a damaged entry to quarantine first.
+    fn run(&self, full: bool, verified: &mut Verified) -> Result<Done> {
+        let RunOne { plan, i, cache, progress, label, .. } = *self;
+        let key = plan.keys[i];
+        if let EntryState::Intact(m) = verified.inspect(cache, &key, full) {
+            return Ok(Done::Cached(self.reuse(*m)));
         }
-        None => Ok(None),
+        // One process computes a key; others wait here and then find the entry.
+        let _lock = match cache.try_lock(&key)? {
+            Some(l) => l,
+            None => {
+                progress.line(&format!("{label}: another rpt-flow process is computing it; waiting"));
+                cache.lock(&key)?
+            }
+        };
+        match verified.inspect(cache, &key, full) {
+            EntryState::Intact(m) => return Ok(Done::Cached(self.reuse(*m))),
+            EntryState::Damaged(why) => {
+                let to = cache.quarantine(&key, &why)?;
+                progress.line(&format!(
+                    "{label}: warning: the cached entry {} is damaged ({why}); moved to {} and recomputing",
+                    key.short(),
+                    to.display()
+                ));
+            }
+            EntryState::Missing => {}
+        }
+        self.compute(verified)
+    }
+
+    fn reuse(&self, m: crate::cache::Manifest) -> Json {
+        // Last use is advisory (it orders `gc --older-than`): a read-only cache — a shared
+        // cluster cache often is one for most users — must still serve its entries.
+        if let Err(e) = self.cache.touch(&m.key, &self.plan.pipeline.name) {
+            tracing::warn!("could not record the use of entry {}: {e:#}", m.key.short());
+        }
+        m.metrics
+    }
+
+    fn compute(&self, verified: &mut Verified) -> Result<Done> {
+        let RunOne { plan, i, registry, cache, opts, progress, metrics, label } = *self;
+        let p = &plan.pipeline;
+        let inst = &p.instances[i];
+        let key = plan.keys[i];
+        let stage = registry.get(&inst.kind).with_context(|| format!("unknown stage kind `{}`", inst.kind))?;
+        stage.check(&inst.params).map_err(|e| anyhow::anyhow!("stage `{}`: {e}", inst.name))?;
+        let mut input_locks = Vec::new();
+        let mut inputs = Vec::new();
+        for r in &inst.inputs {
+            let k = plan.keys[r.target];
+            input_locks.push(cache.lock_shared(&k)?);
+            // Never compute from bytes that were not verified (normally done when the input was
+            // visited; this catches an input damaged since).
+            if let EntryState::Damaged(why) = verified.inspect(cache, &k, true) {
+                anyhow::bail!(
+                "input `{}` (entry {}) is damaged: {why}. Run `rpt-flow cache verify --fix` and run again to recompute it",
+                p.instances[r.target].name,
+                k.short()
+            );
+            }
+            inputs.push(InputArtifact {
+                slot: r.slot.clone(),
+                instance: p.instances[r.target].name.clone(),
+                kind: p.instances[r.target].kind.clone(),
+                key: k,
+                dir: cache.entry_dir(&k),
+                metrics: metrics[r.target].clone(),
+            });
+        }
+        let pending = cache.begin(&key)?;
+        let partial = cache.partial(&key);
+        let resumed = partial.exists();
+        progress.line(&format!("{label}: {}", if resumed { "resuming from partial state" } else { "running" }));
+        progress.begin_stage(&inst.name);
+        let started = Instant::now();
+        let base_dir = p.base_dir();
+        let ctx = StageContext {
+            pipeline: &p.name,
+            instance: &inst.name,
+            key,
+            params: &inst.params,
+            inputs,
+            out_dir: pending.dir(),
+            partial: &partial,
+            device: &opts.device,
+            base_dir: &base_dir,
+            progress,
+            cancel: &opts.cancel,
+        };
+        let m = stage.run(&ctx)?;
+        let m = if m.is_null() { json!({}) } else { m };
+        let seconds = started.elapsed().as_secs_f64();
+        let manifest = pending.commit(EntryInfo {
+            kind: inst.kind.clone(),
+            version: stage.schema().version,
+            key_material: plan.material[i].clone(),
+            metrics: m,
+            seconds,
+            pipeline: p.name.clone(),
+            instance: inst.name.clone(),
+            inputs: inst.inputs.iter().map(|r| plan.keys[r.target]).collect(),
+        })?;
+        partial.remove()?;
+        cache.touch(&key, &p.name)?;
+        Ok(Done::Computed(manifest.metrics, seconds))
     }
 }

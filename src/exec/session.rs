@@ -16,14 +16,46 @@ pub struct Session {
 }
 
 /// Where a run of this plan writes its session today.
-pub fn session_path(dir: &Path, plan: &Plan) -> PathBuf {
+/// `DIR/YYYY-MM-DD/<pipeline>[.<profile>…][.cuda][.set-<8 hex>].json`: runs that compute
+/// different keys — another device class, or `--set` overrides (named by a hash of them) — get
+/// their own file instead of overwriting the plain run's.
+pub fn session_path(dir: &Path, plan: &Plan, device: &str) -> PathBuf {
     let today = time::OffsetDateTime::now_utc().date();
     let mut name = plan.pipeline.name.clone();
     for p in &plan.pipeline.options.profiles {
         name.push('.');
         name.push_str(p);
     }
+    if device.starts_with("cuda") {
+        name.push_str(".cuda");
+    }
+    let sets = &plan.pipeline.options.sets;
+    if !sets.is_empty() {
+        let hash = blake3::hash(sets.join("\n").as_bytes()).to_hex();
+        name.push_str(&format!(".set-{}", &hash[..8]));
+    }
     dir.join(today.to_string()).join(format!("{name}.json"))
+}
+
+/// This machine's name (Linux), or "" where unknown.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// The status a session file's reader should show: `running` becomes `interrupted` when the
+/// recorded process is gone from this host (killed: it never wrote its final status).
+pub fn effective_status(doc: &Json) -> String {
+    let status = doc["status"].as_str().unwrap_or_default();
+    if status != "running" {
+        return status.to_string();
+    }
+    let (host, pid) = (doc["host"].as_str(), doc["pid"].as_u64());
+    match (host, pid) {
+        (Some(h), Some(pid)) if !h.is_empty() && h == host_name() && !Path::new(&format!("/proc/{pid}")).exists() => {
+            "interrupted".to_string()
+        }
+        _ => status.to_string(),
+    }
 }
 
 pub fn now_rfc3339() -> String {
@@ -74,6 +106,10 @@ impl Session {
             "started": now_rfc3339(),
             "finished": Json::Null,
             "status": "running",
+            // Who is running it: a reader that finds "running" with this process gone on this
+            // host knows the run was killed (`interrupted`).
+            "host": host_name(),
+            "pid": std::process::id(),
             "stages": stages,
         });
         Session { path, doc }
@@ -99,13 +135,15 @@ impl Session {
             self.path.file_name().unwrap_or_default().to_string_lossy(),
             std::process::id()
         ));
-        {
-            let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-            f.write_all(serde_json::to_string_pretty(&self.doc)?.as_bytes())?;
-            f.write_all(b"\n")?;
-            f.sync_all()?;
+        let text = serde_json::to_string_pretty(&self.doc)? + "\n";
+        let written = std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()))
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = written {
+            // A full disk must not leave a half-written temporary file behind.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e).with_context(|| format!("writing the session file {}", self.path.display()));
         }
-        std::fs::rename(&tmp, &self.path).with_context(|| format!("writing {}", self.path.display()))?;
         Ok(())
     }
 }

@@ -4,7 +4,7 @@
 use serde_json::Value as Json;
 
 use super::Plan;
-use crate::cache::{Cache, EntrySummary, Manifest};
+use crate::cache::{Cache, EntryState, EntrySummary, Manifest};
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Status {
@@ -13,6 +13,8 @@ pub enum Status {
     Partial,
     /// Must run, with the reasons.
     ToRun(Vec<String>),
+    /// A damaged entry holds the key: `run` moves it to quarantine and recomputes it.
+    Damaged(String),
 }
 
 impl Status {
@@ -21,11 +23,13 @@ impl Status {
             Status::Cached => "cached",
             Status::Partial => "partial (resumable)",
             Status::ToRun(_) => "to run",
+            Status::Damaged(_) => "damaged (recomputes)",
         }
     }
     pub fn reasons(&self) -> &[String] {
         match self {
             Status::ToRun(r) => r,
+            Status::Damaged(why) => std::slice::from_ref(why),
             _ => &[],
         }
     }
@@ -37,12 +41,11 @@ pub fn status_of(plan: &Plan, cache: &Cache, entries: &[EntrySummary]) -> Vec<St
     let mut out = vec![Status::Cached; n];
     for &i in &plan.order {
         let key = &plan.keys[i];
-        out[i] = if cache.contains(key) {
-            Status::Cached
-        } else if cache.partial(key).exists() {
-            Status::Partial
-        } else {
-            Status::ToRun(reasons(plan, i, &out, entries))
+        out[i] = match cache.inspect(key) {
+            EntryState::Intact(_) => Status::Cached,
+            EntryState::Damaged(why) => Status::Damaged(why),
+            EntryState::Missing if cache.partial(key).exists() => Status::Partial,
+            EntryState::Missing => Status::ToRun(reasons(plan, i, &out, entries)),
         };
     }
     out

@@ -116,7 +116,7 @@ impl Session {
             overrides: strings(&doc["overrides"]),
             seed: doc["seed"].clone(),
             device: string(doc, "device"),
-            status: string(doc, "status"),
+            status: crate::exec::effective_status(doc),
             started: string(doc, "started"),
             finished: string(doc, "finished"),
             instances,

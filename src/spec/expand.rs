@@ -90,6 +90,11 @@ pub fn build(
         }
     }
 
+    if raws.is_empty() && d.is_empty() {
+        d.push(Diagnostic::new("the pipeline has no stages", None).help(
+            "add a [stages.<name>] table (or a [sweeps.<name>]) with a `kind`; `rpt-flow stages` lists the kinds",
+        ));
+    }
     let mut seen: HashSet<&str> = HashSet::new();
     for r in &raws {
         if !seen.insert(r.name.as_str()) {
@@ -124,6 +129,13 @@ fn apply_profiles_and_sets(
     let mut defined: Vec<(String, Vec<Override>)> = Vec::new();
     if let Some(profiles) = root.get("profiles").and_then(|e| e.value.as_table()) {
         for p in profiles {
+            if !valid_name(&p.key) {
+                d.push(
+                    Diagnostic::at(&p.key_span, format!("invalid profile name `{}`", p.key))
+                        .help("profile names use letters, digits, `-` and `_` (they name the session file)"),
+                );
+                continue;
+            }
             if p.value.as_table().is_none() {
                 d.push(Diagnostic::at(&p.value.span, format!("profile `{}` must be a table of path = value", p.key)));
                 continue;

@@ -33,19 +33,19 @@ pub static SCHEMA: KindSchema = KindSchema {
         text_param::MIN_ROW_CHARS,
         ParamDef {
             name: "seq_len",
-            ty: ParamType::Int { min: Some(2), max: None },
+            ty: ParamType::Int { min: Some(2), max: Some(1_048_576) },
             default: ParamDefault::Json("2048"),
             help: "window length in tokens",
         },
         ParamDef {
             name: "stride",
-            ty: ParamType::Int { min: Some(1), max: None },
+            ty: ParamType::Int { min: Some(1), max: Some(1_048_576) },
             default: ParamDefault::Optional,
             help: "rolling only: tokens between window starts",
         },
         ParamDef {
             name: "batch",
-            ty: ParamType::Int { min: Some(1), max: None },
+            ty: ParamType::Int { min: Some(1), max: Some(65_536) },
             default: ParamDefault::Json("1"),
             help: "windows per forward pass",
         },

@@ -26,7 +26,7 @@ pub static SCHEMA: KindSchema = KindSchema {
             default: ParamDefault::Json("\"facts\""),
             help: "a named prompt set (\"facts\") or a list of strings / { prompt, expected } tables",
         },
-        ParamDef { name: "max_new_tokens", ty: ParamType::Int { min: Some(1), max: None }, default: ParamDefault::Json("16"), help: "tokens to generate per prompt" },
+        ParamDef { name: "max_new_tokens", ty: ParamType::Int { min: Some(1), max: Some(1_000_000) }, default: ParamDefault::Json("16"), help: "tokens to generate per prompt" },
         ParamDef { name: "temperature", ty: ParamType::Float { min: Some(0.0), max: None }, default: ParamDefault::Json("0.0"), help: "0 = greedy" },
         ParamDef { name: "top_p", ty: ParamType::Float { min: Some(0.0), max: Some(1.0) }, default: ParamDefault::Json("1.0"), help: "nucleus sampling (with temperature > 0)" },
         ParamDef { name: "seed", ty: ParamType::UINT, default: ParamDefault::PipelineSeed, help: "sampling seed" },

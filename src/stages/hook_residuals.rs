@@ -79,7 +79,7 @@ pub static SCHEMA: KindSchema = KindSchema {
         },
         ParamDef {
             name: "max_new_tokens",
-            ty: ParamType::Int { min: Some(1), max: None },
+            ty: ParamType::Int { min: Some(1), max: Some(1_000_000) },
             default: ParamDefault::Json("16"),
             help: "tokens to generate per prompt",
         },

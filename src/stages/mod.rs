@@ -7,6 +7,7 @@ mod finetune;
 mod generate;
 mod hook_residuals;
 mod load;
+pub mod mask;
 pub mod model_artifact;
 mod perturb;
 mod prune;

@@ -1,7 +1,7 @@
 //! The `model` artifact: a directory in Hugging Face layout (config.json, model.safetensors,
 //! tokenizer files), plus `rpt-model.json` (how downstream stages must open it: dtype,
 //! quantisation, and — for hub snapshots — the source directory it references instead of a copy)
-//! and, after pruning, `mask.safetensors` (u8 per projection: 1 = kept, 0 = pruned).
+//! and, after pruning, `mask.safetensors` (keep bits per projection, see [`super::mask`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +10,7 @@ use anyhow::{bail, Context as _, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::mask::Masks;
 use crate::exec::InputArtifact;
 use crate::model::{LoadOptions, Model, Quantization, TextTokenizer};
 
@@ -123,38 +124,65 @@ pub fn write_settings(out: &Path, settings: &ModelSettings) -> Result<()> {
     Ok(())
 }
 
-/// The pruning mask of an artifact (projection name → u8 tensor, 1 = kept), if it has one.
-pub fn read_mask(entry: &Path, device: &Device) -> Result<Option<BTreeMap<String, Tensor>>> {
-    let path = entry.join(MASK_FILE);
-    if !path.exists() {
-        return Ok(None);
+/// The pruning masks of an artifact (projection name → keep bits), if it has any.
+pub fn read_mask(entry: &Path) -> Result<Option<Masks>> {
+    super::mask::read(&entry.join(MASK_FILE))
+}
+
+pub fn write_mask(out: &Path, masks: &Masks) -> Result<()> {
+    super::mask::write(&out.join(MASK_FILE), masks)
+}
+
+/// Shares an unchanged file of an input entry with an output entry: a hard link where the
+/// filesystem allows (entries are immutable, so nothing is stored twice), else a copy.
+pub fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+    if std::fs::hard_link(from, to).is_ok() {
+        return Ok(());
     }
-    let tensors =
-        candle_core::safetensors::load(&path, device).with_context(|| format!("reading {}", path.display()))?;
-    Ok(Some(tensors.into_iter().collect()))
+    std::fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    Ok(())
 }
 
-pub fn write_mask(out: &Path, mask: &BTreeMap<String, Tensor>) -> Result<()> {
-    let path = out.join(MASK_FILE);
-    let map: std::collections::HashMap<String, Tensor> = mask.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    candle_core::safetensors::save(&map, &path).with_context(|| format!("writing {}", path.display()))
+/// How many of a latent projection's weights are 0 after ternary quantisation
+/// (round-half-even(W/β) = 0 with β = mean|W|); `None` for packed codes.
+pub fn ternary_zeros(w: &Tensor) -> Result<Option<u64>> {
+    if w.dtype() == DType::U8 {
+        return Ok(None); // packed: already ternary codes
+    }
+    let (codes, _) = crate::model::quant::ternarize(&w.to_dtype(DType::F32)?)?;
+    Ok(Some(count_true(&codes.eq(0f64)?)?))
 }
 
-/// Fraction of each projection's weights that are 0 after ternary quantisation
-/// (round-half-even(W/β) = 0 with β = mean|W|), and the overall fraction.
+/// How many elements of a 0/1 U8 tensor are 1. Counted in integers: an f32 sum stops
+/// counting at 2^24, fewer than one 2B MLP projection has (6912 × 2560).
+pub fn count_true(flags: &Tensor) -> Result<u64> {
+    Ok(flags.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as u64)
+}
+
+/// Fraction of each projection's weights that are 0 after ternary quantisation, and the
+/// overall fraction.
 pub fn ternary_zero_fractions(model: &Model) -> Result<(BTreeMap<String, f64>, f64)> {
     let mut per = BTreeMap::new();
     let (mut zeros, mut total) = (0f64, 0f64);
-    for (name, w) in model.projections()? {
-        if w.dtype() == DType::U8 {
-            continue; // packed: already ternary codes
-        }
-        let (codes, _) = crate::model::quant::ternarize(&w.to_dtype(DType::F32)?)?;
-        let n = codes.elem_count() as f64;
-        let z = codes.eq(0f64)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
+    for name in model.projection_names() {
+        let w = model.projection(&name)?;
+        let Some(z) = ternary_zeros(&w)? else { continue };
+        let (z, n) = (z as f64, w.elem_count() as f64);
         per.insert(name, z / n);
         zeros += z;
         total += n;
     }
     Ok((per, if total > 0.0 { zeros / total } else { 0.0 }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_beyond_what_an_f32_sum_can_hold() {
+        let n = (1 << 24) + 3; // an f32 accumulator stops at 2^24
+        let ones = Tensor::ones(n, DType::U8, &Device::Cpu).unwrap();
+        assert_eq!(count_true(&ones).unwrap(), n as u64);
+    }
 }

@@ -9,13 +9,12 @@
 //! random sample of at most `sample` magnitudes per tensor (exact when a tensor has fewer), and
 //! every weight with |w| ≤ threshold is pruned; the achieved sparsity is reported.
 
-use std::collections::BTreeMap;
-
 use anyhow::{bail, Context as _, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
+use super::mask::Mask;
 use super::model_artifact as artifact;
 use crate::exec::{
     typed_params, ArtifactType, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage, StageContext,
@@ -23,8 +22,8 @@ use crate::exec::{
 
 pub static SCHEMA: KindSchema = KindSchema {
     kind: "prune",
-    version: 2,
-    help: "Magnitude pruning of the targeted projections: to an exact total sparsity (cumulative over earlier pruning), or the notebooks' percentile of the remaining nonzeros; writes mask.safetensors with the model.",
+    version: 3,
+    help: "Magnitude pruning of the targeted projections: to an exact total sparsity (cumulative over earlier pruning), or the notebooks' percentile of the remaining nonzeros; writes the model and its mask (bits) as mask.safetensors.",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to prune (latent weights)" }],
     params: &[
         ParamDef { name: "sparsity", ty: ParamType::FRACTION, default: ParamDefault::Required, help: "exact: fraction of the targeted weights that are zero afterwards; notebook: the percentile (as a fraction) of the current nonzero magnitudes taken as the threshold" },
@@ -105,74 +104,94 @@ impl Stage for Prune {
         if names.is_empty() {
             bail!("no projection matches targets {:?} (names look like model.layers.0.mlp.up_proj.weight)", p.targets);
         }
-        let old_mask = artifact::read_mask(&input.dir, &Device::Cpu)?.unwrap_or_default();
-        let bitnet = model.config().is_bitnet();
-        let ternary_before = if bitnet { Some(artifact::ternary_zero_fractions(model)?.0) } else { None };
-
-        // Magnitudes and keep-masks of every target, in name order.
-        let mut values = Vec::with_capacity(names.len());
-        let mut keep = Vec::with_capacity(names.len());
-        let mut shapes = Vec::with_capacity(names.len());
-        for name in &names {
+        let mut masks = artifact::read_mask(&input.dir)?.unwrap_or_default();
+        // One target at a time, as f32 magnitudes with its keep flags: the only extra memory is
+        // one tensor's worth (the 2B model's weights never exist twice).
+        let target = |i: usize| -> Result<Target> {
             ctx.check_cancelled()?;
+            let name = &names[i];
             let w = model.projection(name)?;
             if w.dtype() == DType::U8 {
                 bail!("`{name}` is packed (2-bit codes): prune a latent checkpoint (e.g. the -bf16 repo)");
             }
             let (rows, cols) = w.dims2()?;
-            shapes.push((rows, cols));
-            values.push(w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-            keep.push(match old_mask.get(name) {
-                Some(m) => m.flatten_all()?.to_vec1::<u8>()?,
+            let keep = match masks.get(name) {
+                Some(m) if m.shape() == (rows, cols) => m.to_keep(),
+                Some(m) => bail!("the input's mask of `{name}` is {:?}, the weight [{rows}, {cols}]", m.shape()),
                 None => vec![1u8; rows * cols],
-            });
-        }
-        let already: u64 = keep.iter().map(|k| k.iter().filter(|&&x| x == 0).count() as u64).sum();
-        let zeros_before: u64 = values.iter().map(|v| v.iter().filter(|&&x| x == 0.0).count() as u64).sum();
+            };
+            Ok(Target { values: w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, keep, rows, cols })
+        };
+        let already: u64 = names.iter().filter_map(|n| masks.get(n)).map(Mask::pruned).sum();
 
+        // What decides each weight: one global cut, the notebook's threshold, or per tensor/row.
         let mut notebook = None;
-        match p.scope.as_str() {
-            _ if p.rule == "notebook" => {
-                let slices: Vec<&[f32]> = values.iter().map(Vec::as_slice).collect();
-                let (threshold, considered) = notebook_threshold(&slices, p.sparsity, p.sample, p.seed);
-                for (v, k) in values.iter().zip(keep.iter_mut()) {
-                    for (x, m) in v.iter().zip(k.iter_mut()) {
-                        *m = u8::from(x.abs() > threshold);
-                    }
-                }
-                notebook = Some(json!({ "threshold": threshold, "nonzeros_considered": considered }));
+        let mut cut = None;
+        if p.rule == "notebook" {
+            let mut pool = Vec::new();
+            for i in 0..names.len() {
+                pool.extend(notebook_sample(&target(i)?.values, i, p.sample, p.seed));
             }
-            "global" => prune_groups(&values.iter().map(Vec::as_slice).collect::<Vec<_>>(), &mut keep, p.sparsity),
-            "per-tensor" => {
-                for (v, k) in values.iter().zip(keep.iter_mut()) {
-                    prune_groups(&[v.as_slice()], std::slice::from_mut(k), p.sparsity);
+            let (threshold, considered) = notebook_percentile(pool, p.sparsity);
+            notebook = Some((threshold, considered));
+        } else if p.scope == "global" {
+            let total: usize =
+                (0..names.len()).map(|i| model.projection(&names[i]).map(|w| w.elem_count())).sum::<Result<_>>()?;
+            let need = target_zeros(total, p.sparsity).saturating_sub(already);
+            cut = Some(GlobalCut::find(need, |visit| {
+                for i in 0..names.len() {
+                    let t = target(i)?;
+                    visit(&t.values, &t.keep);
                 }
-            }
-            _ => {
-                for ((v, k), (_, cols)) in values.iter().zip(keep.iter_mut()).zip(&shapes) {
-                    for (row, krow) in v.chunks(*cols).zip(k.chunks_mut(*cols)) {
-                        prune_row(row, krow, p.sparsity);
-                    }
-                }
-            }
+                Ok(())
+            })?);
         }
 
-        // Apply: pruned positions become exact zeros in the stored dtype.
-        let mut mask_tensors = BTreeMap::new();
+        // Apply, target by target: pruned positions become exact zeros in the stored dtype.
         let mut per_tensor = Map::new();
-        let (mut zeros, mut total) = (0u64, 0u64);
+        let (mut zeros, mut total, mut zeros_before) = (0u64, 0u64, 0u64);
+        let (mut ternary_before, mut ternary_after) = (0u64, 0u64);
+        let bitnet = model.config().is_bitnet();
+        let mut pruned_masks = Vec::with_capacity(names.len());
         for (i, name) in names.iter().enumerate() {
-            let (rows, cols) = shapes[i];
+            let Target { values, mut keep, rows, cols } = target(i)?;
+            zeros_before += values.iter().filter(|&&x| x == 0.0).count() as u64;
+            if let Some((threshold, _)) = notebook {
+                for (x, m) in values.iter().zip(keep.iter_mut()) {
+                    *m = u8::from(x.abs() > threshold);
+                }
+            } else if let Some(cut) = cut.as_mut() {
+                cut.apply(&values, &mut keep);
+            } else if p.scope == "per-tensor" {
+                prune_groups(&[values.as_slice()], std::slice::from_mut(&mut keep), p.sparsity);
+            } else {
+                for (row, krow) in values.chunks(cols).zip(keep.chunks_mut(cols)) {
+                    prune_row(row, krow, p.sparsity);
+                }
+            }
+            drop(values);
             let w = model.projection(name)?;
-            let m = Tensor::from_vec(keep[i].clone(), (rows, cols), &Device::Cpu)?;
-            let pruned = w.broadcast_mul(&m.to_dtype(w.dtype())?.to_device(w.device())?)?;
-            model.set_projection(name, &pruned)?;
-            let z = keep[i].iter().filter(|&&x| x == 0).count() as u64;
+            let before = if bitnet { artifact::ternary_zeros(&w)? } else { None };
+            let m = Tensor::from_slice(&keep, (rows, cols), &Device::Cpu)?;
+            model.set_projection(name, &w.broadcast_mul(&m.to_dtype(w.dtype())?.to_device(w.device())?)?)?;
+            drop((w, m));
+            let z = keep.iter().filter(|&&x| x == 0).count() as u64;
             zeros += z;
             total += (rows * cols) as u64;
-            per_tensor.insert(name.clone(), json!({ "sparsity": z as f64 / (rows * cols) as f64 }));
-            mask_tensors.insert(name.clone(), m);
+            let mut t = Map::new();
+            t.insert("sparsity".into(), json!(z as f64 / (rows * cols) as f64));
+            if let Some(before) = before {
+                let after = artifact::ternary_zeros(&model.projection(name)?)?.unwrap_or(0);
+                t.insert("ternary_zero_before".into(), json!(before as f64 / (rows * cols) as f64));
+                t.insert("ternary_zero_after".into(), json!(after as f64 / (rows * cols) as f64));
+                ternary_before += before;
+                ternary_after += after;
+            }
+            per_tensor.insert(name.clone(), Json::Object(t));
+            pruned_masks.push((name.clone(), Mask::from_keep(&keep, rows, cols)?));
         }
+        // Earlier masks of tensors outside this level's targets stay as they were.
+        masks.extend(pruned_masks);
         let mut metrics = json!({
             "sparsity": zeros as f64 / total as f64,
             "target_sparsity": p.sparsity,
@@ -185,21 +204,12 @@ impl Stage for Prune {
             "already_pruned": already,
             "pruned_now": zeros.saturating_sub(already),
         });
-        if let Some(before) = ternary_before {
-            let (after, _) = artifact::ternary_zero_fractions(model)?;
-            let weighted = |m: &BTreeMap<String, f64>| {
-                names.iter().zip(&shapes).map(|(n, (r, c))| m[n] * (*r * *c) as f64).sum::<f64>() / total as f64
-            };
-            metrics["ternary_zero_before"] = json!(weighted(&before));
-            metrics["ternary_zero_after"] = json!(weighted(&after));
-            for n in &names {
-                let t = per_tensor[n].as_object_mut().expect("object");
-                t.insert("ternary_zero_before".into(), json!(before[n]));
-                t.insert("ternary_zero_after".into(), json!(after[n]));
-            }
+        if bitnet {
+            metrics["ternary_zero_before"] = json!(ternary_before as f64 / total as f64);
+            metrics["ternary_zero_after"] = json!(ternary_after as f64 / total as f64);
         }
-        if let Some(n) = notebook {
-            metrics["notebook"] = n;
+        if let Some((threshold, considered)) = notebook {
+            metrics["notebook"] = json!({ "threshold": threshold, "nonzeros_considered": considered });
         }
         metrics["per_tensor"] = Json::Object(per_tensor);
 
@@ -207,13 +217,17 @@ impl Stage for Prune {
         let mut settings = open.settings.clone();
         settings.source = None;
         artifact::save(model, ctx.out_dir, Some(&open.dir), &settings)?;
-        // Keep earlier masks of tensors outside this level's targets.
-        for (name, m) in old_mask {
-            mask_tensors.entry(name).or_insert(m);
-        }
-        artifact::write_mask(ctx.out_dir, &mask_tensors).context("writing the mask")?;
+        artifact::write_mask(ctx.out_dir, &masks).context("writing the mask")?;
         Ok(metrics)
     }
+}
+
+/// One target's magnitudes (f32, row-major) and keep flags (1 = kept).
+struct Target {
+    values: Vec<f32>,
+    keep: Vec<u8>,
+    rows: usize,
+    cols: usize,
 }
 
 /// `*` matches any run of characters, `?` one character.
@@ -242,30 +256,38 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 /// The notebook rule's threshold: the `fraction` percentile of the nonzero magnitudes of all
 /// groups, each group contributing all its nonzero |w| or, when it has more than `sample`, a
 /// uniform random subset of `sample` of them (Floyd's algorithm, seeded per group index).
-/// Index `min(⌊N·p/100⌋, N − 1)` of the sorted magnitudes, as the notebooks take it (an integral
-/// percentage is computed in integers, so 10% of 4,096 is exactly 409). Returns the threshold and
-/// N; with no nonzero weight at all, 0 (the zeros are pruned, nothing else).
+/// Returns the threshold and N; with no nonzero weight at all, 0 (the zeros are pruned, nothing
+/// else).
+#[cfg(test)]
 fn notebook_threshold(groups: &[&[f32]], fraction: f64, sample: usize, seed: u64) -> (f32, usize) {
-    let mut pool: Vec<f32> = Vec::new();
-    for (g, v) in groups.iter().enumerate() {
-        let nonzero: Vec<f32> = v.iter().filter(|x| **x != 0.0).map(|x| x.abs()).collect();
-        if nonzero.len() <= sample {
-            pool.extend(nonzero);
-            continue;
-        }
-        let mut rng = crate::data::SplitMix64::keyed(seed, &[g as u64]);
-        let n = nonzero.len();
-        let mut chosen = std::collections::HashSet::with_capacity(sample);
-        for j in n - sample..n {
-            let t = rng.index(j + 1);
-            if !chosen.insert(t) {
-                chosen.insert(j);
-            }
-        }
-        let mut idx: Vec<usize> = chosen.into_iter().collect();
-        idx.sort_unstable();
-        pool.extend(idx.into_iter().map(|i| nonzero[i]));
+    let pool = groups.iter().enumerate().flat_map(|(g, v)| notebook_sample(v, g, sample, seed)).collect();
+    notebook_percentile(pool, fraction)
+}
+
+/// Group `g`'s contribution to the notebook threshold: its nonzero magnitudes, or a seeded
+/// uniform subset of `sample` of them, in position order.
+fn notebook_sample(values: &[f32], g: usize, sample: usize, seed: u64) -> Vec<f32> {
+    let nonzero: Vec<f32> = values.iter().filter(|x| **x != 0.0).map(|x| x.abs()).collect();
+    if nonzero.len() <= sample {
+        return nonzero;
     }
+    let mut rng = crate::data::SplitMix64::keyed(seed, &[g as u64]);
+    let n = nonzero.len();
+    let mut chosen = std::collections::HashSet::with_capacity(sample);
+    for j in n - sample..n {
+        let t = rng.index(j + 1);
+        if !chosen.insert(t) {
+            chosen.insert(j);
+        }
+    }
+    let mut idx: Vec<usize> = chosen.into_iter().collect();
+    idx.sort_unstable();
+    idx.into_iter().map(|i| nonzero[i]).collect()
+}
+
+/// Index `min(⌊N·p/100⌋, N − 1)` of the sorted pool, as the notebooks take it (an integral
+/// percentage is computed in integers, so 10% of 4,096 is exactly 409), and N.
+fn notebook_percentile(mut pool: Vec<f32>, fraction: f64) -> (f32, usize) {
     if pool.is_empty() {
         return (0.0, 0);
     }
@@ -290,43 +312,75 @@ fn target_zeros(n: usize, sparsity: f64) -> u64 {
     (sparsity * n as f64).round() as u64
 }
 
-/// Prunes the smallest kept magnitudes across all groups together until `sparsity` of all their
-/// weights are pruned. Exact, O(n) memory-free radix selection on the magnitude bits: find the
-/// threshold key T and how many entries equal to T to take, then take them in order.
-fn prune_groups(values: &[&[f32]], keep: &mut [Vec<u8>], sparsity: f64) {
-    let n: usize = values.iter().map(|v| v.len()).sum();
-    let pruned: u64 = keep.iter().map(|k| k.iter().filter(|&&x| x == 0).count() as u64).sum();
-    let need = target_zeros(n, sparsity).saturating_sub(pruned);
-    if need == 0 {
-        return;
+/// The exact global selection of the `need` smallest kept magnitudes over groups visited in a
+/// fixed order: a threshold key found by radix selection on the magnitude bits (two histogram
+/// passes, 65,536 buckets each, no copy of the values) and how many entries equal to it to take,
+/// which [`GlobalCut::apply`] takes in visiting order.
+struct GlobalCut {
+    threshold: u32,
+    take_equal: u64,
+    /// Nothing to prune (`need` = 0).
+    none: bool,
+}
+
+impl GlobalCut {
+    /// `each` calls its visitor with every group's values and keep flags, in order.
+    fn find(need: u64, mut each: impl FnMut(&mut dyn FnMut(&[f32], &[u8])) -> Result<()>) -> Result<GlobalCut> {
+        if need == 0 {
+            return Ok(GlobalCut { threshold: 0, take_equal: 0, none: true });
+        }
+        let mut high = vec![0u64; 1 << 16];
+        each(&mut |v, k| kept_keys(v, k).for_each(|x| high[(x >> 16) as usize] += 1))?;
+        let (bucket, below_bucket) = find_bucket(&high, need);
+        let mut low = vec![0u64; 1 << 16];
+        each(&mut |v, k| {
+            kept_keys(v, k).filter(|x| x >> 16 == bucket as u32).for_each(|x| low[(x & 0xffff) as usize] += 1)
+        })?;
+        let (lo, below_lo) = find_bucket(&low, need - below_bucket);
+        Ok(GlobalCut {
+            threshold: ((bucket as u32) << 16) | lo as u32,
+            take_equal: need - below_bucket - below_lo,
+            none: false,
+        })
     }
-    let kept = || {
-        values
-            .iter()
-            .zip(keep.iter())
-            .flat_map(|(v, k)| v.iter().zip(k.iter()).filter(|(_, &m)| m == 1).map(|(x, _)| key(*x)))
-    };
-    let mut high = vec![0u64; 1 << 16];
-    kept().for_each(|k| high[(k >> 16) as usize] += 1);
-    let (bucket, below_bucket) = find_bucket(&high, need);
-    let mut low = vec![0u64; 1 << 16];
-    kept().filter(|k| k >> 16 == bucket as u32).for_each(|k| low[(k & 0xffff) as usize] += 1);
-    let (lo, below_lo) = find_bucket(&low, need - below_bucket);
-    let threshold = ((bucket as u32) << 16) | lo as u32;
-    let mut take_equal = need - below_bucket - below_lo;
-    for (v, k) in values.iter().zip(keep.iter_mut()) {
-        for (x, m) in v.iter().zip(k.iter_mut()) {
+
+    /// Prunes one group (the next in visiting order).
+    fn apply(&mut self, values: &[f32], keep: &mut [u8]) {
+        if self.none {
+            return;
+        }
+        for (x, m) in values.iter().zip(keep.iter_mut()) {
             if *m == 0 {
                 continue;
             }
             let kx = key(*x);
-            if kx < threshold {
+            if kx < self.threshold {
                 *m = 0;
-            } else if kx == threshold && take_equal > 0 {
+            } else if kx == self.threshold && self.take_equal > 0 {
                 *m = 0;
-                take_equal -= 1;
+                self.take_equal -= 1;
             }
         }
+    }
+}
+
+fn kept_keys<'a>(values: &'a [f32], keep: &'a [u8]) -> impl Iterator<Item = u32> + 'a {
+    values.iter().zip(keep).filter(|(_, &m)| m == 1).map(|(x, _)| key(*x))
+}
+
+/// Prunes the smallest kept magnitudes across all groups together until `sparsity` of all their
+/// weights are pruned (in-memory groups: per-tensor scope and the tests).
+fn prune_groups(values: &[&[f32]], keep: &mut [Vec<u8>], sparsity: f64) {
+    let n: usize = values.iter().map(|v| v.len()).sum();
+    let pruned: u64 = keep.iter().map(|k| k.iter().filter(|&&x| x == 0).count() as u64).sum();
+    let need = target_zeros(n, sparsity).saturating_sub(pruned);
+    let mut cut = GlobalCut::find(need, |visit| {
+        values.iter().zip(keep.iter()).for_each(|(v, k)| visit(v, k));
+        Ok(())
+    })
+    .expect("in-memory groups cannot fail");
+    for (v, k) in values.iter().zip(keep.iter_mut()) {
+        cut.apply(v, k);
     }
 }
 

@@ -19,7 +19,7 @@ pub const DATA: ParamDef = ParamDef {
 /// `seq_len`, `max_windows`, `bos` of the analysis stages, which read eval-ppl's `chunks` windows.
 pub const WINDOW_SEQ_LEN: ParamDef = ParamDef {
     name: "seq_len",
-    ty: ParamType::Int { min: Some(2), max: None },
+    ty: ParamType::Int { min: Some(2), max: Some(1_048_576) },
     default: ParamDefault::Json("2048"),
     help: "window length in tokens (eval-ppl's `chunks` windows)",
 };

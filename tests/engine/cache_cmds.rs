@@ -135,3 +135,53 @@ fn gpu_keys(sb: &Sandbox, p: &str) -> Vec<String> {
     }
     cuda
 }
+
+/// A cache whose last-use records cannot be written (a shared read-only cache; simulated with a
+/// directory where the record's file goes, which even root cannot replace) still serves its
+/// entries: the run succeeds, computes nothing and warns.
+#[test]
+fn a_cache_that_cannot_record_use_still_serves_its_entries() {
+    let sb = Sandbox::new();
+    let p = chain();
+    sb.run(&["run", &p, "-q"]).expect(0);
+    let cache = sb.path().join("cache");
+    for shard in std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()) {
+        for entry in std::fs::read_dir(&shard).into_iter().flatten().map(|e| e.unwrap().path()) {
+            let record = entry.join("last_used.json");
+            if record.is_file() {
+                std::fs::remove_file(&record).unwrap();
+                std::fs::create_dir(&record).unwrap();
+                std::fs::write(record.join("blocker"), "x").unwrap();
+            }
+        }
+    }
+    let again = sb.run(&["run", &p]).expect(0);
+    assert!(again.stdout().contains("nothing to compute"), "{}", again.stdout());
+    assert!(again.stderr().contains("could not record the use of entry"), "{}", again.stderr());
+}
+
+#[test]
+fn a_cache_root_that_is_a_file_is_a_usage_error() {
+    let sb = Sandbox::new();
+    let file = sb.write("not-a-dir", "x");
+    for args in [vec!["run", &chain()[..]], vec!["cache", "ls"], vec!["plan", &chain()[..]]] {
+        let mut args: Vec<&str> = args;
+        args.extend(["--cache", file.to_str().unwrap()]);
+        let run = sb.run(&args).expect(2);
+        assert!(run.stderr().contains("is not a directory"), "{args:?}: {}", run.stderr());
+    }
+}
+
+/// `rpt-flow plan … | head -1`: the listing ends quietly when the reader goes away.
+#[test]
+fn a_closed_pipe_ends_a_listing_quietly() {
+    use std::process::Stdio;
+    let sb = Sandbox::new();
+    let p = chain();
+    let mut child = sb.cmd(&["plan", &p]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take()); // the reader goes away before anything is printed
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(out.status.code(), Some(101), "no panic exit: {stderr}");
+}

@@ -52,6 +52,11 @@ fn a_killed_run_resumes_from_its_checkpoint_with_identical_results() {
     let mid = sb.session("resumable.json");
     assert_eq!(mid["stages"]["base"]["status"], "done", "the session was saved after each instance");
     assert_eq!(mid["stages"]["long"]["status"], "pending");
+    assert_eq!(mid["status"], "running", "a killed run never wrote its final status");
+    let today = time::OffsetDateTime::now_utc().date().to_string();
+    let file = sb.path().join("sessions").join(today).join("resumable.json");
+    let report = sb.run(&["report", file.to_str().unwrap(), "--format", "markdown", "--no-plots"]).expect(0).stdout();
+    assert!(report.contains("`resumable.json`: interrupted"), "readers see the killed run as interrupted:\n{report}");
 
     let plan = sb.run(&["plan", p.to_str().unwrap()]).expect(0).stdout();
     assert!(plan.contains("partial (resumable)"), "{plan}");

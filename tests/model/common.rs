@@ -39,8 +39,18 @@ impl Reference {
     }
 }
 
+/// The device the model tests run on: cpu, or `RPT_TEST_DEVICE=cuda` (scripts/device-check.sh
+/// runs the transformers parity on a GPU that way; needs `--features cuda`).
+pub fn test_device() -> Device {
+    match std::env::var("RPT_TEST_DEVICE").as_deref() {
+        Ok("cuda") => Device::new_cuda(0).expect("RPT_TEST_DEVICE=cuda: no CUDA device (built with --features cuda?)"),
+        Ok("cpu") | Err(_) => Device::Cpu,
+        Ok(other) => panic!("RPT_TEST_DEVICE={other}: use cpu or cuda"),
+    }
+}
+
 pub fn opts(dtype: DType, quantization: Option<Quantization>) -> LoadOptions {
-    LoadOptions { dtype, device: Device::Cpu, quantization }
+    LoadOptions { dtype, device: test_device(), quantization }
 }
 
 pub fn load(name: &str, dtype: DType, q: Option<Quantization>) -> Model {
@@ -86,7 +96,7 @@ pub fn forward_capture(model: &Model, ids: &Tensor) -> (Tensor, BTreeMap<HookPoi
             seen.borrow_mut().insert(p, t.clone());
             Ok(())
         });
-        model.forward_with_hooks(ids, &mut hooks).unwrap()
+        model.forward_with_hooks(&ids.to_device(model.device()).unwrap(), &mut hooks).unwrap()
     };
     (logits, seen.into_inner())
 }

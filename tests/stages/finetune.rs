@@ -32,6 +32,10 @@ fn tensors(path: PathBuf) -> BTreeMap<String, Tensor> {
     candle_core::safetensors::load(&path, &Device::Cpu).unwrap().into_iter().collect()
 }
 
+fn masks(path: PathBuf) -> rpt_flow::stages::mask::Masks {
+    rpt_flow::stages::mask::read(&path).unwrap().expect("a mask file")
+}
+
 fn as_f32(t: &Tensor) -> Vec<f32> {
     t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
@@ -43,11 +47,14 @@ fn pruned_weights_never_move_and_the_rest_do() {
     sb.run(&["run", p.to_str().unwrap(), "-q"]).expect(0);
     let before = tensors(entry(&sb, "pruned").join("model.safetensors"));
     let after = tensors(entry(&sb, "tuned").join("model.safetensors"));
-    let mask = tensors(entry(&sb, "tuned").join("mask.safetensors"));
+    let mask = masks(entry(&sb, "tuned").join("mask.safetensors"));
     assert!(!mask.is_empty(), "the mask travels with the fine-tuned model");
+    use std::os::unix::fs::MetadataExt as _;
+    let inode = |stage: &str| std::fs::metadata(entry(&sb, stage).join("mask.safetensors")).unwrap().ino();
+    assert_eq!(inode("tuned"), inode("pruned"), "the unchanged mask is shared (hard link), not stored twice");
     let (mut moved_kept, mut kept) = (0usize, 0usize);
     for (name, m) in &mask {
-        let m: Vec<u8> = m.flatten_all().unwrap().to_vec1().unwrap();
+        let m = m.to_keep();
         let (b, a) = (as_f32(&before[name]), as_f32(&after[name]));
         for i in 0..m.len() {
             if m[i] == 0 {
@@ -150,12 +157,12 @@ fn with_masks_ignored_pruned_weights_grow_back_and_the_regrowth_is_reported() {
     let p = sb.write("ft.toml", &pipeline(&format!("steps = 4\nlr = 0.01\n{NOTEBOOK}")));
     sb.run(&["run", p.to_str().unwrap(), "-q"]).expect(0);
     let m = sb.session("ft.json")["stages"]["tuned"]["metrics"].clone();
-    let pruned_mask = tensors(entry(&sb, "pruned").join("mask.safetensors"));
+    let pruned_mask = masks(entry(&sb, "pruned").join("mask.safetensors"));
     let after = tensors(entry(&sb, "tuned").join("model.safetensors"));
     assert!(!entry(&sb, "tuned").join("mask.safetensors").exists(), "no mask: the zeros are not kept");
     let (mut pruned, mut regrown) = (0u64, 0u64);
     for (name, mk) in &pruned_mask {
-        let mk: Vec<u8> = mk.flatten_all().unwrap().to_vec1().unwrap();
+        let mk = mk.to_keep();
         for (k, w) in mk.iter().zip(as_f32(&after[name])) {
             if *k == 0 {
                 pruned += 1;

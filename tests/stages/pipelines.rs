@@ -437,3 +437,35 @@ fn protocol_parameters_that_contradict_each_other_are_refused_with_the_fix() {
         assert!(!sb.path().join("cache").exists() && !sb.path().join("sessions").exists(), "validate writes nothing");
     }
 }
+
+/// The benchmark pipelines (benches/*.toml, run at full size by scripts/rehearse-2b.sh and
+/// scripts/device-check.sh) stay valid: the same graphs run here at toy size. Each computed stage
+/// records its own peak memory, and a fine-tune shares its input's unchanged mask file.
+#[test]
+fn bench_pipelines_run_at_toy_size() {
+    let (sb, s) = run_tiny("benches/rehearsal-2b.toml", "rehearsal-2b.tiny.json");
+    for (name, st) in s["stages"].as_object().unwrap() {
+        assert!(f(&st["peak_rss_mb"]) > 1.0, "{name}: no peak memory recorded");
+    }
+    let ls = sb.run(&["cache", "ls"]).expect(0);
+    assert!(
+        ls.stdout().contains("shared between entries by hard links"),
+        "the fine-tunes' masks are links to their inputs' masks, counted once: {}",
+        ls.stdout()
+    );
+    run_tiny("benches/device-speed.toml", "device-speed.tiny.json");
+    run_profiles("benches/device-parity.toml", &[], "device-parity.json");
+}
+
+/// Sizes that cannot fit any machine are refused before anything runs (exit 2, with where),
+/// instead of an allocation abort or a run that never ends.
+#[test]
+fn absurd_sizes_are_refused_up_front() {
+    let sb = Sandbox::real();
+    let p = repo().join("pipelines/progressive.toml");
+    for set in ["defaults.finetune.batch=1000000000000000000", "defaults.finetune.steps=1000000000000000000"] {
+        let run = sb.run(&["run", p.to_str().unwrap(), "--profile", "tiny", "--set", set]).expect(2);
+        assert!(run.stderr().contains("out of range") && run.stderr().contains("--set:1:"), "{set}: {}", run.stderr());
+    }
+    assert!(!sb.path().join("sessions").exists(), "nothing ran, no session written");
+}

@@ -48,7 +48,7 @@ fn global_levels_are_exact_nested_and_masks_round_trip() {
     sb.run(&["run", p.to_str().unwrap(), "-q"]).expect(0);
     let (w10, w20) =
         (tensors(entry(&sb, "p10").join("model.safetensors")), tensors(entry(&sb, "p20").join("model.safetensors")));
-    let m20 = tensors(entry(&sb, "p20").join("mask.safetensors"));
+    let m20 = rpt_flow::stages::mask::read(&entry(&sb, "p20").join("mask.safetensors")).unwrap().unwrap();
     let total: usize = projections(&w10).iter().map(|(_, t)| t.elem_count()).sum();
     for (level, weights, sparsity) in [("p10", &w10, 0.1), ("p20", &w20, 0.2)] {
         let zeros: usize = projections(weights).iter().map(|(_, t)| zeros_f32(t).iter().filter(|z| **z).count()).sum();
@@ -57,7 +57,7 @@ fn global_levels_are_exact_nested_and_masks_round_trip() {
     for (name, t10) in projections(&w10) {
         let (z10, z20) = (zeros_f32(t10), zeros_f32(&w20[name]));
         assert!(z10.iter().zip(&z20).all(|(a, b)| !a || *b), "{name}: every zero of 10% is a zero of 20%");
-        let mask: Vec<u8> = m20[name].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        let mask = m20[name].to_keep();
         assert!(mask.iter().zip(&z20).all(|(m, z)| (*m == 0) == *z), "{name}: mask = zeros");
     }
     // The pruned model loads back (through the public loader) with the same zeros.

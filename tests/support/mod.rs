@@ -200,6 +200,7 @@ pub fn results(session: &Json) -> Json {
     for (_, s) in stages.as_object_mut().unwrap() {
         let o = s.as_object_mut().unwrap();
         o.remove("seconds");
+        o.remove("peak_rss_mb");
         o.remove("cached");
         o.remove("status");
     }

@@ -61,25 +61,25 @@ pub static SCHEMA: KindSchema = KindSchema {
         },
         ParamDef {
             name: "steps",
-            ty: ParamType::Int { min: Some(1), max: None },
+            ty: ParamType::Int { min: Some(1), max: Some(100_000_000) },
             default: ParamDefault::Json("300"),
             help: "optimizer steps",
         },
         ParamDef {
             name: "batch",
-            ty: ParamType::Int { min: Some(1), max: None },
+            ty: ParamType::Int { min: Some(1), max: Some(65_536) },
             default: ParamDefault::Json("64"),
             help: "sequences per step (the effective batch)",
         },
         ParamDef {
             name: "micro_batch",
-            ty: ParamType::Int { min: Some(1), max: None },
+            ty: ParamType::Int { min: Some(1), max: Some(65_536) },
             default: ParamDefault::Optional,
             help: "sequences per forward/backward (gradient accumulation); default = batch",
         },
         ParamDef {
             name: "seq_len",
-            ty: ParamType::Int { min: Some(2), max: None },
+            ty: ParamType::Int { min: Some(2), max: Some(1_048_576) },
             default: ParamDefault::Json("128"),
             help: "tokens per sequence",
         },
@@ -319,7 +319,7 @@ impl Stage for Finetune {
         artifact::save(model, ctx.out_dir, Some(&open.dir), &settings)?;
         let mask = input.dir.join(artifact::MASK_FILE);
         if mask.exists() && keep_masks {
-            std::fs::copy(&mask, ctx.out_dir.join(artifact::MASK_FILE)).context("copying the mask")?;
+            artifact::link_or_copy(&mask, &ctx.out_dir.join(artifact::MASK_FILE))?;
         }
         let trained_steps = progress.step - start_step;
         let tokens_per_step = p.batch * batches.get(0).seq_len; // seq_len − 1 per chunk
@@ -341,7 +341,7 @@ impl Stage for Finetune {
             "trainable": params.iter().map(|(_, v)| v.elem_count()).sum::<usize>(),
             "tokens_per_second": (trained_steps as usize * tokens_per_step) as f64 / seconds.max(1e-9),
             "seconds": seconds,
-            "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_mb": crate::exec::memory::peak_rss_mb(),
         }))
     }
 }
@@ -360,8 +360,8 @@ fn trainable(model: &Model, mode: &str) -> Vec<(String, Var)> {
 
 /// 1 where a weight may change, 0 where it was pruned (from the input's mask), per parameter.
 fn grad_masks(entry: &Path, params: &[(String, Var)], device: &Device) -> Result<Vec<Option<Tensor>>> {
-    let masks = artifact::read_mask(entry, device)?.unwrap_or_default();
-    Ok(params.iter().map(|(name, _)| masks.get(name).cloned()).collect())
+    let masks = artifact::read_mask(entry)?.unwrap_or_default();
+    params.iter().map(|(name, _)| masks.get(name).map(|m| m.to_tensor(device)).transpose()).collect()
 }
 
 /// The batches of a fine-tune: random windows, or the notebooks' chunks with replacement.
@@ -393,7 +393,7 @@ fn projection_sparsity(model: &Model) -> Result<f64> {
         if w.dtype() == DType::U8 {
             continue;
         }
-        zeros += w.eq(0f64)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
+        zeros += artifact::count_true(&w.eq(0f64)?)? as f64;
         total += w.elem_count() as f64;
     }
     Ok(if total > 0.0 { zeros / total } else { 0.0 })
@@ -404,10 +404,10 @@ fn regrowth(params: &[(String, Var)], masks: &[Option<Tensor>]) -> Result<(u64, 
     let (mut pruned, mut regrown) = (0u64, 0u64);
     for ((_, var), m) in params.iter().zip(masks) {
         let Some(m) = m else { continue };
-        let is_pruned = m.to_dtype(DType::F32)?.affine(-1.0, 1.0)?; // 1 where pruned
-        let nonzero = var.as_tensor().ne(0f64)?.to_dtype(DType::F32)?;
-        pruned += is_pruned.sum_all()?.to_scalar::<f32>()? as u64;
-        regrown += (nonzero * is_pruned)?.sum_all()?.to_scalar::<f32>()? as u64;
+        let is_pruned = m.eq(0f64)?; // 1 where pruned
+        let nonzero = var.as_tensor().ne(0f64)?;
+        pruned += artifact::count_true(&is_pruned)?;
+        regrown += artifact::count_true(&(nonzero * is_pruned)?)?;
     }
     Ok((pruned, regrown))
 }
@@ -478,11 +478,4 @@ fn load_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>
         .with_context(|| format!("reading {}", path.display()))?
         .into_iter()
         .collect())
-}
-
-/// Peak resident memory of this process (Linux), in MiB.
-fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
 }
