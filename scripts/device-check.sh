@@ -5,13 +5,19 @@
 #
 # 1. the binary: $RPT_FLOW_BIN when carried, else scripts/build-cuda.sh builds one;
 # 2. transformers parity on the GPU: the model fixture tests with RPT_TEST_DEVICE=cuda (only with
-#    RPT_DEVICE_TESTS=1: it compiles the test binaries with --features cuda);
+#    RPT_DEVICE_TESTS=1: it compiles the test binaries through scripts/build-cuda.sh, so it needs
+#    cargo and PyPI — not available on the lent device machines, which get a carried binary);
 # 3. every stage kind on cpu and on cuda (benches/device-parity.toml), metrics compared
 #    (scripts/compare_sessions.py, relative 1e-3; generated text is reported, not failed on);
 # 4. speed at a mid size and at the 2B-4T shape in bf16 (benches/device-speed.toml): eval and
 #    fine-tune tokens/s, peak GPU memory (nvidia-smi sampled every 200 ms) and MFU against
 #    PEAK_TFLOPS (default 989: H100/H200 SXM dense bf16).
 # Everything is written under $OUT (the device tool's folder) or ./device-check-out.
+# On a lent device machine (no network, no cargo): build here with scripts/build-cuda.sh, gzip
+# target/cuda/release/rpt-flow (74 MB; 21 MB gzipped: the carry limit is 64 MiB) into a folder
+# listed in .git/info/exclude, carry that folder, gunzip it there, and point LD_LIBRARY_PATH at
+# the machine's CUDA 13 libraries (cuBLAS, cuRAND, cudart; e.g. a torch venv's
+# site-packages/nvidia/cu13/lib — not yet tried on a device) before running this script.
 # A dry run of the script's logic on any machine: RPT_CHECK_DEVICE=cpu RPT_SPEED_PROFILES=tiny.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,15 +31,15 @@ log() { echo "== [$(date +%T)] $*" | tee -a "$out/summary.txt"; }
 log "machine: $(nproc) CPUs, $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
 bin=${RPT_FLOW_BIN:-}
 if [ -z "$bin" ]; then
-    log "building with scripts/build-cuda.sh"
+    log "building with scripts/build-cuda.sh (a cold build takes ~35 min on one core)"
     "$repo/scripts/build-cuda.sh"
-    bin=$repo/target/release/rpt-flow
+    bin=${CARGO_TARGET_DIR:-$repo/target/cuda}/release/rpt-flow
 fi
 log "binary: $bin ($("$bin" --version))"
 
 if [ "${RPT_DEVICE_TESTS:-0}" = 1 ]; then
     log "transformers parity on cuda (tests/model parity)"
-    if RPT_TEST_DEVICE=cuda cargo test --release --features cuda --test model parity 2>&1 | tee "$out/parity-tests.log" | tail -3; then
+    if RPT_TEST_DEVICE=cuda "$repo/scripts/build-cuda.sh" test --release --features cuda --test model parity 2>&1 | tee "$out/parity-tests.log" | tail -3; then
         log "parity tests: passed"
     else
         log "parity tests: FAILED (see parity-tests.log)"

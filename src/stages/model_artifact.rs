@@ -60,7 +60,11 @@ pub fn device(name: &str) -> Result<Device> {
         ("cpu", _) => Ok(Device::Cpu),
         ("cuda", n) => {
             let ordinal: usize = n.parse().with_context(|| format!("device `{name}`"))?;
-            Device::new_cuda(ordinal).with_context(|| format!("opening {name} (built with --features cuda?)"))
+            Device::new_cuda(ordinal).with_context(|| {
+                format!(
+                    "opening {name}: needs a build with --features cuda (scripts/build-cuda.sh) and an NVIDIA driver"
+                )
+            })
         }
         _ => bail!("device `{name}` is not cpu, cuda or cuda:N"),
     }

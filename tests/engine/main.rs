@@ -5,6 +5,7 @@ mod support;
 
 mod cache_cmds;
 mod concurrency;
+mod faults;
 mod integrity;
 mod keys;
 mod plan;
