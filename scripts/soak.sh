@@ -20,15 +20,19 @@ trap 'rm -rf "$work"' EXIT
 start=$SECONDS
 (cd "$work" && "$bin" run "$pipeline" -p tiny -q --cache c0 --sessions s0 >/dev/null)
 full=$((SECONDS - start))
-echo "an uninterrupted run takes ${full}s; killing at $n random points in [0.2, $((full + 1))]s"
+# Delays up to twice a run's length divided by N: the N kills spread over the whole run (each
+# re-run continues where the last one stopped).
+span=$(( (2 * full * 10) / n + 2 ))
+echo "an uninterrupted run takes ${full}s; killing at $n random moments, each in [0.2, $((span / 10)).$((span % 10))]s after a (re)start"
 mkdir -p "$work/soak"
 cd "$work/soak"
 kills=0
 for i in $(seq "$n"); do
     "$bin" run "$pipeline" -p tiny -q >/dev/null 2>&1 &
     pid=$!
-    # A random delay in tenths of a second, up to the length of a whole run.
-    sleep "$(printf '%d.%d' $(( (RANDOM % (full * 10 + 10) + 2) / 10 )) $(( RANDOM % 10 )))"
+    # A random delay, in tenths of a second.
+    t=$(( RANDOM % span + 2 ))
+    sleep "$((t / 10)).$((t % 10))"
     if kill -9 "$pid" 2>/dev/null; then kills=$((kills + 1)); fi
     wait "$pid" 2>/dev/null || true
 done

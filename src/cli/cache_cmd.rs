@@ -193,34 +193,13 @@ fn reachable(files: &[PathBuf], sessions: &Path, registry: &Registry, root: &Pat
     Ok(keys)
 }
 
-/// The keys in every session file under `dir` (any depth: `DATE/<name>.json`) of a run of the
-/// pipeline `name` from a file with the same file name as `file`.
+/// The keys in every recorded run of the pipeline `name` from a file named like `file`.
 fn recorded_keys(dir: &Path, name: &str, file: &Path) -> Result<Vec<Key>, CliError> {
     let mut keys = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue }; // no sessions yet: nothing recorded
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-                continue;
-            }
-            if p.extension().is_none_or(|x| x != "json") {
-                continue;
-            }
-            let Ok(doc) = std::fs::read_to_string(&p).map(|t| serde_json::from_str::<serde_json::Value>(&t)) else {
-                continue;
-            };
-            let Ok(doc) = doc else { continue }; // a report's JSON or a damaged file: not a session
-            let same_file = doc["file"].as_str().map(|f| Path::new(f).file_name() == file.file_name());
-            if doc["pipeline"] != name || same_file != Some(true) {
-                continue;
-            }
-            for stage in doc["stages"].as_object().into_iter().flat_map(|m| m.values()) {
-                if let Some(k) = stage["key"].as_str().and_then(Key::from_hex) {
-                    keys.push(k);
-                }
+    for (_, doc) in crate::exec::recorded_sessions(dir, name, file) {
+        for stage in doc["stages"].as_object().into_iter().flat_map(|m| m.values()) {
+            if let Some(k) = stage["key"].as_str().and_then(Key::from_hex) {
+                keys.push(k);
             }
         }
     }

@@ -85,11 +85,14 @@ fn write_report(args: &ReportArgs, sessions: &[Session]) -> CliResult {
     for p in &plots_to_draw {
         written.push(plots::write(p, &dir, &stem)?);
     }
-    let md = if sessions.len() == 1 {
+    let mut md = if sessions.len() == 1 {
         report::markdown(first, &written)
     } else {
         report::comparison_markdown(sessions, &written)
     };
+    if sessions.len() == 1 && first.status == "from cache" {
+        md.push_str(&recorded_runs(&args.sessions, first));
+    }
     let md_path = dir.join(format!("{stem}.md"));
     std::fs::write(&md_path, &md).map_err(|e| CliError::Failed(format!("writing {}: {e}", md_path.display())))?;
     print!("{md}");
@@ -143,6 +146,28 @@ fn from_pipeline(args: &ReportArgs, file: &Path, registry: &Registry, cache_root
 /// so a notebook reading the session needs no rpt-flow) and returns the main one to print
 /// (none for kinds the report does not know). The session is read and the tables built once;
 /// the file is rewritten atomically, and a failure only loses the tables.
+/// The recorded runs of a pipeline read from the cache: its session files under `dir` (every
+/// profile, device and `--set` run has its own), with the status a reader should see.
+fn recorded_runs(dir: &Path, s: &Session) -> String {
+    let runs = exec::recorded_sessions(dir, &s.pipeline, Path::new(&s.file));
+    let mut out = String::from("\n## Recorded runs\n\n");
+    if runs.is_empty() {
+        out.push_str(&format!("none under {}\n", dir.display()));
+    }
+    for (path, doc) in runs {
+        let sets: Vec<&str> = doc["overrides"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
+        let sets = if sets.is_empty() { String::new() } else { format!(", --set {}", sets.join(" --set ")) };
+        out.push_str(&format!(
+            "- `{}`: {}, device {}, started {}{sets}\n",
+            path.display(),
+            exec::effective_status(&doc),
+            doc["device"].as_str().unwrap_or("cpu"),
+            doc["started"].as_str().unwrap_or("?"),
+        ));
+    }
+    out
+}
+
 pub fn attach_tables(session_file: &Path) -> anyhow::Result<Option<report::Table>> {
     let text = std::fs::read_to_string(session_file)?;
     let mut doc: serde_json::Value = serde_json::from_str(&text)?;

@@ -58,6 +58,35 @@ pub fn effective_status(doc: &Json) -> String {
     }
 }
 
+/// Every session file under `dir` (any depth: `DATE/<name>.json`) of a run of the pipeline `name`
+/// from a file with the same file name as `file`, sorted by path.
+pub fn recorded_sessions(dir: &Path, name: &str, file: &Path) -> Vec<(PathBuf, Json)> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue }; // no sessions yet: nothing recorded
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            if p.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let Ok(Ok(doc)) = std::fs::read_to_string(&p).map(|t| serde_json::from_str::<Json>(&t)) else {
+                continue; // a report's JSON or a damaged file: not a session
+            };
+            let same_file = doc["file"].as_str().map(|f| Path::new(f).file_name() == file.file_name());
+            if doc["pipeline"] == name && same_file == Some(true) {
+                found.push((p, doc));
+            }
+        }
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    found
+}
+
 pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }

@@ -185,3 +185,60 @@ fn a_closed_pipe_ends_a_listing_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_ne!(out.status.code(), Some(101), "no panic exit: {stderr}");
 }
+
+/// Runs with `--set` or a profile get their own session files (none overwrites the plain run's),
+/// and the pipeline's report lists every recorded run.
+#[test]
+fn set_runs_keep_their_own_sessions_and_the_report_lists_them() {
+    let sb = Sandbox::new();
+    let p = chain();
+    sb.run(&["run", &p, "-q"]).expect(0);
+    sb.run(&["run", &p, "-q", "--set", "stages.base.size=8"]).expect(0);
+    sb.run(&["run", &p, "-q", "--profile", "tiny"]).expect(0);
+    let today = time::OffsetDateTime::now_utc().date().to_string();
+    let mut files: Vec<String> = std::fs::read_dir(sb.path().join("sessions").join(&today))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".json"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 3, "{files:?}");
+    assert!(files.iter().any(|f| f.starts_with("toy-chain.set-")), "{files:?}");
+    assert_eq!(sb.session("toy-chain.json")["overrides"], serde_json::json!([]), "the plain run's file is its own");
+    let report = sb.run(&["report", &p, "--no-plots"]).expect(0).stdout();
+    let runs = report.split("## Recorded runs").nth(1).unwrap_or_else(|| panic!("no recorded runs:\n{report}"));
+    for f in &files {
+        assert!(runs.contains(f.as_str()), "{f} listed:\n{runs}");
+    }
+    assert!(runs.contains("--set stages.base.size=8") && runs.contains("complete"), "{runs}");
+}
+
+/// A session file that cannot be written (the disk is full; here a file-size limit, with
+/// SIGXFSZ ignored so the write fails instead of killing the process) is an error naming the
+/// file, and no temporary file is left behind.
+#[test]
+fn a_failed_session_write_names_the_file_and_leaves_no_temporary() {
+    use std::os::unix::process::CommandExt as _;
+    let sb = Sandbox::new();
+    let mut cmd = sb.cmd(&["run", &chain(), "-q"]);
+    // SAFETY: only async-signal-safe libc calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit { rlim_cur: 600, rlim_max: 600 };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("writing the session file") && stderr.contains("toy-chain.json"), "{stderr}");
+    let today = time::OffsetDateTime::now_utc().date().to_string();
+    let left: Vec<_> = std::fs::read_dir(sb.path().join("sessions").join(today))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.iter().all(|n| !n.to_string_lossy().ends_with(".tmp")), "temporary files left: {left:?}");
+}
