@@ -49,7 +49,7 @@ impl Cache {
     pub fn inspect_full(&self, key: &Key) -> EntryState {
         match self.inspect(key) {
             EntryState::Intact(m) => {
-                let problems = verify::check_entry(*key, &self.entry_dir(key));
+                let problems = verify::check_files(*key, &self.entry_dir(key), &m);
                 if problems.is_empty() {
                     EntryState::Intact(m)
                 } else {

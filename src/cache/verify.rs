@@ -40,10 +40,11 @@ pub(super) fn stale_input(cache: &Cache, manifest: &super::Manifest) -> Option<S
     })
 }
 
-/// Every problem of one entry (manifest, seal, inputs, every file re-hashed); empty when intact.
-pub(super) fn check_entry(key: Key, dir: &Path) -> Vec<String> {
+/// The problems of an entry's files against its (already checked) manifest: every file present,
+/// of its size and hash, and nothing unlisted; empty when intact.
+pub(super) fn check_files(key: Key, dir: &Path, manifest: &super::Manifest) -> Vec<String> {
     let mut report = Report { problems: Vec::new() };
-    verify_entry(&mut report, key, dir);
+    verify_files(&mut report, key, dir, manifest);
     report.problems.into_iter().map(|p| p.problem).collect()
 }
 
@@ -63,7 +64,7 @@ pub(super) fn verify(cache: &Cache) -> Result<Vec<VerifyProblem>> {
         for item in items {
             let key = key::parse_canonical(&item.name).filter(|_| item.name.starts_with(&shard.name));
             match key {
-                Some(key) if item.file_type.is_dir() => verify_entry(&mut report, key, &item.path),
+                Some(key) if item.file_type.is_dir() => verify_entry(&mut report, cache, key, &item.path),
                 _ => report.add(None, &item.path, "not a cache entry (unexpected name or type)"),
             }
         }
@@ -71,7 +72,7 @@ pub(super) fn verify(cache: &Cache) -> Result<Vec<VerifyProblem>> {
     Ok(report.problems)
 }
 
-fn verify_entry(report: &mut Report, key: Key, dir: &Path) {
+fn verify_entry(report: &mut Report, cache: &Cache, key: Key, dir: &Path) {
     let manifest = match read_manifest(dir) {
         Ok(Some(m)) => m,
         Ok(None) => {
@@ -89,12 +90,13 @@ fn verify_entry(report: &mut Report, key: Key, dir: &Path) {
     if let Some(problem) = manifest.seal_problem() {
         report.add(Some(key), dir, problem);
     }
-    if let Some(root) = dir.parent().and_then(Path::parent) {
-        if let Some(problem) = stale_input(&Cache::open(root), &manifest) {
-            report.add(Some(key), dir, problem);
-        }
+    if let Some(problem) = stale_input(cache, &manifest) {
+        report.add(Some(key), dir, problem);
     }
+    verify_files(report, key, dir, &manifest);
+}
 
+fn verify_files(report: &mut Report, key: Key, dir: &Path, manifest: &super::Manifest) {
     let mut listed = HashSet::new();
     for rec in &manifest.files {
         if !valid_rel_path(&rec.path) || rec.path == MANIFEST || rec.path == LAST_USED {
