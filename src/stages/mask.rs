@@ -2,7 +2,9 @@
 //!
 //! `mask.safetensors` holds one U8 tensor per pruned projection `[rows, cols]`: its
 //! `⌈rows·cols/8⌉` bytes pack the row-major keep flags, weight `i` in bit `i % 8` of byte `i / 8`
-//! (1 = kept, 0 = pruned). The file's metadata names the format and each projection's shape. A
+//! (1 = kept, 0 = pruned). The file's one metadata entry, `rpt-mask.bits-v1`, names the format
+//! and holds each projection's shape (one entry: safetensors writes its metadata map in hash
+//! order, and the file must be the same bytes every time it is written). A
 //! byte per weight would cost 2.1 GB per level for the 2B model; bits cost 262 MB.
 
 use std::collections::{BTreeMap, HashMap};
@@ -11,8 +13,8 @@ use std::path::Path;
 use anyhow::{bail, Context as _, Result};
 use candle_core::{Device, Tensor};
 
-pub const FORMAT_KEY: &str = "rpt-mask";
-pub const FORMAT: &str = "bits-v1";
+/// The metadata key that names the format; its value maps projection names to [rows, cols].
+pub const FORMAT_KEY: &str = "rpt-mask.bits-v1";
 
 /// The keep flags of one projection.
 #[derive(Clone, Debug, PartialEq)]
@@ -68,16 +70,15 @@ pub fn read(path: &Path) -> Result<Option<Masks>> {
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .with_context(|| format!("{}: not a safetensors file", path.display()))?;
     let meta = meta.metadata().clone().unwrap_or_default();
-    if meta.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT) {
+    let Some(shapes) = meta.get(FORMAT_KEY) else {
         bail!(
-            "{}: not a bit-packed mask ({FORMAT_KEY} = {FORMAT} missing; written by an older rpt-flow?): \
+            "{}: not a bit-packed mask (no `{FORMAT_KEY}` metadata; written by an older rpt-flow?): \
              `rpt-flow cache gc` removes such entries and a re-run prunes again",
             path.display()
         );
-    }
-    let shapes: HashMap<String, (usize, usize)> =
-        serde_json::from_str(meta.get("shapes").map_or("", String::as_str))
-            .with_context(|| format!("{}: the `shapes` metadata is not a name → [rows, cols] map", path.display()))?;
+    };
+    let shapes: HashMap<String, (usize, usize)> = serde_json::from_str(shapes)
+        .with_context(|| format!("{}: the `{FORMAT_KEY}` metadata is not a name → [rows, cols] map", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("parsing {}", path.display()))?;
     let mut masks = Masks::new();
     for (name, view) in st.tensors() {
@@ -98,8 +99,7 @@ pub fn read(path: &Path) -> Result<Option<Masks>> {
 /// Writes `masks` to `path`.
 pub fn write(path: &Path, masks: &Masks) -> Result<()> {
     let shapes: BTreeMap<&str, (usize, usize)> = masks.iter().map(|(n, m)| (n.as_str(), (m.rows, m.cols))).collect();
-    let meta: HashMap<String, String> =
-        [(FORMAT_KEY.to_string(), FORMAT.to_string()), ("shapes".to_string(), serde_json::to_string(&shapes)?)].into();
+    let meta: HashMap<String, String> = [(FORMAT_KEY.to_string(), serde_json::to_string(&shapes)?)].into();
     let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = masks
         .iter()
         .map(|(n, m)| {
@@ -129,6 +129,20 @@ mod tests {
         let t = m.to_tensor(&Device::Cpu).unwrap();
         assert_eq!(t.dims(), &[3, 7]);
         assert_eq!(t.flatten_all().unwrap().to_vec1::<u8>().unwrap(), keep);
+    }
+
+    #[test]
+    fn the_same_masks_are_the_same_bytes_every_time() {
+        let masks: Masks =
+            ["b", "a", "c"].iter().map(|n| (n.to_string(), Mask::from_keep(&[1, 0, 1, 1], 2, 2).unwrap())).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = |i: usize| {
+            let path = dir.path().join(format!("m{i}.safetensors"));
+            write(&path, &masks).unwrap();
+            std::fs::read(path).unwrap()
+        };
+        let first = bytes(0);
+        assert!((1..8).all(|i| bytes(i) == first), "a mask file must be deterministic (cache content)");
     }
 
     #[test]
