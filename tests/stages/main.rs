@@ -7,6 +7,7 @@ mod support;
 mod builtin;
 mod finetune;
 mod hub;
+mod keys_golden;
 mod mock_hub;
 mod notebook_parity;
 mod perturb;
