@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the embedded default model `builtin:tiny-bitnet`: runs pipelines/tiny-pretrain.toml
 # (resumable; ~20-60 min on one CPU core) and copies the trained model into assets/tiny-bitnet/,
-# which src/stages/builtin.rs embeds with include_bytes!. Run from the repository root.
+# which src/stages/common/builtin.rs embeds with include_bytes!. Run from the repository root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CANDLE_NUM_THREADS=1 RAYON_NUM_THREADS=1   # one thread: bit-identical to the committed run

@@ -5,6 +5,7 @@
 pub mod perplexity;
 pub mod perturb;
 pub mod residual;
+pub mod text;
 
 /// Euclidean norm of a row, accumulated in f64.
 pub fn norm(row: &[f32]) -> f64 {

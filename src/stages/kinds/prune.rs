@@ -14,11 +14,11 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
-use super::mask::Mask;
-use super::model_artifact as artifact;
 use crate::exec::{
     typed_params, ArtifactType, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage, StageContext,
 };
+use crate::stages::common::mask::Mask;
+use crate::stages::common::model_artifact as artifact;
 
 pub static SCHEMA: KindSchema = KindSchema {
     kind: "prune",

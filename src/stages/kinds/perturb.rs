@@ -12,10 +12,6 @@ use candle_core::{DType, Tensor};
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
-use super::hook_residuals::ResidualTap;
-use super::model_artifact as artifact;
-use super::scoring;
-use super::text_param;
 use crate::analysis::norm;
 use crate::analysis::perturb::{branching_summary, frobenius_deviation, growth, relative_deviation};
 use crate::data::SplitMix64;
@@ -24,6 +20,10 @@ use crate::exec::{
     StageContext,
 };
 use crate::model::{HookPoint, Hooks};
+use crate::stages::common::model_artifact as artifact;
+use crate::stages::common::residual_tap::ResidualTap;
+use crate::stages::common::scoring;
+use crate::stages::common::text_param;
 
 pub static SCHEMA: KindSchema = KindSchema {
     kind: "perturb",

@@ -6,12 +6,12 @@ use anyhow::{bail, Context as _, Result};
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
-use super::model_artifact::{self as artifact, ModelSettings};
 use crate::data::Source;
 use crate::exec::{
     typed_params, ArtifactType, FileHasher, KindSchema, ParamDef, ParamDefault, ParamType, Stage, StageContext,
 };
 use crate::model::{hub::HubSpec, LoadOptions, Model, ModelConfig, Quantization};
+use crate::stages::common::model_artifact::{self as artifact, ModelSettings};
 
 pub static SCHEMA: KindSchema = KindSchema {
     kind: "load",
@@ -159,9 +159,9 @@ impl Stage for Load {
                 };
                 json!({ "hub": spec.repo, "commit": commit })
             }
-            ModelSource::Builtin(name) => match super::builtin::identity(&name) {
+            ModelSource::Builtin(name) => match crate::stages::common::builtin::identity(&name) {
                 Some(id) => id,
-                None => return Err(super::builtin::unknown(&name)),
+                None => return Err(crate::stages::common::builtin::unknown(&name)),
             },
             ModelSource::Dir(dir) => {
                 let dir = files.resolve(&dir);
@@ -210,7 +210,7 @@ impl Stage for Load {
                 (model, json!({ "path": dir }))
             }
             ModelSource::Builtin(name) => {
-                let dir = super::builtin::materialise(&name, out)?;
+                let dir = crate::stages::common::builtin::materialise(&name, out)?;
                 let model = Model::from_dir(&dir, &opts)?;
                 artifact::write_settings(out, &settings_of(&model, None))?;
                 (model, json!({ "builtin": name }))

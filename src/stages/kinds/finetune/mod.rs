@@ -16,14 +16,14 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value as Json};
 
-use super::model_artifact as artifact;
-use super::text_param;
 use crate::data::{self, TrainBatches};
 use crate::exec::{
     typed_params, ArtifactType, FileHasher, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage,
     StageContext,
 };
 use crate::model::Model;
+use crate::stages::common::model_artifact as artifact;
+use crate::stages::common::text_param;
 use adamw::{AdamW, Hyper};
 
 pub static SCHEMA: KindSchema = KindSchema {

@@ -18,9 +18,9 @@ const BUILTINS: &[Builtin] = &[Builtin {
     name: "tiny-bitnet",
     version: 1,
     files: &[
-        ("config.json", include_bytes!("../../assets/tiny-bitnet/config.json")),
-        ("model.safetensors", include_bytes!("../../assets/tiny-bitnet/model.safetensors")),
-        ("tokenizer.json", include_bytes!("../../assets/tiny-bitnet/tokenizer.json")),
+        ("config.json", include_bytes!("../../../assets/tiny-bitnet/config.json")),
+        ("model.safetensors", include_bytes!("../../../assets/tiny-bitnet/model.safetensors")),
+        ("tokenizer.json", include_bytes!("../../../assets/tiny-bitnet/tokenizer.json")),
     ],
 }];
 

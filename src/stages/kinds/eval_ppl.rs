@@ -7,14 +7,14 @@ use anyhow::Result;
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
-use super::model_artifact as artifact;
-use super::scoring;
-use super::text_param;
 use crate::data::Protocol;
 use crate::exec::{
     typed_params, ArtifactType, FileHasher, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage,
     StageContext,
 };
+use crate::stages::common::model_artifact as artifact;
+use crate::stages::common::scoring;
+use crate::stages::common::text_param;
 
 pub static SCHEMA: KindSchema = KindSchema {
     kind: "eval-ppl",

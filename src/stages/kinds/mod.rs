@@ -1,0 +1,9 @@
+//! One module per stage kind: its schema, typed parameters and `Stage` impl.
+
+pub mod eval_ppl;
+pub mod finetune;
+pub mod generate;
+pub mod hook_residuals;
+pub mod load;
+pub mod perturb;
+pub mod prune;
