@@ -196,12 +196,8 @@ fn reachable(files: &[PathBuf], sessions: &Path, registry: &Registry, root: &Pat
 /// The keys in every recorded run of the pipeline `name` from a file named like `file`.
 fn recorded_keys(dir: &Path, name: &str, file: &Path) -> Result<Vec<Key>, CliError> {
     let mut keys = Vec::new();
-    for (_, doc) in crate::exec::recorded_sessions(dir, name, file) {
-        for stage in doc["stages"].as_object().into_iter().flat_map(|m| m.values()) {
-            if let Some(k) = stage["key"].as_str().and_then(Key::from_hex) {
-                keys.push(k);
-            }
-        }
+    for record in crate::session::recorded_sessions(dir, name, file) {
+        keys.extend(record.instances.iter().filter_map(|s| Key::from_hex(&s.key)));
     }
     Ok(keys)
 }

@@ -4,11 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use serde_json::json;
 
 use super::{load_plan, open_cache, CliError, CliResult, PipelineArgs};
 use crate::exec::{self, session_path, Registry};
 use crate::report::{self, flat, plots, Session};
+use crate::session::{recorded_sessions, RunStatus, StageStatus};
 
 #[derive(Args)]
 pub struct ReportArgs {
@@ -46,7 +46,7 @@ pub fn run(args: &ReportArgs, registry: &Registry, cache_root: &Path) -> CliResu
         let s = if input.extension().is_some_and(|e| e == "toml") {
             from_pipeline(args, input, registry, cache_root)?
         } else {
-            Session::read(input).map_err(|e| CliError::Usage(format!("{e:#}")))?
+            Session::read_for_report(input).map_err(|e| CliError::Usage(format!("{e:#}")))?
         };
         sessions.push(s);
     }
@@ -90,7 +90,7 @@ fn write_report(args: &ReportArgs, sessions: &[Session]) -> CliResult {
     } else {
         report::comparison_markdown(sessions, &written)
     };
-    if sessions.len() == 1 && first.status == "from cache" {
+    if sessions.len() == 1 && first.status == RunStatus::FromCache {
         md.push_str(&recorded_runs(&args.sessions, first));
     }
     let md_path = dir.join(format!("{stem}.md"));
@@ -120,61 +120,54 @@ fn from_pipeline(args: &ReportArgs, file: &Path, registry: &Registry, cache_root
     let plan = load_plan(&pargs, registry, Some(cache_root))?;
     let cache = open_cache(cache_root)?;
     let path = session_path(&args.sessions, &plan, &args.device);
-    let mut doc = exec::Session::new(path.clone(), &plan, &args.device, cache_root);
-    for &i in &plan.order {
-        let inst = &plan.pipeline.instances[i];
-        let s = doc.stage_mut(&inst.name);
+    let mut s = exec::Session::new(path, &plan, &args.device, cache_root).record;
+    for (&i, stage) in plan.order.iter().zip(s.instances.iter_mut()) {
         match cache.manifest(&plan.keys[i])? {
             Some(m) => {
-                s["status"] = json!("cached");
-                s["cached"] = json!(true);
-                s["seconds"] = json!(m.seconds);
-                s["metrics"] = m.metrics;
+                stage.status = StageStatus::Cached;
+                stage.cached = true;
+                stage.seconds = m.seconds;
+                stage.metrics = m.metrics.as_object().cloned().unwrap_or_default();
             }
-            None => s["status"] = json!("missing"),
+            None => stage.status = StageStatus::Missing,
         }
     }
-    doc.doc["status"] = json!("from cache");
-    doc.doc["started"] = json!("");
-    let mut s = Session::from_json(&doc.doc)?;
-    s.path = Some(path);
+    s.status = RunStatus::FromCache;
+    s.started = String::new();
     Ok(s)
+}
+
+/// The recorded runs of a pipeline read from the cache: its session files under `dir` (every
+/// profile, device and `--set` run has its own), with the status a reader should see.
+fn recorded_runs(dir: &Path, s: &Session) -> String {
+    let runs = recorded_sessions(dir, &s.pipeline, Path::new(&s.file));
+    let mut out = String::from("\n## Recorded runs\n\n");
+    if runs.is_empty() {
+        out.push_str(&format!("none under {}\n", dir.display()));
+    }
+    for run in runs {
+        let sets =
+            if run.overrides.is_empty() { String::new() } else { format!(", --set {}", run.overrides.join(" --set ")) };
+        out.push_str(&format!(
+            "- `{}`: {}, device {}, started {}{sets}\n",
+            run.path.as_deref().unwrap_or(Path::new("?")).display(),
+            run.effective_status(),
+            if run.device.is_empty() { "cpu" } else { &run.device },
+            if run.started.is_empty() { "?" } else { &run.started },
+        ));
+    }
+    out
 }
 
 /// Ends a run: stores the report's tables in the session file under `tables` (what the
 /// researcher's tables show, e.g. per level: ppl before/after, vs baseline, recovery, text label,
 /// so a notebook reading the session needs no rpt-flow) and returns the main one to print
 /// (none for kinds the report does not know). The session is read and the tables built once;
-/// the file is rewritten atomically, and a failure only loses the tables.
-/// The recorded runs of a pipeline read from the cache: its session files under `dir` (every
-/// profile, device and `--set` run has its own), with the status a reader should see.
-fn recorded_runs(dir: &Path, s: &Session) -> String {
-    let runs = exec::recorded_sessions(dir, &s.pipeline, Path::new(&s.file));
-    let mut out = String::from("\n## Recorded runs\n\n");
-    if runs.is_empty() {
-        out.push_str(&format!("none under {}\n", dir.display()));
-    }
-    for (path, doc) in runs {
-        let sets: Vec<&str> = doc["overrides"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
-        let sets = if sets.is_empty() { String::new() } else { format!(", --set {}", sets.join(" --set ")) };
-        out.push_str(&format!(
-            "- `{}`: {}, device {}, started {}{sets}\n",
-            path.display(),
-            exec::effective_status(&doc),
-            doc["device"].as_str().unwrap_or("cpu"),
-            doc["started"].as_str().unwrap_or("?"),
-        ));
-    }
-    out
-}
-
+/// the file is rewritten atomically (synced, renamed over), and a failure only loses the tables.
 pub fn attach_tables(session_file: &Path) -> anyhow::Result<Option<report::Table>> {
-    let text = std::fs::read_to_string(session_file)?;
-    let mut doc: serde_json::Value = serde_json::from_str(&text)?;
-    let tables = report::tables(&Session::from_json(&doc)?);
-    doc["tables"] = tables.iter().map(|t| t.to_json()).collect();
-    let tmp = session_file.with_extension(format!("tables.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_string_pretty(&doc)? + "\n")?;
-    std::fs::rename(&tmp, session_file)?;
+    let mut record = Session::read(session_file)?;
+    let tables = report::tables(&record);
+    record.tables = Some(tables.iter().map(|t| t.to_json()).collect());
+    record.write(session_file)?;
     Ok(tables.into_iter().next())
 }

@@ -19,7 +19,7 @@ pub use crate::spec::schema::{ArtifactType, Default as ParamDefault, InputDef, K
 pub use identity::FileHasher;
 pub use progress::Progress;
 pub use run::{run, RunOptions, RunOutcome};
-pub use session::{effective_status, recorded_sessions, session_path, Session};
+pub use session::{session_path, Session};
 
 use crate::cache::{Key, PartialDir};
 use crate::spec::schema::Catalog;

@@ -12,6 +12,7 @@ use super::session::Session;
 use super::{CancelFlag, Cancelled, InputArtifact, Progress, Registry, StageContext};
 use crate::cache::{Cache, EntryInfo, EntryState};
 use crate::plan::Plan;
+use crate::session::{RunStatus, StageStatus};
 
 pub struct RunOptions {
     pub keep_going: bool,
@@ -70,8 +71,8 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
             let why = format!("not run: input `{}` failed", p.instances[bad.target].name);
             progress.line(&format!("{label}: {why}"));
             let s = session.stage_mut(&inst.name);
-            s["status"] = json!("skipped");
-            s["error"] = json!(why);
+            s.status = StageStatus::Skipped;
+            s.error = Some(why);
             outcome.skipped.push(inst.name.clone());
             unavailable.insert(i);
             session.save()?;
@@ -89,10 +90,10 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
         match result {
             Ok(Done::Cached(m)) => {
                 progress.line(&format!("{label}: cached {}", plan.keys[i].short()));
-                s["status"] = json!("cached");
-                s["cached"] = json!(true);
-                s["seconds"] = json!(0.0);
-                s["metrics"] = m.clone();
+                s.status = StageStatus::Cached;
+                s.cached = true;
+                s.seconds = 0.0;
+                s.metrics = metrics_object(&m);
                 metrics[i] = m;
                 outcome.cached += 1;
             }
@@ -100,10 +101,10 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
                 let peak = super::memory::peak_rss_mb();
                 let mem = peak.map(|mb| format!(", peak memory {:.2} GiB", mb / 1024.0)).unwrap_or_default();
                 progress.line(&format!("{label}: done in {secs:.1}s{mem}"));
-                s["status"] = json!("done");
-                s["seconds"] = json!(secs);
-                s["peak_rss_mb"] = json!(peak);
-                s["metrics"] = m.clone();
+                s.status = StageStatus::Done;
+                s.seconds = secs;
+                s.peak_rss_mb = peak;
+                s.metrics = metrics_object(&m);
                 metrics[i] = m;
                 outcome.computed += 1;
             }
@@ -112,16 +113,16 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
                     "{label}: interrupted after {:.1}s; partial state kept, run again to continue",
                     started.elapsed().as_secs_f64()
                 ));
-                s["status"] = json!("interrupted");
+                s.status = StageStatus::Interrupted;
                 outcome.interrupted = true;
                 unavailable.insert(i);
             }
             Err(e) => {
                 let msg = format!("{e:#}");
                 progress.line(&format!("{label}: FAILED: {msg}"));
-                s["status"] = json!("failed");
-                s["error"] = json!(msg);
-                s["seconds"] = json!(started.elapsed().as_secs_f64());
+                s.status = StageStatus::Failed;
+                s.error = Some(msg.clone());
+                s.seconds = started.elapsed().as_secs_f64();
                 outcome.failed.push((inst.name.clone(), msg));
                 unavailable.insert(i);
             }
@@ -134,15 +135,24 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
     }
     progress.finish();
     let status = if outcome.interrupted {
-        "interrupted"
+        RunStatus::Interrupted
     } else if !outcome.failed.is_empty() {
-        "failed"
+        RunStatus::Failed
     } else {
-        "complete"
+        RunStatus::Complete
     };
     session.set_status(status);
     session.save()?;
     Ok(outcome)
+}
+
+/// The metrics as the session stores them: an object (a stage that returned none has `{}`).
+fn metrics_object(m: &Json) -> serde_json::Map<String, Json> {
+    match m {
+        Json::Object(o) => o.clone(),
+        Json::Null => serde_json::Map::new(),
+        other => [("value".to_string(), other.clone())].into_iter().collect(),
+    }
 }
 
 /// Keys whose files this process has re-hashed and found intact (each is hashed once).

@@ -38,7 +38,7 @@ pub fn rows(s: &Session, label: Option<&str>) -> Vec<Map<String, Json>> {
         r.insert("instance".into(), Json::from(inst.name.clone()));
         r.insert("kind".into(), Json::from(inst.kind.clone()));
         r.insert("key".into(), Json::from(inst.key.clone()));
-        r.insert("status".into(), Json::from(inst.status.clone()));
+        r.insert("status".into(), Json::from(inst.status.as_str()));
         r.insert("cached".into(), Json::from(inst.cached));
         r.insert("seconds".into(), Json::from(inst.seconds));
         r.insert("device".into(), Json::from(s.device.clone()));

@@ -12,7 +12,7 @@ pub mod table;
 use std::path::Path;
 
 pub use plots::{Plot, Written};
-pub use session::{Instance, Session};
+pub use session::{Instance, RunStatus, Session, StageStatus};
 pub use table::Table;
 
 /// Every table of one session, the main one first.
@@ -46,19 +46,22 @@ fn header(s: &Session) -> String {
         s.seed
     ));
     let file = s.path.as_ref().and_then(|p| p.file_name()).map(|f| f.to_string_lossy().into_owned());
-    let when = if s.finished.is_empty() { s.started.clone() } else { format!("{} → {}", s.started, s.finished) };
+    let when = match s.finished.as_deref() {
+        None | Some("") => s.started.clone(),
+        Some(end) => format!("{} → {end}", s.started),
+    };
     match (s.status.as_str(), file) {
-        ("from cache", _) => {
+        (status, _) if status == RunStatus::FromCache.as_str() => {
             out.push_str("- read from the cache without running anything (missing = not computed yet)\n")
         }
         (status, Some(f)) => out.push_str(&format!("- session `{f}`: {status}, {when}\n")),
         (status, None) => out.push_str(&format!("- status {status}, {when}\n")),
     }
-    let mut counts: Vec<(String, usize)> = Vec::new();
+    let mut counts: Vec<(StageStatus, usize)> = Vec::new();
     for i in &s.instances {
         match counts.iter_mut().find(|(k, _)| *k == i.status) {
             Some(c) => c.1 += 1,
-            None => counts.push((i.status.clone(), 1)),
+            None => counts.push((i.status, 1)),
         }
     }
     let counts: Vec<String> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();

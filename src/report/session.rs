@@ -1,126 +1,22 @@
-//! Reading session files (`sessions/YYYY-MM-DD/<pipeline>.json`, see docs/cli.md) into a light
-//! typed view. Unknown fields are ignored and metrics stay JSON, so a report reads sessions of
-//! stage kinds it does not know yet (their instances still appear in the flat rows).
+//! Reading session files for reports. The record's types are `crate::session`'s (the one
+//! definition the executor writes); this adds what a report asks of them. Unknown fields are
+//! kept and metrics stay JSON, so a report reads sessions of stage kinds it does not know yet
+//! (their instances still appear in the flat rows).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::{bail, Context as _, Result};
-use serde_json::{Map, Value as Json};
+use anyhow::Result;
+use serde_json::Value as Json;
 
-/// One run (or, for `report PIPELINE.toml`, the cached state of a pipeline).
-#[derive(Clone, Debug, Default)]
-pub struct Session {
-    /// Where it was read from (None when built in memory).
-    pub path: Option<PathBuf>,
-    pub pipeline: String,
-    pub description: String,
-    pub file: String,
-    pub profiles: Vec<String>,
-    pub overrides: Vec<String>,
-    pub seed: Json,
-    pub device: String,
-    pub status: String,
-    pub started: String,
-    pub finished: String,
-    /// Instances in the order the session lists them (execution order).
-    pub instances: Vec<Instance>,
-}
-
-#[derive(Clone, Debug, Default)]
-pub struct Instance {
-    pub name: String,
-    pub kind: String,
-    pub key: String,
-    /// `pending`, `cached`, `done`, `failed`, `skipped`, `interrupted`; `missing` for a pipeline
-    /// instance with no cache entry.
-    pub status: String,
-    pub cached: bool,
-    pub seconds: f64,
-    pub params: Map<String, Json>,
-    /// (slot, instance name) in the order the session lists them.
-    pub inputs: Vec<(String, String)>,
-    /// The stage's metrics object (empty when it has not run).
-    pub metrics: Map<String, Json>,
-    pub sweep: Option<SweepPoint>,
-    pub error: Option<String>,
-}
-
-#[derive(Clone, Debug, Default)]
-pub struct SweepPoint {
-    pub name: String,
-    pub stage: String,
-    pub index: u64,
-    pub values: Map<String, Json>,
-}
-
-fn string(v: &Json, key: &str) -> String {
-    match &v[key] {
-        Json::String(s) => s.clone(),
-        Json::Null => String::new(),
-        other => other.to_string(),
-    }
-}
-
-fn strings(v: &Json) -> Vec<String> {
-    v.as_array()
-        .map(|a| a.iter().map(|x| x.as_str().map(str::to_string).unwrap_or(x.to_string())).collect())
-        .unwrap_or_default()
-}
+pub use crate::session::{RunStatus, SessionRecord as Session, StageRecord as Instance, StageStatus, SweepPoint};
 
 impl Session {
-    pub fn read(path: &Path) -> Result<Session> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let doc: Json =
-            serde_json::from_str(&text).with_context(|| format!("{} is not a JSON session file", path.display()))?;
-        let mut s = Session::from_json(&doc).with_context(|| format!("reading session {}", path.display()))?;
-        s.path = Some(path.to_path_buf());
+    /// Reads a session file for a report: `running` shows as `interrupted` when the run was
+    /// killed (see [`Session::effective_status`]).
+    pub fn read_for_report(path: &Path) -> Result<Session> {
+        let mut s = Session::read(path)?;
+        s.status = s.effective_status();
         Ok(s)
-    }
-
-    pub fn from_json(doc: &Json) -> Result<Session> {
-        let Some(stages) = doc["stages"].as_object() else {
-            bail!("no `stages` object: not an rpt-flow session file");
-        };
-        let mut instances = Vec::with_capacity(stages.len());
-        for (name, s) in stages {
-            let inputs = s["inputs"]
-                .as_object()
-                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect())
-                .unwrap_or_default();
-            let sweep = s["sweep"].as_object().map(|sw| SweepPoint {
-                name: sw.get("name").and_then(Json::as_str).unwrap_or_default().to_string(),
-                stage: sw.get("stage").and_then(Json::as_str).unwrap_or_default().to_string(),
-                index: sw.get("index").and_then(Json::as_u64).unwrap_or(0),
-                values: sw.get("values").and_then(Json::as_object).cloned().unwrap_or_default(),
-            });
-            instances.push(Instance {
-                name: name.clone(),
-                kind: string(s, "kind"),
-                key: string(s, "key"),
-                status: string(s, "status"),
-                cached: s["cached"].as_bool().unwrap_or(false),
-                seconds: s["seconds"].as_f64().unwrap_or(0.0),
-                params: s["params"].as_object().cloned().unwrap_or_default(),
-                inputs,
-                metrics: s["metrics"].as_object().cloned().unwrap_or_default(),
-                sweep,
-                error: s["error"].as_str().map(str::to_string),
-            });
-        }
-        Ok(Session {
-            path: None,
-            pipeline: string(doc, "pipeline"),
-            description: string(doc, "description"),
-            file: string(doc, "file"),
-            profiles: strings(&doc["profiles"]),
-            overrides: strings(&doc["overrides"]),
-            seed: doc["seed"].clone(),
-            device: string(doc, "device"),
-            status: crate::exec::effective_status(doc),
-            started: string(doc, "started"),
-            finished: string(doc, "finished"),
-            instances,
-        })
     }
 
     /// `<pipeline>[.<profile>…]`, the stem of the session file and of the report files.
@@ -182,9 +78,6 @@ impl Instance {
 
     /// What to print instead of a number when the stage has no metrics: its status.
     pub fn absent(&self) -> String {
-        match self.status.as_str() {
-            "" | "pending" => "pending".into(),
-            s => s.to_string(),
-        }
+        self.status.as_str().to_string()
     }
 }

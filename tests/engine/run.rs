@@ -127,3 +127,30 @@ fn keep_going_runs_independent_branches_and_skips_dependents() {
     assert_eq!(s["stages"]["after_broken"]["status"], "skipped");
     assert_eq!(s["stages"]["after_broken"]["error"], "not run: input `broken_model` failed");
 }
+
+/// The session file is versioned: this version writes `format` 2, reads its own and older files
+/// (the report goldens are format 1; this one also carries a field it does not know), and
+/// refuses a newer format with a clear message instead of misreading it.
+#[test]
+fn session_files_carry_their_format_and_newer_ones_are_refused() {
+    let sb = Sandbox::new();
+    let p = chain();
+    sb.run(&["run", &p, "--profile", "tiny"]).expect(0);
+    let s = sb.session("toy-chain.tiny.json");
+    assert_eq!(s["format"], 2);
+    let today = time::OffsetDateTime::now_utc().date().to_string();
+    let path = sb.path().join("sessions").join(&today).join("toy-chain.tiny.json");
+
+    let mut older = s.clone();
+    older.as_object_mut().unwrap().remove("format");
+    older["from_a_later_tool"] = serde_json::json!({"kept": true});
+    let old_path = sb.write("old.json", &serde_json::to_string_pretty(&older).unwrap());
+    let out = sb.run(&["report", old_path.to_str().unwrap(), "--no-plots"]).expect(0).stdout();
+    assert!(out.contains("toy-chain"), "{out}");
+
+    let mut newer = s.clone();
+    newer["format"] = serde_json::json!(3);
+    std::fs::write(&path, serde_json::to_string(&newer).unwrap()).unwrap();
+    let err = sb.run(&["report", path.to_str().unwrap(), "--no-plots"]).expect(2).stderr();
+    assert!(err.contains("session format 3 is newer than this rpt-flow reads"), "{err}");
+}
