@@ -14,7 +14,9 @@ use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 
-/// The format this rpt-flow writes. 2: the `format` field itself (1: files without it).
+use crate::spec::schema::Role;
+
+/// The format this rpt-flow writes. 2: `format` itself and each instance's `roles` (1: neither).
 pub const FORMAT: u32 = 2;
 
 /// A whole run's status.
@@ -150,6 +152,10 @@ pub struct StageRecord {
     pub name: String,
     #[serde(default)]
     pub kind: String,
+    /// What the kind is to readers (see [`Role`]); a format-1 file has none written and gets
+    /// those of the kinds that existed then.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<Role>,
     #[serde(default)]
     pub key: String,
     #[serde(default)]
@@ -209,7 +215,13 @@ impl SessionRecord {
         if format > u64::from(FORMAT) {
             bail!("session format {format} is newer than this rpt-flow reads (up to {FORMAT}); use a newer rpt-flow");
         }
-        Ok(serde_json::from_value(doc)?)
+        let mut s: SessionRecord = serde_json::from_value(doc)?;
+        if s.format == 1 {
+            for st in &mut s.instances {
+                st.roles = format_1_roles(&st.kind).to_vec();
+            }
+        }
+        Ok(s)
     }
 
     /// The status a reader should show: `running` becomes `interrupted` when the recorded
@@ -248,6 +260,21 @@ impl SessionRecord {
             return Err(e).with_context(|| format!("writing the session file {}", path.display()));
         }
         Ok(())
+    }
+}
+
+/// Format 1 recorded no roles: these are the roles of the kinds that existed then (frozen: new
+/// kinds declare theirs, and their sessions record them).
+fn format_1_roles(kind: &str) -> &'static [Role] {
+    match kind {
+        "load" => &[Role::Source],
+        "prune" => &[Role::Prune],
+        "finetune" => &[Role::Train],
+        "eval-ppl" => &[Role::Perplexity],
+        "generate" => &[Role::Generation],
+        "hook-residuals" => &[Role::Residuals],
+        "perturb" => &[Role::Perturbation],
+        _ => &[],
     }
 }
 
@@ -397,8 +424,14 @@ mod tests {
         assert_eq!(b.sweep.as_ref().unwrap().index, 2);
         assert_eq!(b.error.as_deref(), Some("boom"));
         assert_eq!(s.stage("z-first").unwrap().metrics["layers"], 4);
-        // Rewriting keeps every field, including ones this version does not know.
-        let again: Json = serde_json::to_value(&s).unwrap();
+        assert_eq!(s.stage("z-first").unwrap().roles, [Role::Source], "format 1: the roles its kinds had");
+        assert_eq!(s.stage("a-second").unwrap().roles, [Role::Perplexity]);
+        // Rewriting keeps every field, including ones this version does not know (and adds the
+        // roles format 1 lacked).
+        let mut again: Json = serde_json::to_value(&s).unwrap();
+        for st in again["stages"].as_object_mut().unwrap().values_mut() {
+            assert!(st.as_object_mut().unwrap().remove("roles").is_some());
+        }
         let before: Json = serde_json::from_str(V1).unwrap();
         for (k, v) in before.as_object().unwrap() {
             assert_eq!(&again[k], v, "field {k}");

@@ -120,7 +120,7 @@ fn from_pipeline(args: &ReportArgs, file: &Path, registry: &Registry, cache_root
     let plan = load_plan(&pargs, registry, Some(cache_root))?;
     let cache = open_cache(cache_root)?;
     let path = session_path(&args.sessions, &plan, &args.device);
-    let mut s = exec::Session::new(path, &plan, &args.device, cache_root).record;
+    let mut s = exec::Session::new(path, &plan, registry, &args.device, cache_root).record;
     for (&i, stage) in plan.order.iter().zip(s.instances.iter_mut()) {
         match cache.manifest(&plan.keys[i])? {
             Some(m) => {

@@ -15,7 +15,9 @@ use anyhow::{anyhow, Context as _, Result};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value as Json};
 
-pub use crate::spec::schema::{ArtifactType, Default as ParamDefault, InputDef, KindSchema, ParamDef, ParamType};
+pub use crate::spec::schema::{
+    ArtifactType, Default as ParamDefault, InputDef, KindSchema, MetricDef, ParamDef, ParamType, ReportContract, Role,
+};
 pub use identity::FileHasher;
 pub use progress::Progress;
 pub use run::{run, RunOptions, RunOutcome};
@@ -43,6 +45,12 @@ pub trait Stage: Send + Sync {
 
     /// Computes the artifact: writes files into `ctx.out_dir` and returns the metrics object.
     fn run(&self, ctx: &StageContext) -> Result<Json>;
+
+    /// Its roles for readers of sessions and every top-level metric `run` writes; the report
+    /// reads instances by role, never by kind name. A kind with none appears in flat rows only.
+    fn report(&self) -> &'static ReportContract {
+        &ReportContract::NONE
+    }
 }
 
 /// Deserializes resolved parameters into a stage's typed struct (use `deny_unknown_fields`).
@@ -146,6 +154,10 @@ impl Registry {
     }
     pub fn iter(&self) -> impl Iterator<Item = &dyn Stage> {
         self.stages.iter().map(|s| s.as_ref())
+    }
+    /// The roles a kind declares (none for a kind this registry does not know).
+    pub fn roles(&self, kind: &str) -> Vec<Role> {
+        self.get(kind).map(|s| s.report().roles.to_vec()).unwrap_or_default()
     }
 }
 

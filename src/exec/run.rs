@@ -49,7 +49,7 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
     let p = &plan.pipeline;
     let total = plan.order.len();
     let progress = Progress::new(total, opts.quiet);
-    let mut session = Session::new(opts.session_path.clone(), plan, &opts.device, cache.root());
+    let mut session = Session::new(opts.session_path.clone(), plan, registry, &opts.device, cache.root());
     session.save()?;
     let mut outcome = RunOutcome { session_path: opts.session_path.clone(), ..Default::default() };
     let mut unavailable: HashSet<usize> = HashSet::new();
@@ -144,6 +144,24 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
     session.set_status(status);
     session.save()?;
     Ok(outcome)
+}
+
+/// How a stage's metrics disagree with its kind's report contract: a top-level metric it does not
+/// declare, or a declared `always` metric it did not write. None for kinds declaring no contract.
+fn contract_problem(contract: &crate::spec::schema::ReportContract, m: &Json) -> Option<String> {
+    if contract.metrics.is_empty() {
+        return None;
+    }
+    let obj = m.as_object()?;
+    let undeclared: Vec<&str> = obj.keys().map(String::as_str).filter(|k| contract.metric(k).is_none()).collect();
+    let missing: Vec<&str> =
+        contract.metrics.iter().filter(|d| d.always && !obj.contains_key(d.name)).map(|d| d.name).collect();
+    match (undeclared.is_empty(), missing.is_empty()) {
+        (true, true) => None,
+        _ => Some(format!(
+            "its metrics disagree with its kind's declared report contract (undeclared: {undeclared:?}; missing: {missing:?}); declare them in the kind's REPORT"
+        )),
+    }
 }
 
 /// The metrics as the session stores them: an object (a stage that returned none has `{}`).
@@ -276,6 +294,15 @@ impl RunOne<'_> {
         };
         let m = stage.run(&ctx)?;
         let m = if m.is_null() { json!({}) } else { m };
+        if let Some(problem) = contract_problem(stage.report(), &m) {
+            let msg = format!("stage `{}` ({}): {problem}", inst.name, inst.kind);
+            // A kind's declared metrics are what reports read: in tests (debug builds) a drift
+            // fails the stage; a user's long run keeps its result and says so.
+            if cfg!(debug_assertions) {
+                anyhow::bail!("{msg}");
+            }
+            self.progress.line(&format!("warning: {msg}"));
+        }
         let seconds = started.elapsed().as_secs_f64();
         let manifest = pending.commit(EntryInfo {
             kind: inst.kind.clone(),
@@ -293,5 +320,31 @@ impl RunOne<'_> {
         verified.0.insert(key);
         cache.touch(&key, &p.name)?;
         Ok(Done::Computed(manifest.metrics, seconds))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::schema::{MetricDef, ReportContract, Role};
+
+    static CONTRACT: ReportContract = ReportContract {
+        roles: &[Role::Perplexity],
+        metrics: &[
+            MetricDef { name: "ppl", always: true, help: "" },
+            MetricDef { name: "extra", always: false, help: "" },
+        ],
+    };
+
+    #[test]
+    fn metrics_must_match_the_declared_contract() {
+        assert_eq!(contract_problem(&CONTRACT, &json!({"ppl": 3.0})), None);
+        assert_eq!(contract_problem(&CONTRACT, &json!({"ppl": 3.0, "extra": 1})), None);
+        let renamed = contract_problem(&CONTRACT, &json!({"perplexity": 3.0})).unwrap();
+        assert!(
+            renamed.contains("undeclared: [\"perplexity\"]") && renamed.contains("missing: [\"ppl\"]"),
+            "{renamed}"
+        );
+        assert_eq!(contract_problem(&ReportContract::NONE, &json!({"anything": 1})), None, "no contract declared");
     }
 }

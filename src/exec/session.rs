@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use serde_json::{Map, Value as Json};
 
+use super::Registry;
 use crate::plan::Plan;
 use crate::session::{host_name, now_rfc3339, RunStatus, SessionRecord, StageRecord, SweepPoint, FORMAT};
 
@@ -41,7 +42,7 @@ pub fn session_path(dir: &Path, plan: &Plan, device: &str) -> PathBuf {
 
 impl Session {
     /// A new record of this plan: every instance `pending`, the run `running`.
-    pub fn new(path: PathBuf, plan: &Plan, device: &str, cache_root: &Path) -> Session {
+    pub fn new(path: PathBuf, plan: &Plan, registry: &Registry, device: &str, cache_root: &Path) -> Session {
         let p = &plan.pipeline;
         let stages = plan
             .order
@@ -51,6 +52,7 @@ impl Session {
                 StageRecord {
                     name: inst.name.clone(),
                     kind: inst.kind.clone(),
+                    roles: registry.roles(&inst.kind),
                     key: plan.keys[i].to_hex(),
                     params: inst.params.clone(),
                     inputs: inst.inputs.iter().map(|r| (r.slot.clone(), p.instances[r.target].name.clone())).collect(),

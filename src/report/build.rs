@@ -2,8 +2,10 @@
 
 use serde_json::Value as Json;
 
-use super::lineage::{self, baseline, finetunes_above, position, sibling, sparsity_of, Position, Protocol};
-use super::session::{Instance, Session};
+use super::lineage::{
+    baseline, finetunes_above, position, position_of_model, sibling, sparsity_of, Position, Protocol,
+};
+use super::session::{Instance, Role, Session};
 use super::table::{cell, pct, pct_num, ppl, sig, signed, Table};
 
 /// One group of perplexities: same root model, same protocol.
@@ -15,7 +17,7 @@ pub struct PplGroup {
 
 pub fn ppl_groups(s: &Session) -> Vec<PplGroup> {
     let mut groups: Vec<PplGroup> = Vec::new();
-    for (i, inst) in s.of_kind("eval-ppl") {
+    for (i, inst) in s.of_role(Role::Perplexity) {
         let Some(proto) = Protocol::of(inst) else { continue };
         let load = position(s, i).load;
         match groups.iter_mut().find(|g| g.load == load && g.protocol == proto) {
@@ -63,7 +65,7 @@ fn vs(value: Option<f64>, base: Option<f64>) -> String {
 /// `repetitive (1/5)`: the majority label of the `generate` on the same model, with the number
 /// of correct answers out of the prompts.
 fn text_label(s: &Session, model: Option<usize>) -> String {
-    let Some(g) = sibling(s, "generate", model) else { return "—".into() };
+    let Some(g) = sibling(s, Role::Generation, model) else { return "—".into() };
     let inst = &s.instances[g];
     match inst.metric_str("label") {
         Some(label) => {
@@ -434,26 +436,10 @@ pub fn describe_model(s: &Session, m: usize) -> String {
     }
 }
 
-/// The position of a model instance itself (as if something read it).
-fn position_of_model(s: &Session, m: usize) -> Position {
-    let mut p = Position { model: Some(m), ..Position::default() };
-    let mut chain = vec![m];
-    chain.extend(lineage::ancestry(s, m));
-    for &j in &chain {
-        match s.instances[j].kind.as_str() {
-            "finetune" if p.prune.is_none() && p.tuned.is_none() => p.tuned = Some(j),
-            "prune" if p.prune.is_none() => p.prune = Some(j),
-            "load" => p.load = Some(j),
-            _ => {}
-        }
-    }
-    p
-}
-
 pub fn intervention_tables(s: &Session, n0: usize) -> Vec<Table> {
     // Group by (measured model, mode).
     let mut groups: Vec<(Option<usize>, String, Vec<usize>)> = Vec::new();
-    for (i, inst) in s.of_kind("hook-residuals") {
+    for (i, inst) in s.of_role(Role::Residuals) {
         if !is_intervention(inst) {
             continue;
         }
@@ -493,11 +479,12 @@ pub fn intervention_tables(s: &Session, n0: usize) -> Vec<Table> {
         }
         // The baseline: the same model, same protocol, no intervention; else the unmodified load.
         let same_model = proto.as_ref().and_then(|p| {
-            let clean_hook = |i: &usize| s.instances[*i].kind == "hook-residuals" && !is_intervention(&s.instances[*i]);
-            s.of_kind("eval-ppl")
-                .chain(s.of_kind("hook-residuals"))
+            let clean_hook =
+                |i: &usize| s.instances[*i].has_role(Role::Residuals) && !is_intervention(&s.instances[*i]);
+            s.of_role(Role::Perplexity)
+                .chain(s.of_role(Role::Residuals))
                 .map(|(i, _)| i)
-                .filter(|i| s.instances[*i].kind == "eval-ppl" || clean_hook(i))
+                .filter(|i| s.instances[*i].has_role(Role::Perplexity) || clean_hook(i))
                 .find(|&i| position(s, i).model == model && Protocol::of(&s.instances[i]).as_ref() == Some(p))
         });
         let base = same_model.or_else(|| proto.as_ref().and_then(|p| baseline(s, &pos, p)));
@@ -610,7 +597,7 @@ pub fn finetune_table(s: &Session) -> Option<Table> {
         ],
     );
     let mut loads = Vec::new();
-    for (i, inst) in s.of_kind("finetune") {
+    for (i, inst) in s.of_role(Role::Train) {
         let p = position(s, i);
         if !loads.contains(&p.load) {
             loads.push(p.load);
@@ -644,7 +631,7 @@ pub fn text_table(s: &Session) -> Option<Table> {
         ],
     );
     let mut loads = Vec::new();
-    for (i, inst) in s.of_kind("generate") {
+    for (i, inst) in s.of_role(Role::Generation) {
         let p = position(s, i);
         if !loads.contains(&p.load) {
             loads.push(p.load);
@@ -683,7 +670,7 @@ pub fn models_table(s: &Session) -> Option<Table> {
             ("ternary zeros", true),
         ],
     );
-    for (_, inst) in s.of_kind("load") {
+    for (_, inst) in s.of_role(Role::Source) {
         let model = match inst.params.get("model") {
             Some(Json::String(m)) => m.clone(),
             Some(Json::Object(o)) if o.contains_key("random") => "random init".into(),
@@ -724,12 +711,12 @@ pub fn tables(s: &Session) -> Vec<Table> {
     let mut out = progressive;
     out.extend(sweeps);
     out.extend(intervention_tables(s, 1));
-    for (i, inst) in s.of_kind("hook-residuals") {
+    for (i, inst) in s.of_role(Role::Residuals) {
         if !is_intervention(inst) {
             out.push(residual_table(s, i));
         }
     }
-    for (i, _) in s.of_kind("perturb") {
+    for (i, _) in s.of_role(Role::Perturbation) {
         out.push(perturbation_table(s, i));
     }
     if !listed.is_empty() {

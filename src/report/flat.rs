@@ -3,7 +3,7 @@
 use serde_json::{Map, Value as Json};
 
 use super::lineage::{position, sparsity_of};
-use super::session::Session;
+use super::session::{Role, Session};
 
 /// Flattens `v` under `prefix`: objects give dotted names, arrays give `<name>.count`, and the
 /// per-tensor table of `prune` (hundreds of columns on a real model) gives `per_tensor.count`.
@@ -48,7 +48,7 @@ pub fn rows(s: &Session, label: Option<&str>) -> Vec<Map<String, Json>> {
         r.insert("model.load".into(), name(p.load));
         r.insert("model.prune".into(), name(p.prune));
         r.insert("model.finetune".into(), name(p.tuned));
-        let sp = if inst.kind == "load" || inst.kind == "prune" { None } else { sparsity_of(s, &p) };
+        let sp = if inst.has_role(Role::Source) || inst.has_role(Role::Prune) { None } else { sparsity_of(s, &p) };
         r.insert("model.sparsity".into(), sp.map(Json::from).unwrap_or(Json::Null));
         if let Some(sw) = &inst.sweep {
             r.insert("sweep".into(), Json::from(sw.name.clone()));

@@ -4,7 +4,7 @@
 
 use serde_json::Value as Json;
 
-use super::session::{Instance, Session};
+use super::session::{Instance, Role, Session};
 
 /// The model an instance measured, described by its ancestry (indices into `Session::instances`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -50,18 +50,28 @@ pub fn ancestry(s: &Session, i: usize) -> Vec<usize> {
 /// point is matched to the level that has had as many.
 pub fn finetunes_above(s: &Session, model: Option<usize>) -> usize {
     let Some(m) = model else { return 0 };
-    std::iter::once(m).chain(ancestry(s, m)).filter(|&j| s.instances[j].kind == "finetune").count()
+    std::iter::once(m).chain(ancestry(s, m)).filter(|&j| s.instances[j].has_role(Role::Train)).count()
 }
 
+/// The position of the model instance `i` reads.
 pub fn position(s: &Session, i: usize) -> Position {
-    let chain = ancestry(s, i);
-    let mut p = Position { model: chain.first().copied(), ..Position::default() };
-    for &j in &chain {
-        match s.instances[j].kind.as_str() {
-            "finetune" if p.prune.is_none() && p.tuned.is_none() => p.tuned = Some(j),
-            "prune" if p.prune.is_none() => p.prune = Some(j),
-            "load" => p.load = Some(j),
-            _ => {}
+    match model_slot(&s.instances[i]).and_then(|n| s.index_of(n)) {
+        Some(m) => position_of_model(s, m),
+        None => Position::default(),
+    }
+}
+
+/// The position of a model instance itself (as if something read it): the one lineage walk.
+pub fn position_of_model(s: &Session, m: usize) -> Position {
+    let mut p = Position { model: Some(m), ..Position::default() };
+    for j in std::iter::once(m).chain(ancestry(s, m)) {
+        let inst = &s.instances[j];
+        if inst.has_role(Role::Train) && p.prune.is_none() && p.tuned.is_none() {
+            p.tuned = Some(j);
+        } else if inst.has_role(Role::Prune) && p.prune.is_none() {
+            p.prune = Some(j);
+        } else if inst.has_role(Role::Source) {
+            p.load = Some(j);
         }
     }
     p
@@ -168,15 +178,15 @@ impl Protocol {
 /// The baseline of a perplexity measured at `pos` under `proto`: the first `eval-ppl` with the
 /// same protocol whose model is the same `load` with no prune or fine-tune in between.
 pub fn baseline(s: &Session, pos: &Position, proto: &Protocol) -> Option<usize> {
-    s.of_kind("eval-ppl").map(|(i, _)| i).find(|&i| {
+    s.of_role(Role::Perplexity).map(|(i, _)| i).find(|&i| {
         let p = position(s, i);
         p.is_base() && p.load == pos.load && Protocol::of(&s.instances[i]).as_ref() == Some(proto)
     })
 }
 
-/// The first instance of `kind` that measured exactly the model `model` (e.g. the `generate`
-/// beside an `eval-ppl`).
-pub fn sibling(s: &Session, kind: &str, model: Option<usize>) -> Option<usize> {
+/// The first instance in `role` that measured exactly the model `model` (e.g. the generation
+/// beside a perplexity).
+pub fn sibling(s: &Session, role: Role, model: Option<usize>) -> Option<usize> {
     let model = model?;
-    s.of_kind(kind).map(|(i, _)| i).find(|&i| model_slot(&s.instances[i]).and_then(|n| s.index_of(n)) == Some(model))
+    s.of_role(role).map(|(i, _)| i).find(|&i| model_slot(&s.instances[i]).and_then(|n| s.index_of(n)) == Some(model))
 }

@@ -14,7 +14,7 @@ use serde_json::Value as Json;
 
 use super::build::{ppl_groups, shape_of, Shape};
 use super::lineage::{baseline, finetunes_above, position, sparsity_of};
-use super::session::Session;
+use super::session::{Role, Session};
 use super::table::pct;
 
 pub const WIDTH: u32 = 1000;
@@ -392,7 +392,7 @@ fn layer_values(inst: &super::session::Instance, key: &str) -> Vec<(f64, f64)> {
 
 fn residual_plot(s: &Session) -> Option<Plot> {
     let insts: Vec<_> = s
-        .of_kind("hook-residuals")
+        .of_role(Role::Residuals)
         .filter(|(_, i)| !i.metrics.contains_key("intervention") && i.metric("layers").is_some())
         .map(|(_, i)| i)
         .collect();
@@ -427,7 +427,7 @@ fn residual_plot(s: &Session) -> Option<Plot> {
 
 fn delta_plot(s: &Session) -> Option<Plot> {
     let mut series = Vec::new();
-    for (_, inst) in s.of_kind("perturb") {
+    for (_, inst) in s.of_role(Role::Perturbation) {
         let Some(d) = inst.metric("delta").and_then(Json::as_array) else { continue };
         // delta[0] is the embedding output (x = −1), delta[l + 1] layer l's output (x = l).
         let points: Vec<(f64, f64)> =
@@ -454,7 +454,7 @@ fn loss_plot(s: &Session) -> Option<Plot> {
     // Steps on the chain's batch stream (`first_batch` + step), so a chain reads as one timeline:
     // each level is a segment, and the control chain is one curve across all of them.
     let mut series: Vec<Series> = Vec::new();
-    for (i, inst) in s.of_kind("finetune") {
+    for (i, inst) in s.of_role(Role::Train) {
         let Some(l) = inst.metric("loss").and_then(Json::as_array) else { continue };
         let offset = inst.metric_f64("first_batch").unwrap_or(0.0);
         let points: Vec<(f64, f64)> = l

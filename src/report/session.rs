@@ -9,6 +9,7 @@ use anyhow::Result;
 use serde_json::Value as Json;
 
 pub use crate::session::{RunStatus, SessionRecord as Session, StageRecord as Instance, StageStatus, SweepPoint};
+pub use crate::spec::schema::Role;
 
 impl Session {
     /// Reads a session file for a report: `running` shows as `interrupted` when the run was
@@ -38,19 +39,33 @@ impl Session {
         self.instances.iter().position(|i| i.name == name)
     }
 
-    pub fn of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = (usize, &'a Instance)> + 'a {
-        self.instances.iter().enumerate().filter(move |(_, i)| i.kind == kind)
+    /// The instances whose kind declared `role`, with their indices.
+    pub fn of_role(&self, role: Role) -> impl Iterator<Item = (usize, &Instance)> + '_ {
+        self.instances.iter().enumerate().filter(move |(_, i)| i.has_role(role))
     }
 }
 
 impl Instance {
+    pub fn has_role(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
     /// True when the stage produced metrics (ran or came from the cache).
     pub fn has_metrics(&self) -> bool {
         !self.metrics.is_empty()
     }
 
-    /// A metric by dotted path (`protocol.seq_len`).
+    /// A metric by dotted path (`protocol.seq_len`). The report reads only what its roles
+    /// promise (`Role::reads`): reading anything else is a report bug, caught by tests.
     pub fn metric(&self, path: &str) -> Option<&Json> {
+        let top = path.split('.').next().unwrap_or_default();
+        debug_assert!(
+            self.roles.iter().any(|r| r.reads().contains(&top)),
+            "the report reads metric `{top}` of `{}` ({}), which none of its roles {:?} promises",
+            self.name,
+            self.kind,
+            self.roles
+        );
         let mut parts = path.split('.');
         let mut v = self.metrics.get(parts.next()?)?;
         for p in parts {

@@ -200,3 +200,119 @@ impl<'a> Catalog<'a> {
         self.kinds.iter().map(|k| k.kind)
     }
 }
+
+/// What a kind's results are to readers of a session (the report): where its instances sit in a
+/// model's lineage and which tables and plots their metrics feed. Kinds declare their roles
+/// (`Stage::report`); the executor records them per instance in the session file, so the report
+/// finds "the perplexity measurements" or "the pruning steps" without knowing kind names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Makes a model from outside the graph: a lineage root, a row of the models table.
+    Source,
+    /// Derives a model by pruning its input: a sparsity level of the tables.
+    Prune,
+    /// Derives a model by training its input: "tuned" in the tables, the loss plot.
+    Train,
+    /// Perplexity of its input model: the perplexity tables and the sparsity plot.
+    Perplexity,
+    /// Text generated from its input model: the text column and the generation table.
+    Generation,
+    /// Residual-stream statistics and interventions: the residual tables and plots.
+    Residuals,
+    /// A perturbation followed through the layers: the perturbation table and growth plot.
+    Perturbation,
+    /// A role this version does not know (a newer writer's).
+    #[serde(other)]
+    Unknown,
+}
+
+impl Role {
+    pub const ALL: [Role; 7] = [
+        Role::Source,
+        Role::Prune,
+        Role::Train,
+        Role::Perplexity,
+        Role::Generation,
+        Role::Residuals,
+        Role::Perturbation,
+    ];
+
+    /// The top-level metrics the report reads from an instance in this role: a kind declaring
+    /// the role must declare each of them (a test checks), and the report reads no others.
+    pub fn reads(self) -> &'static [&'static str] {
+        match self {
+            Role::Source => {
+                &["arch", "dtype", "quantization", "parameters", "layers", "hidden_size", "ternary_zero_fraction"]
+            }
+            Role::Prune => &["sparsity", "target_sparsity", "ternary_zero_before", "ternary_zero_after"],
+            Role::Train => &[
+                "steps",
+                "final_loss",
+                "tokens_per_second",
+                "seconds",
+                "sparsity_after",
+                "ternary_zero_after",
+                "loss",
+                "first_batch",
+            ],
+            Role::Perplexity => &["ppl", "bits_per_byte", "tokens", "windows", "protocol"],
+            Role::Generation => &["label", "outputs", "counts", "accuracy"],
+            // Perplexity and generations under an intervention (and the clean baseline beside them).
+            Role::Residuals => {
+                &["layers", "windows", "tokens", "intervention", "ppl", "protocol", "label", "outputs", "counts"]
+            }
+            Role::Perturbation => &[
+                "delta",
+                "local_exponents",
+                "lyapunov",
+                "amplification",
+                "lyapunov_from_embedding",
+                "amplification_from_embedding",
+                "peak_layer",
+                "branching",
+                "scale",
+                "eps",
+            ],
+            Role::Unknown => &[],
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Source => "source",
+            Role::Prune => "prune",
+            Role::Train => "train",
+            Role::Perplexity => "perplexity",
+            Role::Generation => "generation",
+            Role::Residuals => "residuals",
+            Role::Perturbation => "perturbation",
+            Role::Unknown => "unknown",
+        }
+    }
+}
+
+/// One top-level metric a kind writes.
+#[derive(Clone, Copy, Debug)]
+pub struct MetricDef {
+    pub name: &'static str,
+    /// Written on every successful run (otherwise only in some configurations).
+    pub always: bool,
+    pub help: &'static str,
+}
+
+/// What a kind contributes to reports: its roles and every top-level metric it writes.
+#[derive(Debug)]
+pub struct ReportContract {
+    pub roles: &'static [Role],
+    pub metrics: &'static [MetricDef],
+}
+
+impl ReportContract {
+    /// Metrics only, drawn by no table (the flat rows still carry them).
+    pub const NONE: ReportContract = ReportContract { roles: &[], metrics: &[] };
+
+    pub fn metric(&self, name: &str) -> Option<&MetricDef> {
+        self.metrics.iter().find(|m| m.name == name)
+    }
+}

@@ -6,7 +6,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
 use crate::exec::{
-    typed_params, ArtifactType, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage, StageContext,
+    typed_params, ArtifactType, InputDef, KindSchema, MetricDef, ParamDef, ParamDefault, ParamType, ReportContract,
+    Role, Stage, StageContext,
 };
 use crate::model::{Bos, GenerateOptions, Sampling};
 use crate::stages::common::generation::{generate_labelled, prompts_of};
@@ -51,11 +52,38 @@ struct Params {
     repetition_threshold: f64,
 }
 
+/// Its role for reports and every top-level metric `run` writes.
+pub static REPORT: ReportContract = ReportContract {
+    roles: &[Role::Generation],
+    metrics: &[
+        MetricDef {
+            name: "outputs",
+            always: true,
+            help: "per prompt: prompt, text, token ids, expected answer, hit, repetition, label",
+        },
+        MetricDef {
+            name: "counts",
+            always: true,
+            help: "how many continuations were correct / wrong / repetitive / unscored",
+        },
+        MetricDef {
+            name: "accuracy",
+            always: true,
+            help: "correct / scored (null when no prompt has an expected answer)",
+        },
+        MetricDef { name: "label", always: true, help: "the majority outcome, the \"text\" column of the tables" },
+    ],
+};
+
 pub struct Generate;
 
 impl Stage for Generate {
     fn schema(&self) -> &'static KindSchema {
         &SCHEMA
+    }
+
+    fn report(&self) -> &'static ReportContract {
+        &REPORT
     }
 
     fn check(&self, params: &Map<String, Json>) -> Result<(), String> {

@@ -12,8 +12,8 @@ use serde_json::{json, Map, Value as Json};
 
 use crate::analysis::residual::Cut;
 use crate::exec::{
-    typed_params, ArtifactType, FileHasher, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage,
-    StageContext,
+    typed_params, ArtifactType, FileHasher, InputDef, KindSchema, MetricDef, ParamDef, ParamDefault, ParamType,
+    ReportContract, Role, Stage, StageContext,
 };
 use crate::model::{Bos, GenerateOptions, Sampling};
 use crate::stages::common::generation::{generate_labelled, prompts_of, Prompt};
@@ -163,11 +163,60 @@ fn write_stats_tensors(path: &std::path::Path, layers: &[Json]) -> Result<()> {
     Ok(())
 }
 
+/// Its role for reports and every top-level metric `run` writes.
+pub static REPORT: ReportContract = ReportContract {
+    roles: &[Role::Residuals],
+    metrics: &[
+        MetricDef {
+            name: "ppl",
+            always: true,
+            help: "perplexity of the windows or texts (under the intervention, if any)",
+        },
+        MetricDef { name: "nll", always: true, help: "mean negative log-likelihood per scored token (nats)" },
+        MetricDef { name: "tokens", always: true, help: "tokens scored" },
+        MetricDef { name: "windows", always: true, help: "windows (or texts) evaluated" },
+        MetricDef {
+            name: "bits_per_byte",
+            always: true,
+            help: "total NLL in bits over the UTF-8 bytes of the scored text",
+        },
+        MetricDef { name: "protocol", always: true, help: "the protocol echoed" },
+        MetricDef {
+            name: "layers",
+            always: true,
+            help: "per layer: statistics of the correction c = h_out − h_in (norms, sparsity at rel_tol, branching)",
+        },
+        MetricDef { name: "positions", always: true, help: "token positions the statistics cover" },
+        MetricDef {
+            name: "rel_tol",
+            always: true,
+            help: "the relative tolerance below which an entry of c counts as zero",
+        },
+        MetricDef {
+            name: "intervention",
+            always: false,
+            help: "with threshold or percentile: mode, value, layers, zeroed and masked fractions",
+        },
+        MetricDef { name: "outputs", always: false, help: "with generate: the continuations, as in `generate`" },
+        MetricDef {
+            name: "counts",
+            always: false,
+            help: "with generate: correct / wrong / repetitive / unscored counts",
+        },
+        MetricDef { name: "accuracy", always: false, help: "with generate: correct / scored" },
+        MetricDef { name: "label", always: false, help: "with generate: the majority outcome" },
+    ],
+};
+
 pub struct HookResiduals;
 
 impl Stage for HookResiduals {
     fn schema(&self) -> &'static KindSchema {
         &SCHEMA
+    }
+
+    fn report(&self) -> &'static ReportContract {
+        &REPORT
     }
 
     fn check(&self, params: &Map<String, Json>) -> Result<(), String> {

@@ -8,7 +8,8 @@ use serde_json::{json, Map, Value as Json};
 
 use crate::data::Source;
 use crate::exec::{
-    typed_params, ArtifactType, FileHasher, KindSchema, ParamDef, ParamDefault, ParamType, Stage, StageContext,
+    typed_params, ArtifactType, FileHasher, KindSchema, MetricDef, ParamDef, ParamDefault, ParamType, ReportContract,
+    Role, Stage, StageContext,
 };
 use crate::model::{hub::HubSpec, LoadOptions, Model, ModelConfig, Quantization};
 use crate::stages::common::model_artifact::{self as artifact, ModelSettings};
@@ -130,11 +131,33 @@ fn random_config(fields: &Map<String, Json>, bos_eos: Option<(u32, u32)>) -> Res
     ModelConfig::from_json(raw).context("model = { random = … }")
 }
 
+/// Its role for reports and every top-level metric `run` writes.
+pub static REPORT: ReportContract = ReportContract {
+    roles: &[Role::Source],
+    metrics: &[
+        MetricDef { name: "source", always: true, help: "where the model came from (builtin name, hub repo and resolved commit, or local folder and content hash)" },
+        MetricDef { name: "arch", always: true, help: "\"bitnet\" or \"llama\"" },
+        MetricDef { name: "parameters", always: true, help: "parameter count" },
+        MetricDef { name: "layers", always: true, help: "decoder layers" },
+        MetricDef { name: "hidden_size", always: true, help: "model width" },
+        MetricDef { name: "vocab_size", always: true, help: "vocabulary size" },
+        MetricDef { name: "dtype", always: true, help: "the dtype the model is held in" },
+        MetricDef { name: "quantization", always: true, help: "\"ternary\" (BitNet b1.58 weights) or \"none\"" },
+        MetricDef { name: "weight_format", always: true, help: "how the checkpoint stores projections: latent (bf16/f32) or packed ternary" },
+        MetricDef { name: "ternary_zero_fraction", always: false, help: "ternary models: fraction of projection weights that quantize to 0" },
+        MetricDef { name: "ternary_zero_per_tensor", always: false, help: "ternary models: that fraction per projection" },
+    ],
+};
+
 pub struct Load;
 
 impl Stage for Load {
     fn schema(&self) -> &'static KindSchema {
         &SCHEMA
+    }
+
+    fn report(&self) -> &'static ReportContract {
+        &REPORT
     }
 
     fn check(&self, params: &Map<String, Json>) -> Result<(), String> {

@@ -16,8 +16,8 @@ use crate::analysis::norm;
 use crate::analysis::perturb::{branching_summary, frobenius_deviation, growth, relative_deviation};
 use crate::data::SplitMix64;
 use crate::exec::{
-    typed_params, ArtifactType, FileHasher, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage,
-    StageContext,
+    typed_params, ArtifactType, FileHasher, InputDef, KindSchema, MetricDef, ParamDef, ParamDefault, ParamType,
+    ReportContract, Role, Stage, StageContext,
 };
 use crate::model::{HookPoint, Hooks};
 use crate::stages::common::model_artifact as artifact;
@@ -121,11 +121,56 @@ fn boundary(p: HookPoint) -> Option<usize> {
     }
 }
 
+/// Its role for reports and every top-level metric `run` writes.
+pub static REPORT: ReportContract = ReportContract {
+    roles: &[Role::Perturbation],
+    metrics: &[
+        MetricDef {
+            name: "delta",
+            always: true,
+            help:
+                "relative perturbation ‖h̃ − h‖_F / ‖h‖_F after the embedding and after each layer, averaged over texts",
+        },
+        MetricDef { name: "delta_token_mean", always: true, help: "the same, averaged per token" },
+        MetricDef { name: "peak_layer", always: true, help: "the boundary where delta peaks" },
+        MetricDef {
+            name: "amplification",
+            always: true,
+            help: "delta of the last layer / delta of layer 0 (the notebook's convention)",
+        },
+        MetricDef { name: "lyapunov", always: true, help: "(ln delta_last − ln delta_layer0)/(L − 1)" },
+        MetricDef {
+            name: "amplification_from_embedding",
+            always: true,
+            help: "delta of the last layer / delta at the embedding",
+        },
+        MetricDef { name: "lyapunov_from_embedding", always: true, help: "the exponent measured from the embedding" },
+        MetricDef { name: "local_exponents", always: true, help: "ln(delta_l / delta_l−1) per layer" },
+        MetricDef {
+            name: "branching", always: true, help: "per-layer branching ratio ‖out‖/‖in‖ and its means"
+        },
+        MetricDef { name: "eps", always: true, help: "noise size" },
+        MetricDef {
+            name: "scale",
+            always: true,
+            help: "how eps scales the noise (absolute or relative to the embedding norm)",
+        },
+        MetricDef { name: "seed", always: true, help: "noise seed" },
+        MetricDef { name: "windows", always: true, help: "windows (or texts) perturbed" },
+        MetricDef { name: "tokens", always: true, help: "tokens covered" },
+        MetricDef { name: "protocol", always: true, help: "the protocol echoed" },
+    ],
+};
+
 pub struct Perturb;
 
 impl Stage for Perturb {
     fn schema(&self) -> &'static KindSchema {
         &SCHEMA
+    }
+
+    fn report(&self) -> &'static ReportContract {
+        &REPORT
     }
 
     fn check(&self, params: &Map<String, Json>) -> Result<(), String> {

@@ -15,7 +15,8 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
 use crate::exec::{
-    typed_params, ArtifactType, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage, StageContext,
+    typed_params, ArtifactType, InputDef, KindSchema, MetricDef, ParamDef, ParamDefault, ParamType, ReportContract,
+    Role, Stage, StageContext,
 };
 use crate::stages::common::mask::Mask;
 use crate::stages::common::model_artifact as artifact;
@@ -72,11 +73,48 @@ struct Params {
     targets: Vec<String>,
 }
 
+/// Its role for reports and every top-level metric `run` writes.
+pub static REPORT: ReportContract = ReportContract {
+    roles: &[Role::Prune],
+    metrics: &[
+        MetricDef { name: "sparsity", always: true, help: "fraction of targeted weights that are zero after pruning" },
+        MetricDef { name: "target_sparsity", always: true, help: "the sparsity asked for" },
+        MetricDef { name: "sparsity_before", always: true, help: "fraction of targeted weights already zero before" },
+        MetricDef {
+            name: "rule",
+            always: true,
+            help: "the threshold rule (exact global, per-tensor or the notebook's sampled percentile)",
+        },
+        MetricDef { name: "scope", always: true, help: "global or per-tensor selection" },
+        MetricDef { name: "targets", always: true, help: "the tensor-name patterns pruned" },
+        MetricDef { name: "weights", always: true, help: "number of targeted weights" },
+        MetricDef { name: "zeros", always: true, help: "number of them that are zero after pruning" },
+        MetricDef { name: "already_pruned", always: true, help: "zeros kept from the input's mask" },
+        MetricDef { name: "pruned_now", always: true, help: "weights this stage zeroed" },
+        MetricDef {
+            name: "ternary_zero_before",
+            always: false,
+            help: "ternary models: fraction of targeted weights quantizing to 0 before",
+        },
+        MetricDef { name: "ternary_zero_after", always: false, help: "ternary models: the same after pruning" },
+        MetricDef {
+            name: "notebook",
+            always: false,
+            help: "notebook rule: the sampled threshold and how many non-zeros it considered",
+        },
+        MetricDef { name: "per_tensor", always: true, help: "per projection: sparsity (and ternary zeros)" },
+    ],
+};
+
 pub struct Prune;
 
 impl Stage for Prune {
     fn schema(&self) -> &'static KindSchema {
         &SCHEMA
+    }
+
+    fn report(&self) -> &'static ReportContract {
+        &REPORT
     }
 
     fn check(&self, params: &Map<String, Json>) -> Result<(), String> {

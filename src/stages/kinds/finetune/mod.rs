@@ -18,8 +18,8 @@ use serde_json::{json, Map, Value as Json};
 
 use crate::data::{self, TrainBatches};
 use crate::exec::{
-    typed_params, ArtifactType, FileHasher, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage,
-    StageContext,
+    typed_params, ArtifactType, FileHasher, InputDef, KindSchema, MetricDef, ParamDef, ParamDefault, ParamType,
+    ReportContract, Role, Stage, StageContext,
 };
 use crate::model::Model;
 use crate::stages::common::model_artifact as artifact;
@@ -187,11 +187,46 @@ struct Progress {
     loss: Vec<(u64, f64)>,
 }
 
+/// Its role for reports and every top-level metric `run` writes.
+pub static REPORT: ReportContract = ReportContract {
+    roles: &[Role::Train],
+    metrics: &[
+        MetricDef { name: "masks", always: true, help: "whether pruned positions were held at zero" },
+        MetricDef { name: "sparsity_before", always: true, help: "projection sparsity of the input" },
+        MetricDef { name: "sparsity_after", always: true, help: "projection sparsity after training" },
+        MetricDef {
+            name: "ternary_zero_after",
+            always: true,
+            help: "fraction of projection weights quantizing to 0 after training (0 for llama)",
+        },
+        MetricDef { name: "pruned_positions", always: true, help: "positions the input's mask had pruned" },
+        MetricDef { name: "regrown", always: true, help: "of those, how many are non-zero after training" },
+        MetricDef { name: "regrown_fraction", always: true, help: "regrown / pruned_positions" },
+        MetricDef {
+            name: "first_batch",
+            always: true,
+            help: "index of the first training batch (a chained fine-tune continues the stream)",
+        },
+        MetricDef { name: "batches", always: true, help: "batches consumed" },
+        MetricDef { name: "steps", always: true, help: "optimizer steps" },
+        MetricDef { name: "final_loss", always: true, help: "training loss of the last step" },
+        MetricDef { name: "loss", always: true, help: "the loss curve: [step, loss] pairs" },
+        MetricDef { name: "trainable", always: true, help: "parameters trained" },
+        MetricDef { name: "tokens_per_second", always: true, help: "training throughput" },
+        MetricDef { name: "seconds", always: true, help: "training time" },
+        MetricDef { name: "peak_rss_mb", always: true, help: "peak resident memory while training (MiB)" },
+    ],
+};
+
 pub struct Finetune;
 
 impl Stage for Finetune {
     fn schema(&self) -> &'static KindSchema {
         &SCHEMA
+    }
+
+    fn report(&self) -> &'static ReportContract {
+        &REPORT
     }
 
     fn check(&self, params: &Map<String, Json>) -> Result<(), String> {
