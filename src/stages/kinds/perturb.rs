@@ -9,15 +9,13 @@ use std::cell::RefCell;
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
-use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
 use crate::analysis::norm;
 use crate::analysis::perturb::{branching_summary, frobenius_deviation, growth, relative_deviation};
 use crate::data::SplitMix64;
 use crate::exec::{
-    typed_params, ArtifactType, FileHasher, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage,
-    StageContext,
+    typed_params, ArtifactType, FileHasher, InputDef, KindSchema, ParamDefault, ParamType, Stage, StageContext,
 };
 use crate::model::{HookPoint, Hooks};
 use crate::stages::common::model_artifact as artifact;
@@ -30,44 +28,29 @@ pub static SCHEMA: KindSchema = KindSchema {
     version: 2,
     help: "Adds seeded Gaussian noise to the embedding output and measures the relative deviation δ at every layer boundary: amplification, Lyapunov exponent, local exponents, branching ratios.",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to analyse" }],
-    params: &[
-        text_param::DATA,
-        text_param::TEXTS,
-        text_param::TEXT_PROTOCOL,
-        text_param::ENCODE,
-        text_param::MIN_ROW_CHARS,
-        text_param::WINDOW_SEQ_LEN,
-        text_param::WINDOW_MAX,
-        text_param::WINDOW_BOS,
-        text_param::TEXTS_LONGER_THAN,
-        text_param::TEXT_CHARS,
-        text_param::MAX_TEXTS,
-        ParamDef {
-            name: "eps",
+    params: Params::PARAMS,
+    output: ArtifactType::Metrics,
+};
+
+crate::stage_params! {
+    struct Params {
+        ..text: text_param::TextParams,
+        eps: f64 {
             ty: ParamType::Float { min: Some(0.0), max: None },
             default: ParamDefault::Json("0.01"),
             help: "noise scale (relative: a fraction of each token's embedding RMS; absolute: the standard deviation)",
         },
-        ParamDef {
-            name: "scale",
+        scale: String {
             ty: ParamType::Enum(&["absolute", "relative"]),
             default: ParamDefault::Json("\"absolute\""),
             help: "how eps is read: absolute = σ (the notebook: randn · 0.01), relative = a fraction of each token's RMS",
         },
-        ParamDef { name: "seed", ty: ParamType::UINT, default: ParamDefault::PipelineSeed, help: "noise seed" },
-    ],
-    output: ArtifactType::Metrics,
-};
-
-/// (No `deny_unknown_fields`: serde cannot combine it with `flatten`; the schema check has
-/// already refused unknown parameters.)
-#[derive(Deserialize)]
-struct Params {
-    #[serde(flatten)]
-    text: text_param::TextParams,
-    eps: f64,
-    scale: String,
-    seed: u64,
+        seed: u64 {
+            ty: ParamType::UINT,
+            default: ParamDefault::PipelineSeed,
+            help: "noise seed",
+        },
+    }
 }
 
 /// Standard normal deviates by the Box–Muller transform on SplitMix64 uniforms.

@@ -11,12 +11,9 @@
 
 use anyhow::{bail, Context as _, Result};
 use candle_core::{DType, Device, Tensor};
-use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
-use crate::exec::{
-    typed_params, ArtifactType, InputDef, KindSchema, ParamDef, ParamDefault, ParamType, Stage, StageContext,
-};
+use crate::exec::{typed_params, ArtifactType, InputDef, KindSchema, ParamDefault, ParamType, Stage, StageContext};
 use crate::stages::common::mask::Mask;
 use crate::stages::common::model_artifact as artifact;
 
@@ -25,51 +22,43 @@ pub static SCHEMA: KindSchema = KindSchema {
     version: 3,
     help: "Magnitude pruning of the targeted projections: to an exact total sparsity (cumulative over earlier pruning), or the notebooks' percentile of the remaining nonzeros; writes the model and its mask (bits) as mask.safetensors.",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to prune (latent weights)" }],
-    params: &[
-        ParamDef { name: "sparsity", ty: ParamType::FRACTION, default: ParamDefault::Required, help: "exact: fraction of the targeted weights that are zero afterwards; notebook: the percentile (as a fraction) of the current nonzero magnitudes taken as the threshold" },
-        ParamDef {
-            name: "rule",
+    params: Params::PARAMS,
+    output: ArtifactType::Model,
+};
+
+crate::stage_params! {
+    struct Params {
+        sparsity: f64 {
+            ty: ParamType::FRACTION,
+            default: ParamDefault::Required,
+            help: "exact: fraction of the targeted weights that are zero afterwards; notebook: the percentile (as a fraction) of the current nonzero magnitudes taken as the threshold",
+        },
+        rule: String {
             ty: ParamType::Enum(&["exact", "notebook"]),
             default: ParamDefault::Json("\"exact\""),
             help: "exact = the smallest magnitudes until the total sparsity is reached; notebook = prune |w| ≤ a sampled percentile of the remaining nonzeros (compounds over levels)",
         },
-        ParamDef {
-            name: "sample",
+        sample: usize {
             ty: ParamType::Int { min: Some(1), max: None },
             default: ParamDefault::Json("50000"),
             help: "notebook rule: magnitudes sampled per tensor for the threshold (all of them when a tensor has fewer nonzeros)",
         },
-        ParamDef {
-            name: "seed",
+        seed: u64 {
             ty: ParamType::UINT,
             default: ParamDefault::Json("0"),
             help: "notebook rule: sampling seed (not the pipeline seed, so exact prunes stay shared across seeds)",
         },
-        ParamDef {
-            name: "scope",
+        scope: String {
             ty: ParamType::Enum(&["global", "per-tensor", "per-row"]),
             default: ParamDefault::Json("\"global\""),
             help: "where the sparsity is measured: over all targets, each tensor, or each output row",
         },
-        ParamDef {
-            name: "targets",
+        targets: Vec<String> {
             ty: ParamType::List(&ParamType::Str),
             default: ParamDefault::Json("[\"model.layers.*_proj.weight\"]"),
             help: "glob patterns (* and ?) over projection names; default: the seven projections of every layer",
         },
-    ],
-    output: ArtifactType::Model,
-};
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Params {
-    sparsity: f64,
-    rule: String,
-    sample: usize,
-    seed: u64,
-    scope: String,
-    targets: Vec<String>,
+    }
 }
 
 pub struct Prune;
