@@ -3,9 +3,9 @@
 //! exactly zero (or, as the RPT notebooks did, letting them grow back and reporting the regrowth),
 //! checkpointing resumable state so that an interrupted run continues to the same bit-identical
 //! result. In a chain, each fine-tune continues the data stream where its lineage stopped.
+//! The learning-rate schedule and the clipping factor are `analysis::optim`.
 
 mod adamw;
-mod schedule;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value as Json};
 
+use crate::analysis::optim;
 use crate::data::{self, TrainBatches};
 use crate::exec::{
     typed_params, ArtifactType, FileHasher, InputDef, KindSchema, ParamDefault, ParamType, Stage, StageContext,
@@ -263,7 +264,7 @@ impl Stage for Finetune {
             if let Some(clip) = p.grad_clip {
                 clip_global_norm(&mut grads, clip)?;
             }
-            let lr = schedule::lr_at(&p.schedule, p.lr, p.eta_min, p.warmup_steps, p.steps, t);
+            let lr = optim::lr_at(&p.schedule, p.lr, p.eta_min, p.warmup_steps, p.steps, t);
             opt.step(&grads, lr)?;
             progress.step += 1;
             progress.loss.push((progress.step, loss_sum));
@@ -395,14 +396,13 @@ fn verify_masks(params: &[(String, Var)], masks: &[Option<Tensor>]) -> Result<()
     Ok(())
 }
 
+/// Clips the gradients' global norm to `max_norm` (the factor: [`optim::clip_scale`]).
 fn clip_global_norm(grads: &mut [Tensor], max_norm: f64) -> Result<()> {
-    let mut sq = 0f64;
-    for g in grads.iter() {
-        sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-    }
-    let norm = sq.sqrt();
-    if norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
+    let squared = grads
+        .iter()
+        .map(|g| Ok(g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64))
+        .collect::<Result<Vec<f64>>>()?;
+    if let Some(scale) = optim::clip_scale(squared, max_norm) {
         for g in grads.iter_mut() {
             *g = (&*g * scale)?;
         }
