@@ -1,7 +1,12 @@
-//! Pure maths for the analysis stages, on plain slices: perplexity accumulation, residual-stream
-//! statistics and interventions, perturbation growth and the Lyapunov estimate. Activations are
-//! row-major `[tokens, hidden]` slices. Knows nothing of the engine or the model.
+//! Pure maths for the stages, on plain slices: perplexity accumulation, residual-stream
+//! statistics and interventions, perturbation noise and growth and the Lyapunov estimate,
+//! magnitude pruning's selection, name globs, and the fine-tune's learning-rate schedule and
+//! gradient clipping. Activations are row-major `[tokens, hidden]` slices. Knows nothing of the
+//! engine or the model.
 
+pub mod glob;
+pub mod magnitude;
+pub mod optim;
 pub mod perplexity;
 pub mod perturb;
 pub mod residual;

@@ -1,9 +1,10 @@
-//! Perturbation growth through the layers: relative deviations δ_l, amplification, the Lyapunov
-//! exponent estimate, and branching-ratio summaries.
+//! Perturbation growth through the layers: the seeded Gaussian noise, relative deviations δ_l,
+//! amplification, the Lyapunov exponent estimate, and branching-ratio summaries.
 
 use serde::Serialize;
 
 use super::norm;
+use crate::data::SplitMix64;
 
 /// Mean over tokens of ‖noisy − clean‖ / ‖clean‖ for `[tokens, hidden]` slices. Tokens with a zero
 /// clean norm are skipped; returns (mean, tokens used).
@@ -95,6 +96,43 @@ pub fn branching_summary(ratios: &[f64]) -> BranchingSummary {
     }
 }
 
+/// Standard normal deviates by the Box–Muller transform on SplitMix64 uniforms.
+struct Gaussian {
+    rng: SplitMix64,
+    spare: Option<f64>,
+}
+
+impl Gaussian {
+    fn new(rng: SplitMix64) -> Gaussian {
+        Gaussian { rng, spare: None }
+    }
+
+    fn next(&mut self) -> f64 {
+        if let Some(z) = self.spare.take() {
+            return z;
+        }
+        // u1 in (0, 1] (never 0, so the log is finite), u2 in [0, 1).
+        let u1 = ((self.rng.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64;
+        let u2 = (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let r = (-2.0 * u1.ln()).sqrt();
+        let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
+        self.spare = Some(r * s);
+        r * c
+    }
+}
+
+/// The noise for one window's embedding output `x` (`[tokens, hidden]`, f32): per token, i.i.d.
+/// N(0, σ²) with σ = eps · RMS(token) (relative) or σ = eps (absolute).
+pub fn noise(x: &[f32], hidden: usize, eps: f64, relative: bool, rng: SplitMix64) -> Vec<f32> {
+    let mut g = Gaussian::new(rng);
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(hidden) {
+        let sigma = if relative { eps * norm(row) / (hidden as f64).sqrt() } else { eps };
+        out.extend((0..hidden).map(|_| (sigma * g.next()) as f32));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,5 +199,27 @@ mod tests {
         assert!((s.mean - 6.16 / 4.0).abs() < 1e-12);
         assert!((s.mean_without_first - 3.16 / 3.0).abs() < 1e-12);
         assert_eq!(s.near_critical_layers, 2);
+    }
+
+    #[test]
+    fn box_muller_gives_standard_normals() {
+        let mut g = Gaussian::new(SplitMix64::new(7));
+        let z: Vec<f64> = (0..20000).map(|_| g.next()).collect();
+        let mean = z.iter().sum::<f64>() / z.len() as f64;
+        let var = z.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / z.len() as f64;
+        assert!(mean.abs() < 0.03, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.05, "variance {var}");
+        assert!(z.iter().all(|x| x.is_finite()));
+    }
+
+    #[test]
+    fn relative_noise_has_the_token_rms_times_eps() {
+        let hidden = 4096;
+        let x: Vec<f32> = (0..2 * hidden).map(|j| if j < hidden { 3.0 } else { 0.0 }).collect();
+        let n = noise(&x, hidden, 0.01, true, SplitMix64::new(1));
+        let rms = norm(&n[..hidden]) / (hidden as f64).sqrt();
+        assert!((rms - 0.03).abs() < 0.002, "rms {rms}");
+        assert!(n[hidden..].iter().all(|v| *v == 0.0), "a zero token gets no relative noise");
+        assert_eq!(n, noise(&x, hidden, 0.01, true, SplitMix64::new(1)), "seeded");
     }
 }

@@ -9,6 +9,7 @@ pub mod diag;
 mod expand;
 pub mod node;
 mod overrides;
+pub mod params;
 pub mod schema;
 
 use std::path::{Path, PathBuf};

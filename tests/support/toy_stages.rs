@@ -42,12 +42,24 @@ fn lcg(seed: u64) -> impl FnMut() -> f64 {
 
 // ---- toy-load ----------------------------------------------------------------------------
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LoadParams {
-    size: usize,
-    seed: i64,
-    source: Option<String>,
+rpt_flow::stage_params! {
+    struct LoadParams {
+        size: usize {
+            ty: ParamType::Int { min: Some(1), max: Some(1_000_000) },
+            default: ParamDefault::Json("8"),
+            help: "number of weights",
+        },
+        seed: i64 {
+            ty: ParamType::INT,
+            default: ParamDefault::PipelineSeed,
+            help: "random seed",
+        },
+        source: Option<String> {
+            ty: ParamType::Str,
+            default: ParamDefault::Optional,
+            help: "a file whose content seeds the weights",
+        },
+    }
 }
 
 static LOAD: KindSchema = KindSchema {
@@ -55,21 +67,7 @@ static LOAD: KindSchema = KindSchema {
     version: 1,
     help: "Makes a deterministic weight vector from a seed (and a source file's bytes).",
     inputs: &[],
-    params: &[
-        ParamDef {
-            name: "size",
-            ty: ParamType::Int { min: Some(1), max: Some(1_000_000) },
-            default: ParamDefault::Json("8"),
-            help: "number of weights",
-        },
-        ParamDef { name: "seed", ty: ParamType::INT, default: ParamDefault::PipelineSeed, help: "random seed" },
-        ParamDef {
-            name: "source",
-            ty: ParamType::Str,
-            default: ParamDefault::Optional,
-            help: "a file whose content seeds the weights",
-        },
-    ],
+    params: LoadParams::PARAMS,
     output: ArtifactType::Model,
 };
 
@@ -108,14 +106,34 @@ impl Stage for ToyLoad {
 
 // ---- toy-scale: multi-step, resumable -----------------------------------------------------
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ScaleParams {
-    factor: f64,
-    steps: u64,
-    sleep_ms: u64,
-    checkpoint_every: u64,
-    fail_at_step: Option<u64>,
+rpt_flow::stage_params! {
+    struct ScaleParams {
+        factor: f64 {
+            ty: ParamType::FLOAT,
+            default: ParamDefault::Required,
+            help: "multiplier per step",
+        },
+        steps: u64 {
+            ty: ParamType::Int { min: Some(1), max: None },
+            default: ParamDefault::Json("1"),
+            help: "number of steps",
+        },
+        sleep_ms: u64 {
+            ty: ParamType::UINT,
+            default: ParamDefault::Json("0"),
+            help: "pause per step (tests)",
+        },
+        checkpoint_every: u64 {
+            ty: ParamType::Int { min: Some(1), max: None },
+            default: ParamDefault::Json("1"),
+            help: "steps between checkpoints",
+        },
+        fail_at_step: Option<u64> {
+            ty: ParamType::UINT,
+            default: ParamDefault::Optional,
+            help: "fail when reaching this step (tests)",
+        },
+    }
 }
 
 static SCALE: KindSchema = KindSchema {
@@ -124,33 +142,7 @@ static SCALE: KindSchema = KindSchema {
     help:
         "Multiplies the weights by `factor` and adds a step-dependent term, `steps` times, with resumable checkpoints.",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "weights to transform" }],
-    params: &[
-        ParamDef { name: "factor", ty: ParamType::FLOAT, default: ParamDefault::Required, help: "multiplier per step" },
-        ParamDef {
-            name: "steps",
-            ty: ParamType::Int { min: Some(1), max: None },
-            default: ParamDefault::Json("1"),
-            help: "number of steps",
-        },
-        ParamDef {
-            name: "sleep_ms",
-            ty: ParamType::UINT,
-            default: ParamDefault::Json("0"),
-            help: "pause per step (tests)",
-        },
-        ParamDef {
-            name: "checkpoint_every",
-            ty: ParamType::Int { min: Some(1), max: None },
-            default: ParamDefault::Json("1"),
-            help: "steps between checkpoints",
-        },
-        ParamDef {
-            name: "fail_at_step",
-            ty: ParamType::UINT,
-            default: ParamDefault::Optional,
-            help: "fail when reaching this step (tests)",
-        },
-    ],
+    params: ScaleParams::PARAMS,
     output: ArtifactType::Model,
 };
 

@@ -1,5 +1,6 @@
-//! The `data = …` parameter that several stages share: its definition, its check, and its
-//! contribution to the cache key (the source's identity: name+split+revision, or content hash).
+//! The text parameters several stages share: `data = …` (its definition, its check, and its
+//! contribution to the cache key: the source's identity, name+split+revision or content hash),
+//! `encode` / `min_row_chars`, and the analysis stages' [`TextParams`] group.
 
 use std::path::Path;
 
@@ -14,20 +15,6 @@ pub const DATA: ParamDef = ParamDef {
     ty: ParamType::Either(&[ParamType::Str, ParamType::Table]),
     default: ParamDefault::Required,
     help: "text source: \"wikitext-2-raw-v1:test\", \"synthetic:facts:test\", { path = \"file\" }",
-};
-
-/// `seq_len`, `max_windows`, `bos` of the analysis stages, which read eval-ppl's `chunks` windows.
-pub const WINDOW_SEQ_LEN: ParamDef = ParamDef {
-    name: "seq_len",
-    ty: ParamType::Int { min: Some(2), max: Some(1_048_576) },
-    default: ParamDefault::Json("2048"),
-    help: "window length in tokens (eval-ppl's `chunks` windows)",
-};
-pub const WINDOW_MAX: ParamDef = ParamDef {
-    name: "max_windows",
-    ty: MAX_WINDOWS_TYPE,
-    default: ParamDefault::Optional,
-    help: "use only the first N windows (\"all\": every window, for a profile that lifts a limit)",
 };
 
 /// `max_windows`: a count, or "all".
@@ -47,12 +34,6 @@ pub fn de_max_windows<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u
             .ok_or_else(|| D::Error::custom(format!("max_windows: a count ≥ 1 or \"all\", not {v}"))),
     }
 }
-pub const WINDOW_BOS: ParamDef = ParamDef {
-    name: "bos",
-    ty: ParamType::Enum(&["none", "stream-start", "window-start"]),
-    default: ParamDefault::Json("\"stream-start\""),
-    help: "where BOS goes, as in eval-ppl",
-};
 
 /// How rows become a token stream (eval-ppl, finetune and the analysis stages' windows).
 pub const ENCODE: ParamDef = ParamDef {
@@ -97,55 +78,56 @@ pub fn protocol_encoding(
     encoding(encode, min_row_chars)
 }
 
-/// The analysis stages' texts: eval-ppl windows, or the notebooks' per-text rows.
-pub const TEXTS: ParamDef = ParamDef {
-    name: "texts",
-    ty: ParamType::Enum(&["windows", "rows"]),
-    default: ParamDefault::Json("\"windows\""),
-    help: "windows = eval-ppl's windows (protocol); rows = one text per long row (the criticality notebook)",
-};
-pub const TEXT_PROTOCOL: ParamDef = ParamDef {
-    name: "protocol",
-    ty: ParamType::Enum(&["chunks", "rpt-notebook"]),
-    default: ParamDefault::Json("\"chunks\""),
-    help: "texts = windows: how the stream is cut, as in eval-ppl",
-};
-pub const TEXTS_LONGER_THAN: ParamDef = ParamDef {
-    name: "texts_longer_than",
-    ty: ParamType::UINT,
-    default: ParamDefault::Json("100"),
-    help: "texts = rows: take rows whose stripped length is more than this many characters",
-};
-pub const TEXT_CHARS: ParamDef = ParamDef {
-    name: "text_chars",
-    ty: ParamType::Int { min: Some(1), max: None },
-    default: ParamDefault::Json("500"),
-    help: "texts = rows: cut each row to its first N characters (then tokenise with the tokenizer's special tokens, truncate to seq_len)",
-};
-pub const MAX_TEXTS: ParamDef = ParamDef {
-    name: "max_texts",
-    ty: ParamType::Int { min: Some(1), max: None },
-    default: ParamDefault::Json("20"),
-    help: "texts = rows: the first N such rows",
-};
-
-/// The text parameters of the analysis stages (hook-residuals, perturb), declared by
-/// [`DATA`], [`TEXTS`], [`TEXT_PROTOCOL`], [`ENCODE`], [`MIN_ROW_CHARS`], the `WINDOW_*` and the
-/// row parameters; a stage's `Params` takes them with `#[serde(flatten)]`.
-#[derive(serde::Deserialize)]
-pub struct TextParams {
-    pub data: Json,
-    pub texts: String,
-    pub protocol: String,
-    pub encode: String,
-    pub min_row_chars: usize,
-    pub seq_len: usize,
-    #[serde(default, deserialize_with = "de_max_windows")]
-    pub max_windows: Option<usize>,
-    pub bos: String,
-    pub texts_longer_than: usize,
-    pub text_chars: usize,
-    pub max_texts: usize,
+crate::stage_params! {
+    /// The text parameters of the analysis stages (hook-residuals, perturb): which texts, as
+    /// eval-ppl's windows or the notebooks' per-text rows. A stage's `Params` takes them as a
+    /// group (`..text: TextParams`).
+    group pub struct TextParams {
+        pub data: Json = DATA,
+        pub texts: String {
+            ty: ParamType::Enum(&["windows", "rows"]),
+            default: ParamDefault::Json("\"windows\""),
+            help: "windows = eval-ppl's windows (protocol); rows = one text per long row (the criticality notebook)",
+        },
+        pub protocol: String {
+            ty: ParamType::Enum(&["chunks", "rpt-notebook"]),
+            default: ParamDefault::Json("\"chunks\""),
+            help: "texts = windows: how the stream is cut, as in eval-ppl",
+        },
+        pub encode: String = ENCODE,
+        pub min_row_chars: usize = MIN_ROW_CHARS,
+        pub seq_len: usize {
+            ty: ParamType::Int { min: Some(2), max: Some(1_048_576) },
+            default: ParamDefault::Json("2048"),
+            help: "window length in tokens (eval-ppl's `chunks` windows)",
+        },
+        #[serde(default, deserialize_with = "de_max_windows")]
+        pub max_windows: Option<usize> {
+            ty: MAX_WINDOWS_TYPE,
+            default: ParamDefault::Optional,
+            help: "use only the first N windows (\"all\": every window, for a profile that lifts a limit)",
+        },
+        pub bos: String {
+            ty: ParamType::Enum(&["none", "stream-start", "window-start"]),
+            default: ParamDefault::Json("\"stream-start\""),
+            help: "where BOS goes, as in eval-ppl",
+        },
+        pub texts_longer_than: usize {
+            ty: ParamType::UINT,
+            default: ParamDefault::Json("100"),
+            help: "texts = rows: take rows whose stripped length is more than this many characters",
+        },
+        pub text_chars: usize {
+            ty: ParamType::Int { min: Some(1), max: None },
+            default: ParamDefault::Json("500"),
+            help: "texts = rows: cut each row to its first N characters (then tokenise with the tokenizer's special tokens, truncate to seq_len)",
+        },
+        pub max_texts: usize {
+            ty: ParamType::Int { min: Some(1), max: None },
+            default: ParamDefault::Json("20"),
+            help: "texts = rows: the first N such rows",
+        },
+    }
 }
 
 impl TextParams {

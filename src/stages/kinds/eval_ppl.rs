@@ -4,13 +4,12 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
 use crate::data::Protocol;
 use crate::exec::{
-    typed_params, ArtifactType, FileHasher, InputDef, KindSchema, MetricDef, ParamDef, ParamDefault, ParamType,
-    ReportContract, Role, Stage, StageContext,
+    typed_params, ArtifactType, FileHasher, InputDef, KindSchema, MetricDef, ParamDefault, ParamType, ReportContract,
+    Role, Stage, StageContext,
 };
 use crate::stages::common::model_artifact as artifact;
 use crate::stages::common::scoring;
@@ -21,63 +20,47 @@ pub static SCHEMA: KindSchema = KindSchema {
     version: 2,
     help: "Perplexity (and bits per byte) on a text source under a named protocol.",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to evaluate" }],
-    params: &[
-        text_param::DATA,
-        ParamDef {
-            name: "protocol",
+    params: Params::PARAMS,
+    output: ArtifactType::Metrics,
+};
+
+crate::stage_params! {
+    struct Params {
+        data: Json = text_param::DATA,
+        protocol: String {
             ty: ParamType::Enum(&Protocol::NAMES),
             default: ParamDefault::Json("\"chunks\""),
             help: "chunks = Wanda/SparseGPT windows; llama-cpp = second half of each chunk; rolling = strided; rpt-notebook = range(0, n-L, L) windows; texts = each row its own window (token-weighted)",
         },
-        text_param::ENCODE,
-        text_param::MIN_ROW_CHARS,
-        ParamDef {
-            name: "seq_len",
+        encode: String = text_param::ENCODE,
+        min_row_chars: usize = text_param::MIN_ROW_CHARS,
+        seq_len: usize {
             ty: ParamType::Int { min: Some(2), max: Some(1_048_576) },
             default: ParamDefault::Json("2048"),
             help: "window length in tokens",
         },
-        ParamDef {
-            name: "stride",
+        stride: Option<usize> {
             ty: ParamType::Int { min: Some(1), max: Some(1_048_576) },
             default: ParamDefault::Optional,
             help: "rolling only: tokens between window starts",
         },
-        ParamDef {
-            name: "batch",
+        batch: usize {
             ty: ParamType::Int { min: Some(1), max: Some(65_536) },
             default: ParamDefault::Json("1"),
             help: "windows per forward pass",
         },
-        ParamDef {
-            name: "max_windows",
+        #[serde(default, deserialize_with = "text_param::de_max_windows")]
+        max_windows: Option<usize> {
             ty: text_param::MAX_WINDOWS_TYPE,
             default: ParamDefault::Optional,
             help: "evaluate only the first N windows (\"all\": every window)",
         },
-        ParamDef {
-            name: "bos",
+        bos: String {
             ty: ParamType::Enum(&["none", "stream-start", "window-start"]),
             default: ParamDefault::Json("\"stream-start\""),
             help: "where BOS goes: nowhere, once before the text (Wanda), or at each window start (llama.cpp)",
         },
-    ],
-    output: ArtifactType::Metrics,
-};
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Params {
-    data: Json,
-    protocol: String,
-    encode: String,
-    min_row_chars: usize,
-    seq_len: usize,
-    stride: Option<usize>,
-    batch: usize,
-    #[serde(default, deserialize_with = "text_param::de_max_windows")]
-    max_windows: Option<usize>,
-    bos: String,
+    }
 }
 
 /// Its role for reports and every top-level metric `run` writes.

@@ -2,12 +2,11 @@
 //! labelled correct / wrong / repetitive — the "text" column of the researcher's tables.
 
 use anyhow::Result;
-use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
 use crate::exec::{
-    typed_params, ArtifactType, InputDef, KindSchema, MetricDef, ParamDef, ParamDefault, ParamType, ReportContract,
-    Role, Stage, StageContext,
+    typed_params, ArtifactType, InputDef, KindSchema, MetricDef, ParamDefault, ParamType, ReportContract, Role, Stage,
+    StageContext,
 };
 use crate::model::{Bos, GenerateOptions, Sampling};
 use crate::stages::common::generation::{generate_labelled, prompts_of};
@@ -18,38 +17,48 @@ pub static SCHEMA: KindSchema = KindSchema {
     version: 1,
     help: "Generates continuations of prompts and labels each correct / wrong / repetitive (or unscored without an expected answer).",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model" }],
-    params: &[
-        ParamDef {
-            name: "prompts",
+    params: Params::PARAMS,
+    output: ArtifactType::Text,
+};
+
+crate::stage_params! {
+    struct Params {
+        prompts: Json {
             ty: ParamType::Either(&[ParamType::Str, ParamType::List(&ParamType::Any)]),
             default: ParamDefault::Json("\"facts\""),
             help: "a named prompt set (\"facts\") or a list of strings / { prompt, expected } tables",
         },
-        ParamDef { name: "max_new_tokens", ty: ParamType::Int { min: Some(1), max: Some(1_000_000) }, default: ParamDefault::Json("16"), help: "tokens to generate per prompt" },
-        ParamDef { name: "temperature", ty: ParamType::Float { min: Some(0.0), max: None }, default: ParamDefault::Json("0.0"), help: "0 = greedy" },
-        ParamDef { name: "top_p", ty: ParamType::Float { min: Some(0.0), max: Some(1.0) }, default: ParamDefault::Json("1.0"), help: "nucleus sampling (with temperature > 0)" },
-        ParamDef { name: "seed", ty: ParamType::UINT, default: ParamDefault::PipelineSeed, help: "sampling seed" },
-        ParamDef { name: "bos", ty: ParamType::Enum(&["add", "none"]), default: ParamDefault::Json("\"add\""), help: "start each prompt with BOS" },
-        ParamDef {
-            name: "repetition_threshold",
+        max_new_tokens: usize {
+            ty: ParamType::Int { min: Some(1), max: Some(1_000_000) },
+            default: ParamDefault::Json("16"),
+            help: "tokens to generate per prompt",
+        },
+        temperature: f64 {
+            ty: ParamType::Float { min: Some(0.0), max: None },
+            default: ParamDefault::Json("0.0"),
+            help: "0 = greedy",
+        },
+        top_p: f64 {
+            ty: ParamType::Float { min: Some(0.0), max: Some(1.0) },
+            default: ParamDefault::Json("1.0"),
+            help: "nucleus sampling (with temperature > 0)",
+        },
+        seed: u64 {
+            ty: ParamType::UINT,
+            default: ParamDefault::PipelineSeed,
+            help: "sampling seed",
+        },
+        bos: String {
+            ty: ParamType::Enum(&["add", "none"]),
+            default: ParamDefault::Json("\"add\""),
+            help: "start each prompt with BOS",
+        },
+        repetition_threshold: f64 {
             ty: ParamType::FRACTION,
             default: ParamDefault::Json("0.5"),
             help: "a continuation whose distinct-bigram ratio is below this is labelled repetitive",
         },
-    ],
-    output: ArtifactType::Text,
-};
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Params {
-    prompts: Json,
-    max_new_tokens: usize,
-    temperature: f64,
-    top_p: f64,
-    seed: u64,
-    bos: String,
-    repetition_threshold: f64,
+    }
 }
 
 /// Its role for reports and every top-level metric `run` writes.

@@ -7,13 +7,12 @@ use std::cell::RefCell;
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
-use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
 use crate::analysis::residual::Cut;
 use crate::exec::{
-    typed_params, ArtifactType, FileHasher, InputDef, KindSchema, MetricDef, ParamDef, ParamDefault, ParamType,
-    ReportContract, Role, Stage, StageContext,
+    typed_params, ArtifactType, FileHasher, InputDef, KindSchema, MetricDef, ParamDefault, ParamType, ReportContract,
+    Role, Stage, StageContext,
 };
 use crate::model::{Bos, GenerateOptions, Sampling};
 use crate::stages::common::generation::{generate_labelled, prompts_of, Prompt};
@@ -27,77 +26,49 @@ pub static SCHEMA: KindSchema = KindSchema {
     version: 2,
     help: "Per-layer statistics of the residual corrections c = h_out − h_in over the windows or texts of a text source; optionally zeroes small entries of c (absolute threshold, or a percentile per token or per layer tensor) and reports the zeroed fractions, perplexity and generations.",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to analyse" }],
-    params: &[
-        text_param::DATA,
-        text_param::TEXTS,
-        text_param::TEXT_PROTOCOL,
-        text_param::ENCODE,
-        text_param::MIN_ROW_CHARS,
-        text_param::WINDOW_SEQ_LEN,
-        text_param::WINDOW_MAX,
-        text_param::WINDOW_BOS,
-        text_param::TEXTS_LONGER_THAN,
-        text_param::TEXT_CHARS,
-        text_param::MAX_TEXTS,
-        ParamDef {
-            name: "rel_tol",
+    params: Params::PARAMS,
+    output: ArtifactType::Metrics,
+};
+
+crate::stage_params! {
+    struct Params {
+        ..text: text_param::TextParams,
+        rel_tol: f64 {
             ty: ParamType::Float { min: Some(0.0), max: None },
             default: ParamDefault::Json("0.001"),
             help: "near-zero: |c| ≤ rel_tol · ‖h_in‖/√d of its token",
         },
-        ParamDef {
-            name: "threshold",
+        threshold: Option<f64> {
             ty: ParamType::Float { min: Some(0.0), max: None },
             default: ParamDefault::Optional,
             help: "intervention: zero the entries of c with |c| < threshold",
         },
-        ParamDef {
-            name: "percentile",
+        percentile: Option<f64> {
             ty: ParamType::Float { min: Some(0.0), max: Some(100.0) },
             default: ParamDefault::Optional,
             help: "intervention: zero the entries of c below the p-th percentile of |c| (of their token, or of the layer's whole tensor: percentile_scope)",
         },
-        ParamDef {
-            name: "percentile_scope",
+        percentile_scope: String {
             ty: ParamType::Enum(&["token", "tensor"]),
             default: ParamDefault::Json("\"token\""),
             help: "token = each token's own percentile (100 zeroes all); tensor = one percentile over the layer's whole correction of a forward pass (the notebook's code)",
         },
-        ParamDef {
-            name: "layers",
+        layers: Json {
             ty: ParamType::Either(&[ParamType::Enum(&["all"]), ParamType::List(&ParamType::UINT)]),
             default: ParamDefault::Json("\"all\""),
             help: "layers the intervention applies to: \"all\" or a list of indices",
         },
-        ParamDef {
-            name: "generate",
+        generate: Json {
             ty: ParamType::Either(&[ParamType::Bool, ParamType::Str, ParamType::List(&ParamType::Any)]),
             default: ParamDefault::Json("false"),
             help: "also generate (greedy, with the intervention): true = the \"facts\" prompt set, or a set name / list as in generate",
         },
-        ParamDef {
-            name: "max_new_tokens",
+        max_new_tokens: usize {
             ty: ParamType::Int { min: Some(1), max: Some(1_000_000) },
             default: ParamDefault::Json("16"),
             help: "tokens to generate per prompt",
         },
-    ],
-    output: ArtifactType::Metrics,
-};
-
-/// (No `deny_unknown_fields`: serde cannot combine it with `flatten`; the schema check has
-/// already refused unknown parameters.)
-#[derive(Deserialize)]
-struct Params {
-    #[serde(flatten)]
-    text: text_param::TextParams,
-    rel_tol: f64,
-    threshold: Option<f64>,
-    percentile: Option<f64>,
-    percentile_scope: String,
-    layers: Json,
-    generate: Json,
-    max_new_tokens: usize,
+    }
 }
 
 /// A pruning and the layers it applies to (`None`: all).

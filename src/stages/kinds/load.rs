@@ -3,13 +3,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
-use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
 use crate::data::Source;
 use crate::exec::{
-    typed_params, ArtifactType, FileHasher, KindSchema, MetricDef, ParamDef, ParamDefault, ParamType, ReportContract,
-    Role, Stage, StageContext,
+    typed_params, ArtifactType, FileHasher, KindSchema, MetricDef, ParamDefault, ParamType, ReportContract, Role,
+    Stage, StageContext,
 };
 use crate::model::{hub::HubSpec, LoadOptions, Model, ModelConfig, Quantization};
 use crate::stages::common::model_artifact::{self as artifact, ModelSettings};
@@ -19,35 +18,28 @@ pub static SCHEMA: KindSchema = KindSchema {
     version: 1,
     help: "Loads a model: \"hf:org/name[@revision]\", \"builtin:<name>\", { path = \"dir\" }, or { random = {config.json fields}, seed = N, tokenizer = <text source> }.",
     inputs: &[],
-    params: &[
-        ParamDef {
-            name: "model",
+    params: Params::PARAMS,
+    output: ArtifactType::Model,
+};
+
+crate::stage_params! {
+    struct Params {
+        model: Json {
             ty: ParamType::Either(&[ParamType::Str, ParamType::Table]),
             default: ParamDefault::Required,
             help: "model source",
         },
-        ParamDef {
-            name: "dtype",
+        dtype: String {
             ty: ParamType::Enum(&["f32", "bf16"]),
             default: ParamDefault::Json("\"f32\""),
             help: "compute dtype (f16 is refused for bitnet)",
         },
-        ParamDef {
-            name: "quantization",
+        quantization: String {
             ty: ParamType::Enum(&["auto", "ternary", "none"]),
             default: ParamDefault::Json("\"auto\""),
             help: "auto = as transformers decides from config.json",
         },
-    ],
-    output: ArtifactType::Model,
-};
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Params {
-    model: Json,
-    dtype: String,
-    quantization: String,
+    }
 }
 
 /// The parsed `model = …` value.

@@ -9,15 +9,13 @@ use std::cell::RefCell;
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
-use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
-use crate::analysis::norm;
-use crate::analysis::perturb::{branching_summary, frobenius_deviation, growth, relative_deviation};
+use crate::analysis::perturb::{branching_summary, frobenius_deviation, growth, noise, relative_deviation};
 use crate::data::SplitMix64;
 use crate::exec::{
-    typed_params, ArtifactType, FileHasher, InputDef, KindSchema, MetricDef, ParamDef, ParamDefault, ParamType,
-    ReportContract, Role, Stage, StageContext,
+    typed_params, ArtifactType, FileHasher, InputDef, KindSchema, MetricDef, ParamDefault, ParamType, ReportContract,
+    Role, Stage, StageContext,
 };
 use crate::model::{HookPoint, Hooks};
 use crate::stages::common::model_artifact as artifact;
@@ -30,81 +28,29 @@ pub static SCHEMA: KindSchema = KindSchema {
     version: 2,
     help: "Adds seeded Gaussian noise to the embedding output and measures the relative deviation δ at every layer boundary: amplification, Lyapunov exponent, local exponents, branching ratios.",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to analyse" }],
-    params: &[
-        text_param::DATA,
-        text_param::TEXTS,
-        text_param::TEXT_PROTOCOL,
-        text_param::ENCODE,
-        text_param::MIN_ROW_CHARS,
-        text_param::WINDOW_SEQ_LEN,
-        text_param::WINDOW_MAX,
-        text_param::WINDOW_BOS,
-        text_param::TEXTS_LONGER_THAN,
-        text_param::TEXT_CHARS,
-        text_param::MAX_TEXTS,
-        ParamDef {
-            name: "eps",
+    params: Params::PARAMS,
+    output: ArtifactType::Metrics,
+};
+
+crate::stage_params! {
+    struct Params {
+        ..text: text_param::TextParams,
+        eps: f64 {
             ty: ParamType::Float { min: Some(0.0), max: None },
             default: ParamDefault::Json("0.01"),
             help: "noise scale (relative: a fraction of each token's embedding RMS; absolute: the standard deviation)",
         },
-        ParamDef {
-            name: "scale",
+        scale: String {
             ty: ParamType::Enum(&["absolute", "relative"]),
             default: ParamDefault::Json("\"absolute\""),
             help: "how eps is read: absolute = σ (the notebook: randn · 0.01), relative = a fraction of each token's RMS",
         },
-        ParamDef { name: "seed", ty: ParamType::UINT, default: ParamDefault::PipelineSeed, help: "noise seed" },
-    ],
-    output: ArtifactType::Metrics,
-};
-
-/// (No `deny_unknown_fields`: serde cannot combine it with `flatten`; the schema check has
-/// already refused unknown parameters.)
-#[derive(Deserialize)]
-struct Params {
-    #[serde(flatten)]
-    text: text_param::TextParams,
-    eps: f64,
-    scale: String,
-    seed: u64,
-}
-
-/// Standard normal deviates by the Box–Muller transform on SplitMix64 uniforms.
-struct Gaussian {
-    rng: SplitMix64,
-    spare: Option<f64>,
-}
-
-impl Gaussian {
-    fn new(rng: SplitMix64) -> Gaussian {
-        Gaussian { rng, spare: None }
+        seed: u64 {
+            ty: ParamType::UINT,
+            default: ParamDefault::PipelineSeed,
+            help: "noise seed",
+        },
     }
-
-    fn next(&mut self) -> f64 {
-        if let Some(z) = self.spare.take() {
-            return z;
-        }
-        // u1 in (0, 1] (never 0, so the log is finite), u2 in [0, 1).
-        let u1 = ((self.rng.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64;
-        let u2 = (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        let r = (-2.0 * u1.ln()).sqrt();
-        let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
-        self.spare = Some(r * s);
-        r * c
-    }
-}
-
-/// The noise for one window's embedding output `x` (`[tokens, hidden]`, f32): per token, i.i.d.
-/// N(0, σ²) with σ = eps · RMS(token) (relative) or σ = eps (absolute).
-fn noise(x: &[f32], hidden: usize, eps: f64, relative: bool, rng: SplitMix64) -> Vec<f32> {
-    let mut g = Gaussian::new(rng);
-    let mut out = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(hidden) {
-        let sigma = if relative { eps * norm(row) / (hidden as f64).sqrt() } else { eps };
-        out.extend((0..hidden).map(|_| (sigma * g.next()) as f32));
-    }
-    out
 }
 
 fn to_f32(x: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -279,32 +225,5 @@ impl Stage for Perturb {
             "tokens": positions,
             "protocol": eval.protocol_json(&open),
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn box_muller_gives_standard_normals() {
-        let mut g = Gaussian::new(SplitMix64::new(7));
-        let z: Vec<f64> = (0..20000).map(|_| g.next()).collect();
-        let mean = z.iter().sum::<f64>() / z.len() as f64;
-        let var = z.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / z.len() as f64;
-        assert!(mean.abs() < 0.03, "mean {mean}");
-        assert!((var - 1.0).abs() < 0.05, "variance {var}");
-        assert!(z.iter().all(|x| x.is_finite()));
-    }
-
-    #[test]
-    fn relative_noise_has_the_token_rms_times_eps() {
-        let hidden = 4096;
-        let x: Vec<f32> = (0..2 * hidden).map(|j| if j < hidden { 3.0 } else { 0.0 }).collect();
-        let n = noise(&x, hidden, 0.01, true, SplitMix64::new(1));
-        let rms = norm(&n[..hidden]) / (hidden as f64).sqrt();
-        assert!((rms - 0.03).abs() < 0.002, "rms {rms}");
-        assert!(n[hidden..].iter().all(|v| *v == 0.0), "a zero token gets no relative noise");
-        assert_eq!(n, noise(&x, hidden, 0.01, true, SplitMix64::new(1)), "seeded");
     }
 }

@@ -3,9 +3,9 @@
 //! exactly zero (or, as the RPT notebooks did, letting them grow back and reporting the regrowth),
 //! checkpointing resumable state so that an interrupted run continues to the same bit-identical
 //! result. In a chain, each fine-tune continues the data stream where its lineage stopped.
+//! The learning-rate schedule and the clipping factor are `analysis::optim`.
 
 mod adamw;
-mod schedule;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,10 +16,11 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value as Json};
 
+use crate::analysis::optim;
 use crate::data::{self, TrainBatches};
 use crate::exec::{
-    typed_params, ArtifactType, FileHasher, InputDef, KindSchema, MetricDef, ParamDef, ParamDefault, ParamType,
-    ReportContract, Role, Stage, StageContext,
+    typed_params, ArtifactType, FileHasher, InputDef, KindSchema, MetricDef, ParamDefault, ParamType, ReportContract,
+    Role, Stage, StageContext,
 };
 use crate::model::Model;
 use crate::stages::common::model_artifact as artifact;
@@ -31,152 +32,122 @@ pub static SCHEMA: KindSchema = KindSchema {
     version: 2,
     help: "AdamW fine-tuning (quantisation-aware for BitNet), pruned positions kept at zero or free to regrow, resumable mid-stage.",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to train" }],
-    params: &[
-        text_param::DATA,
-        text_param::ENCODE,
-        text_param::MIN_ROW_CHARS,
-        ParamDef {
-            name: "batches",
+    params: Params::PARAMS,
+    output: ArtifactType::Model,
+};
+
+crate::stage_params! {
+    #[derive(Clone)]
+    struct Params {
+        data: Json = text_param::DATA,
+        encode: String = text_param::ENCODE,
+        min_row_chars: usize = text_param::MIN_ROW_CHARS,
+        batches: String {
             ty: ParamType::Enum(&["windows", "chunks"]),
             default: ParamDefault::Json("\"windows\""),
             help: "windows = random windows of seq_len + 1 tokens; chunks = the notebooks' fixed seq_len chunks (range(0, n-L, L)) drawn with replacement, seq_len - 1 targets each",
         },
-        ParamDef {
-            name: "stream",
+        stream: String {
             ty: ParamType::Enum(&["continue", "restart"]),
             default: ParamDefault::Json("\"continue\""),
             help: "continue = start the batch stream after the steps the input's lineage was already trained (each chain level sees new batches); restart = from step 0",
         },
-        ParamDef {
-            name: "masks",
+        masks: String {
             ty: ParamType::Enum(&["keep", "ignore"]),
             default: ParamDefault::Json("\"keep\""),
             help: "keep = pruned positions stay exactly zero; ignore = they get gradients and may grow back (the notebooks); the output then has no mask",
         },
-        ParamDef {
-            name: "optimizer_precision",
+        optimizer_precision: String {
             ty: ParamType::Enum(&["f32", "model"]),
             default: ParamDefault::Json("\"f32\""),
             help: "f32 = f32 moments and master weights; model = moments and updates in the model's dtype (bf16 on the 2B model, as the notebooks' torch AdamW)",
         },
-        ParamDef {
-            name: "steps",
+        steps: u64 {
             ty: ParamType::Int { min: Some(1), max: Some(100_000_000) },
             default: ParamDefault::Json("300"),
             help: "optimizer steps",
         },
-        ParamDef {
-            name: "batch",
+        batch: usize {
             ty: ParamType::Int { min: Some(1), max: Some(65_536) },
             default: ParamDefault::Json("64"),
             help: "sequences per step (the effective batch)",
         },
-        ParamDef {
-            name: "micro_batch",
+        micro_batch: Option<usize> {
             ty: ParamType::Int { min: Some(1), max: Some(65_536) },
             default: ParamDefault::Optional,
             help: "sequences per forward/backward (gradient accumulation); default = batch",
         },
-        ParamDef {
-            name: "seq_len",
+        seq_len: usize {
             ty: ParamType::Int { min: Some(2), max: Some(1_048_576) },
             default: ParamDefault::Json("128"),
             help: "tokens per sequence",
         },
-        ParamDef {
-            name: "lr",
+        lr: f64 {
             ty: ParamType::Float { min: Some(0.0), max: None },
             default: ParamDefault::Json("5e-4"),
             help: "peak learning rate",
         },
-        ParamDef { name: "beta1", ty: ParamType::FRACTION, default: ParamDefault::Json("0.9"), help: "AdamW β1" },
-        ParamDef { name: "beta2", ty: ParamType::FRACTION, default: ParamDefault::Json("0.999"), help: "AdamW β2" },
-        ParamDef {
-            name: "eps",
+        beta1: f64 {
+            ty: ParamType::FRACTION,
+            default: ParamDefault::Json("0.9"),
+            help: "AdamW β1",
+        },
+        beta2: f64 {
+            ty: ParamType::FRACTION,
+            default: ParamDefault::Json("0.999"),
+            help: "AdamW β2",
+        },
+        eps: f64 {
             ty: ParamType::Float { min: Some(0.0), max: None },
             default: ParamDefault::Json("1e-8"),
             help: "AdamW ε",
         },
-        ParamDef {
-            name: "weight_decay",
+        weight_decay: f64 {
             ty: ParamType::Float { min: Some(0.0), max: None },
             default: ParamDefault::Json("0.01"),
             help: "decoupled weight decay",
         },
-        ParamDef {
-            name: "schedule",
+        schedule: String {
             ty: ParamType::Enum(&["cosine", "constant"]),
             default: ParamDefault::Json("\"cosine\""),
             help: "cosine = torch CosineAnnealingLR with T_max = steps",
         },
-        ParamDef {
-            name: "eta_min",
+        eta_min: f64 {
             ty: ParamType::Float { min: Some(0.0), max: None },
             default: ParamDefault::Json("0.0"),
             help: "cosine floor",
         },
-        ParamDef {
-            name: "warmup_steps",
+        warmup_steps: u64 {
             ty: ParamType::UINT,
             default: ParamDefault::Json("0"),
             help: "linear warmup steps",
         },
-        ParamDef {
-            name: "grad_clip",
+        grad_clip: Option<f64> {
             ty: ParamType::Float { min: Some(0.0), max: None },
             default: ParamDefault::Optional,
             help: "clip the global gradient norm to this",
         },
-        ParamDef {
-            name: "trainable",
+        trainable: String {
             ty: ParamType::Enum(&["no-embeddings", "all", "projections"]),
             default: ParamDefault::Json("\"no-embeddings\""),
             help: "which tensors train: all but the (tied) embedding, everything, or only the projections",
         },
-        ParamDef { name: "seed", ty: ParamType::UINT, default: ParamDefault::PipelineSeed, help: "data order seed" },
-        ParamDef {
-            name: "checkpoint_every",
+        seed: u64 {
+            ty: ParamType::UINT,
+            default: ParamDefault::PipelineSeed,
+            help: "data order seed",
+        },
+        checkpoint_every: u64 {
             ty: ParamType::Int { min: Some(1), max: None },
             default: ParamDefault::Json("50"),
             help: "steps between resumable checkpoints",
         },
-        ParamDef {
-            name: "checkpoint_minutes",
+        checkpoint_minutes: f64 {
             ty: ParamType::Float { min: Some(0.0), max: None },
             default: ParamDefault::Json("10.0"),
             help: "also checkpoint when this much time passed since the last one",
         },
-    ],
-    output: ArtifactType::Model,
-};
-
-#[derive(Deserialize, Clone)]
-#[serde(deny_unknown_fields)]
-struct Params {
-    data: Json,
-    encode: String,
-    min_row_chars: usize,
-    batches: String,
-    stream: String,
-    masks: String,
-    optimizer_precision: String,
-    steps: u64,
-    batch: usize,
-    micro_batch: Option<usize>,
-    seq_len: usize,
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-    schedule: String,
-    eta_min: f64,
-    warmup_steps: u64,
-    grad_clip: Option<f64>,
-    trainable: String,
-    seed: u64,
-    checkpoint_every: u64,
-    checkpoint_minutes: f64,
+    }
 }
 
 /// What a checkpoint holds besides tensors.
@@ -329,7 +300,7 @@ impl Stage for Finetune {
             if let Some(clip) = p.grad_clip {
                 clip_global_norm(&mut grads, clip)?;
             }
-            let lr = schedule::lr_at(&p.schedule, p.lr, p.eta_min, p.warmup_steps, p.steps, t);
+            let lr = optim::lr_at(&p.schedule, p.lr, p.eta_min, p.warmup_steps, p.steps, t);
             opt.step(&grads, lr)?;
             progress.step += 1;
             progress.loss.push((progress.step, loss_sum));
@@ -461,14 +432,13 @@ fn verify_masks(params: &[(String, Var)], masks: &[Option<Tensor>]) -> Result<()
     Ok(())
 }
 
+/// Clips the gradients' global norm to `max_norm` (the factor: [`optim::clip_scale`]).
 fn clip_global_norm(grads: &mut [Tensor], max_norm: f64) -> Result<()> {
-    let mut sq = 0f64;
-    for g in grads.iter() {
-        sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-    }
-    let norm = sq.sqrt();
-    if norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
+    let squared = grads
+        .iter()
+        .map(|g| Ok(g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64))
+        .collect::<Result<Vec<f64>>>()?;
+    if let Some(scale) = optim::clip_scale(squared, max_norm) {
         for g in grads.iter_mut() {
             *g = (&*g * scale)?;
         }
