@@ -91,4 +91,26 @@ mod tests {
             assert!(e.contains("unknown field `no_such_parameter`"), "{kind}: an unknown parameter: {e}");
         }
     }
+
+    /// Each kind's report contract covers what the report reads for its roles, names each
+    /// metric once with help, and every shipped kind has one. (The executor checks each run's
+    /// metrics against it, so the tiny pipelines in tests/stages check the other direction.)
+    #[test]
+    fn every_kind_declares_what_its_report_roles_read() {
+        for stage in super::registry().iter() {
+            let kind = stage.schema().kind;
+            let c = stage.report();
+            assert!(!c.roles.is_empty(), "{kind}: declares no report role");
+            let mut names: Vec<&str> = c.metrics.iter().map(|m| m.name).collect();
+            names.sort_unstable();
+            names.dedup();
+            assert_eq!(names.len(), c.metrics.len(), "{kind}: a metric is declared twice");
+            assert!(c.metrics.iter().all(|m| !m.help.is_empty()), "{kind}: a metric without help");
+            for role in c.roles {
+                for read in role.reads() {
+                    assert!(c.metric(read).is_some(), "{kind}: role {role:?} reads `{read}`, which it does not declare");
+                }
+            }
+        }
+    }
 }
