@@ -13,5 +13,6 @@ pub mod hub;
 pub mod model;
 pub mod plan;
 pub mod report;
+pub mod rng;
 pub mod spec;
 pub mod stages;

@@ -8,8 +8,8 @@ use super::causal_lm::{Model, PROJECTIONS};
 use super::config::{Arch, ModelConfig, Quantization, WeightFormat};
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
-use super::rng::Rng;
 use super::rope::Rope;
+use crate::rng::SplitMix64;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::{BTreeMap, HashMap};
@@ -193,7 +193,7 @@ impl Model {
         }
         check_dtype(&cfg, opts.dtype)?;
         let std = cfg.raw.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02);
-        let mut rng = Rng::new(seed);
+        let mut rng = SplitMix64::new(seed);
         let mut tensors = HashMap::new();
         for (name, shape) in expected(&cfg) {
             let n: usize = shape.iter().product();

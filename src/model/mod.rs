@@ -18,7 +18,6 @@ pub mod mode;
 pub mod norm;
 pub mod pack;
 pub mod quant;
-pub mod rng;
 pub mod rope;
 pub mod tokenizer;
 
