@@ -13,6 +13,7 @@ pub mod hub;
 pub mod model;
 pub mod plan;
 pub mod report;
+pub mod rng;
 pub mod session;
 pub mod spec;
 pub mod stages;

@@ -23,7 +23,7 @@ pub fn notebook_sample(values: &[f32], g: usize, sample: usize, seed: u64) -> Ve
     if nonzero.len() <= sample {
         return nonzero;
     }
-    let mut rng = crate::data::SplitMix64::keyed(seed, &[g as u64]);
+    let mut rng = crate::rng::SplitMix64::keyed(seed, &[g as u64]);
     let n = nonzero.len();
     let mut chosen = std::collections::HashSet::with_capacity(sample);
     for j in n - sample..n {
@@ -184,7 +184,7 @@ mod tests {
 
     #[test]
     fn global_selection_matches_a_sort_on_random_data() {
-        let mut s = crate::data::SplitMix64::new(5);
+        let mut s = crate::rng::SplitMix64::new(5);
         let vals: Vec<f32> = (0..10_000).map(|_| (s.next_u64() % 2001) as f32 / 1000.0 - 1.0).collect();
         for sparsity in [0.0, 0.013, 0.5, 0.9999, 1.0] {
             let mut keep = vec![vec![1u8; vals.len()]];

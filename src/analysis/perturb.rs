@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use super::norm;
-use crate::data::SplitMix64;
+use crate::rng::SplitMix64;
 
 /// Mean over tokens of ‖noisy − clean‖ / ‖clean‖ for `[tokens, hidden]` slices. Tokens with a zero
 /// clean norm are skipped; returns (mean, tokens used).

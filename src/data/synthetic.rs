@@ -10,7 +10,8 @@
 use anyhow::Result;
 use serde_json::json;
 
-use super::{error::DataError, rng::SplitMix64};
+use super::error::DataError;
+use crate::rng::SplitMix64;
 
 /// Bump when the world, the templates or the generation procedure change: it is part of every
 /// synthetic source's identity, so cached results made from older text stop matching.

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
-use super::{error::DataError, rng::SplitMix64};
+use super::error::DataError;
+use crate::rng::SplitMix64;
 
 /// Draws the batches of a fine-tune. Batch `step` depends on `(seed, step)` and the token
 /// stream only — no generator state is carried from one step to the next — so a run resumed

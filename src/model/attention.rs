@@ -2,9 +2,11 @@
 //! before `o_proj`.
 
 use super::bitlinear::Projection;
+use super::config::{ModelConfig, Quantization, WeightFormat};
 use super::mode::Mode;
 use super::norm::RmsNorm;
 use super::rope::Rope;
+use super::vb::Vb;
 use candle_core::{DType, Device, Result, Tensor, D};
 
 /// Self-attention of one layer.
@@ -38,6 +40,29 @@ fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
 }
 
 impl Attention {
+    /// `{q,k,v,o}_proj` and (BitNet) `attn_sub_norm` under `vb` (`model.layers.{l}.self_attn`).
+    /// q, k, v, o in this order: random initialisation draws them in load order.
+    pub(crate) fn load(mut vb: Vb<'_>, cfg: &ModelConfig, quant: Quantization) -> anyhow::Result<Self> {
+        let (h, q, kv) = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        let packed = cfg.weight_format == WeightFormat::Packed;
+        let mut proj = |name: &str, shape| Projection::load(vb.pp(name), shape, packed, quant);
+        let (q_proj, k_proj, v_proj, o_proj) =
+            (proj("q_proj", [q, h])?, proj("k_proj", [kv, h])?, proj("v_proj", [kv, h])?, proj("o_proj", [h, q])?);
+        // transformers sizes the sub-norm by hidden_size (= heads · head_dim in every BitNet).
+        let sub_norm =
+            if cfg.is_bitnet() { Some(RmsNorm::load(vb.pp("attn_sub_norm"), h, cfg.rms_norm_eps)?) } else { None };
+        Ok(Self {
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            sub_norm,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+
     /// `x [b, t, hidden]`; `offset` = number of cached positions; `kv` = this layer's cache slot.
     pub fn forward(
         &self,

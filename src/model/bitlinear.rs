@@ -9,14 +9,15 @@
 use super::config::Quantization;
 use super::mode::Mode;
 use super::quant::{act_fake_quant, ste, weight_fake_quant};
+use super::vb::{Param, Role, Vb};
 use candle_core::{Result, Tensor, Var};
 use std::sync::{Arc, RwLock};
 
 /// The stored weight of a projection.
 #[derive(Debug, Clone)]
-pub enum ProjWeight {
-    Dense(Var),
-    Packed { codes: Var, scale: Tensor },
+pub(crate) enum ProjWeight {
+    Dense(Param),
+    Packed { codes: Param, scale: Param },
 }
 
 /// One projection layer.
@@ -29,16 +30,29 @@ pub struct Projection {
 }
 
 impl Projection {
-    pub fn new(weight: ProjWeight, quant: Quantization) -> Self {
-        Self { weight, quant, cache: Arc::new(RwLock::new(None)) }
+    /// `weight [out, in]` under `vb`, or for a packed checkpoint its ternary codes and
+    /// `weight_scale`.
+    pub(crate) fn load(mut vb: Vb<'_>, shape: [usize; 2], packed: bool, quant: Quantization) -> anyhow::Result<Self> {
+        let w = vb.param(&shape, "weight", if packed { Role::Codes } else { Role::Projection })?;
+        let weight = if packed {
+            ProjWeight::Packed { codes: w, scale: vb.param(&[1], "weight_scale", Role::Scale)? }
+        } else {
+            ProjWeight::Dense(w)
+        };
+        Ok(Self { weight, quant, cache: Arc::new(RwLock::new(None)) })
+    }
+
+    /// The stored weight (latent matrix or ternary codes) and its checkpoint name.
+    pub(crate) fn param(&self) -> &Param {
+        match &self.weight {
+            ProjWeight::Dense(p) => p,
+            ProjWeight::Packed { codes, .. } => codes,
+        }
     }
 
     /// The tensor that holds this projection's weight (latent matrix or ternary codes).
     pub fn var(&self) -> &Var {
-        match &self.weight {
-            ProjWeight::Dense(v) => v,
-            ProjWeight::Packed { codes, .. } => codes,
-        }
+        &self.param().var
     }
 
     /// Drop the cached quantised weight (call after the weight was changed).
@@ -53,9 +67,9 @@ impl Projection {
             }
         }
         let w = match (&self.weight, self.quant) {
-            (ProjWeight::Dense(v), Quantization::Ternary) => weight_fake_quant(v.as_tensor())?,
-            (ProjWeight::Dense(v), Quantization::None) => v.as_detached_tensor(),
-            (ProjWeight::Packed { codes, .. }, _) => codes.as_detached_tensor(),
+            (ProjWeight::Dense(p), Quantization::Ternary) => weight_fake_quant(p.var.as_tensor())?,
+            (ProjWeight::Dense(p), Quantization::None) => p.var.as_detached_tensor(),
+            (ProjWeight::Packed { codes, .. }, _) => codes.var.as_detached_tensor(),
         };
         let w = w.detach();
         if cache {
@@ -87,9 +101,9 @@ impl Projection {
         let w = match mode {
             Mode::Infer => self.infer_weight(cache)?,
             Mode::Train => match &self.weight {
-                ProjWeight::Dense(v) if ternary => ste(v.as_tensor(), &weight_fake_quant(v.as_tensor())?)?,
-                ProjWeight::Dense(v) => v.as_tensor().clone(),
-                ProjWeight::Packed { codes, .. } => codes.as_detached_tensor(),
+                ProjWeight::Dense(p) if ternary => ste(p.var.as_tensor(), &weight_fake_quant(p.var.as_tensor())?)?,
+                ProjWeight::Dense(p) => p.var.as_tensor().clone(),
+                ProjWeight::Packed { codes, .. } => codes.var.as_detached_tensor(),
             },
         };
         let dims = x.dims().to_vec();
@@ -97,7 +111,7 @@ impl Projection {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
         let y = match &self.weight {
-            ProjWeight::Packed { scale, .. } => y.broadcast_mul(scale)?,
+            ProjWeight::Packed { scale, .. } => y.broadcast_mul(&scale.var.as_detached_tensor())?,
             ProjWeight::Dense(_) => y,
         };
         let mut shape = dims;

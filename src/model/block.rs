@@ -1,12 +1,15 @@
 //! One pre-norm decoder layer with its residual hook points.
 
 use super::attention::Attention;
+use super::bitlinear::{ProjWeight, Projection};
+use super::config::{ModelConfig, Quantization};
 use super::hooks::{apply, HookPoint, Hooks};
 use super::mlp::Mlp;
 use super::mode::Mode;
 use super::norm::RmsNorm;
 use super::rope::Rope;
-use candle_core::{Result, Tensor};
+use super::vb::Vb;
+use candle_core::{Result, Tensor, Var};
 
 /// A decoder layer: `h += attn(norm(h)); h += mlp(norm(h))`.
 #[derive(Debug, Clone)]
@@ -26,6 +29,45 @@ pub(crate) struct BlockCtx<'r> {
 }
 
 impl Block {
+    /// One layer under `vb` (`model.layers.{l}`).
+    pub(crate) fn load(mut vb: Vb<'_>, cfg: &ModelConfig, quant: Quantization) -> anyhow::Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Self {
+            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), h, eps)?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg, quant)?,
+            post_attention_layernorm: RmsNorm::load(vb.pp("post_attention_layernorm"), h, eps)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg, quant)?,
+        })
+    }
+
+    /// The seven projections in checkpoint order: q, k, v, o, gate, up, down.
+    pub(crate) fn projections(&self) -> [&Projection; 7] {
+        [
+            &self.self_attn.q_proj,
+            &self.self_attn.k_proj,
+            &self.self_attn.v_proj,
+            &self.self_attn.o_proj,
+            &self.mlp.gate_proj,
+            &self.mlp.up_proj,
+            &self.mlp.down_proj,
+        ]
+    }
+
+    /// The layer's trainable tensors by name: norms, sub-norms, then the latent projections
+    /// (packed ones are frozen).
+    pub(crate) fn parameters(&self, out: &mut Vec<(String, Var)>) {
+        let norms = [Some(&self.input_layernorm), Some(&self.post_attention_layernorm)];
+        let norms = norms.into_iter().chain([self.self_attn.sub_norm.as_ref(), self.mlp.sub_norm.as_ref()]);
+        for n in norms.flatten() {
+            out.push((n.weight.name.clone(), n.weight.var.clone()));
+        }
+        for p in self.projections() {
+            if let ProjWeight::Dense(w) = &p.weight {
+                out.push((w.name.clone(), w.var.clone()));
+            }
+        }
+    }
+
     pub(crate) fn forward(
         &self,
         layer: usize,

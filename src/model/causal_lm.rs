@@ -1,30 +1,30 @@
 //! The causal LM: embedding → blocks → final norm → LM head (tied or not).
+//!
+//! [`Model::build`] is the top of the load tree: it names the top-level tensors (`model.*`,
+//! `lm_head`) and hands each layer its prefix. Loading, random initialisation and the expected
+//! checkpoint layout (io.rs) all come from it.
 
 use super::bitlinear::{ProjWeight, Projection};
 use super::block::{Block, BlockCtx};
 use super::config::{ModelConfig, Quantization, WeightFormat};
+use super::embedding::Embedding;
 use super::hooks::{apply, HookPoint, Hooks};
 use super::kv_cache::KvCache;
 use super::mode::Mode;
 use super::norm::RmsNorm;
+use super::pack::pack_tensor;
 use super::rope::Rope;
-use anyhow::{bail, Context};
+use super::vb::{Source, Vb};
+use anyhow::Context;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// The seven projection names of a layer, in checkpoint order.
-pub const PROJECTIONS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
+/// transformers' inner model (`BitNetModel` / `LlamaModel`: embedding, layers, final norm), the
+/// prefix of every tensor but the LM head.
+const BODY: &str = "model";
 
 /// A BitNet b1.58 or Llama causal language model.
 #[derive(Debug, Clone)]
@@ -33,9 +33,9 @@ pub struct Model {
     pub(crate) dtype: DType,
     pub(crate) device: Device,
     pub(crate) quant: Quantization,
-    pub(crate) embed: Var,
+    pub(crate) embed: Embedding,
     /// `None` = tied to the embedding.
-    pub(crate) lm_head: Option<Var>,
+    pub(crate) lm_head: Option<Embedding>,
     pub(crate) layers: Vec<Block>,
     pub(crate) norm: RmsNorm,
     pub(crate) rope: Rope,
@@ -46,6 +46,41 @@ pub struct Model {
 }
 
 impl Model {
+    /// A model whose tensors come from `src`, named as the checkpoint names them. The load order
+    /// is the order random initialisation draws in: embedding, (final norm), LM head, then the
+    /// layers — keep it, or seeded models change.
+    pub(crate) fn build(
+        src: &mut dyn Source,
+        cfg: ModelConfig,
+        quant: Quantization,
+        dtype: DType,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let mut vb = Vb::root(src);
+        let (v, h, eps) = (cfg.vocab_size, cfg.hidden_size, cfg.rms_norm_eps);
+        let embed = Embedding::load(vb.pp(BODY).pp("embed_tokens"), v, h)?;
+        let norm = RmsNorm::load(vb.pp(BODY).pp("norm"), h, eps)?;
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(Embedding::load(vb.pp("lm_head"), v, h)?) };
+        let mut body = vb.pp(BODY);
+        let mut layers_vb = body.pp("layers");
+        let layers =
+            (0..cfg.num_layers).map(|l| Block::load(layers_vb.pp(l), &cfg, quant)).collect::<anyhow::Result<_>>()?;
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, dtype, device)?;
+        Ok(Model {
+            cfg,
+            dtype,
+            device: device.clone(),
+            quant,
+            embed,
+            lm_head,
+            layers,
+            norm,
+            rope,
+            weight_cache: Arc::new(AtomicBool::new(true)),
+            source_dir: None,
+        })
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
@@ -128,7 +163,7 @@ impl Model {
         let mut hooks = hooks;
         let (b, t) = ids.dims2()?;
         let ids = ids.to_dtype(DType::U32)?;
-        let h = self.embed_tensor(mode).index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let h = self.embed.matrix(mode).index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
         let mut h = apply(&mut hooks, HookPoint::Embed, h)?;
         let offset = cache.as_ref().map_or(0, |c| c.seq_len());
         let ctx = BlockCtx {
@@ -148,21 +183,8 @@ impl Model {
         apply(&mut hooks, HookPoint::FinalNorm, h)
     }
 
-    /// The embedding matrix: the variable itself in training (gradients flow), a detached view
-    /// otherwise (no graph is recorded).
-    fn embed_tensor(&self, mode: Mode) -> Tensor {
-        match mode {
-            Mode::Infer => self.embed.as_detached_tensor(),
-            Mode::Train => self.embed.as_tensor().clone(),
-        }
-    }
-
     fn head(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
-        let head = match (&self.lm_head, mode) {
-            (Some(w), Mode::Train) => w.as_tensor().clone(),
-            (Some(w), Mode::Infer) => w.as_detached_tensor(),
-            (None, _) => self.embed_tensor(mode),
-        };
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed).matrix(mode);
         let mut dims = h.dims().to_vec();
         let hidden = dims.pop().unwrap_or(0);
         let rows: usize = dims.iter().product();
@@ -172,30 +194,22 @@ impl Model {
     }
 
     fn projection_ref(&self, name: &str) -> anyhow::Result<&Projection> {
-        let rest = name
-            .strip_prefix("model.layers.")
-            .and_then(|r| r.strip_suffix(".weight"))
-            .with_context(|| format!("{name:?} is not a projection weight name"))?;
-        let (l, proj) = rest.split_once('.').context("bad projection name")?;
-        let l: usize = l.parse().context("bad layer index")?;
-        let block = self.layers.get(l).with_context(|| format!("no layer {l} in {name:?}"))?;
-        Ok(match proj {
-            "self_attn.q_proj" => &block.self_attn.q_proj,
-            "self_attn.k_proj" => &block.self_attn.k_proj,
-            "self_attn.v_proj" => &block.self_attn.v_proj,
-            "self_attn.o_proj" => &block.self_attn.o_proj,
-            "mlp.gate_proj" => &block.mlp.gate_proj,
-            "mlp.up_proj" => &block.mlp.up_proj,
-            "mlp.down_proj" => &block.mlp.down_proj,
-            _ => bail!("unknown projection {proj:?} in {name:?}"),
-        })
+        self.layers
+            .iter()
+            .flat_map(|b| b.projections())
+            .find(|p| p.param().name == name)
+            .with_context(|| format!("{name:?} is not a projection weight name of this model"))
     }
 
-    /// Names of all projection weights (`model.layers.{l}.{self_attn|mlp}.{x}_proj.weight`).
+    /// Names of all projection weights (`model.layers.{l}.{self_attn|mlp}.{x}_proj.weight`), layer
+    /// by layer in checkpoint order.
     pub fn projection_names(&self) -> Vec<String> {
-        (0..self.layers.len())
-            .flat_map(|l| PROJECTIONS.iter().map(move |p| format!("model.layers.{l}.{p}.weight")))
-            .collect()
+        self.layers.iter().flat_map(|b| b.projections()).map(|p| p.param().name.clone()).collect()
+    }
+
+    /// Names of the vocabulary matrices: the embedding and, if untied, the LM head.
+    pub fn embedding_names(&self) -> Vec<String> {
+        std::iter::once(&self.embed).chain(&self.lm_head).map(|e| e.weight.name.clone()).collect()
     }
 
     /// A projection's stored weight `[out, in]`: the latent matrix, or for a packed checkpoint the
@@ -215,7 +229,7 @@ impl Model {
         let p = self.projection_ref(name)?;
         let var = p.var();
         if w.dims() != var.dims() {
-            bail!("set_projection({name}): shape {:?}, expected {:?}", w.dims(), var.dims());
+            anyhow::bail!("set_projection({name}): shape {:?}, expected {:?}", w.dims(), var.dims());
         }
         var.set(&w.to_dtype(self.dtype)?.to_device(&self.device)?)?;
         p.invalidate();
@@ -232,27 +246,13 @@ impl Model {
     }
 
     fn collect_parameters(&self) -> Vec<(String, Var)> {
-        let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
-        for (l, b) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{l}.");
-            v.push((p.clone() + "input_layernorm.weight", b.input_layernorm.weight.clone()));
-            v.push((p.clone() + "post_attention_layernorm.weight", b.post_attention_layernorm.weight.clone()));
-            if let Some(n) = &b.self_attn.sub_norm {
-                v.push((p.clone() + "self_attn.attn_sub_norm.weight", n.weight.clone()));
-            }
-            if let Some(n) = &b.mlp.sub_norm {
-                v.push((p.clone() + "mlp.ffn_sub_norm.weight", n.weight.clone()));
-            }
-            for (name, proj) in PROJECTIONS.iter().zip(b.projections()) {
-                if let ProjWeight::Dense(var) = &proj.weight {
-                    v.push((format!("{p}{name}.weight"), var.clone()));
-                }
-            }
+        let named = |e: &Embedding| (e.weight.name.clone(), e.weight.var.clone());
+        let mut v = vec![named(&self.embed)];
+        for b in &self.layers {
+            b.parameters(&mut v);
         }
-        v.push(("model.norm.weight".into(), self.norm.weight.clone()));
-        if let Some(h) = &self.lm_head {
-            v.push(("lm_head.weight".into(), h.clone()));
-        }
+        v.push((self.norm.weight.name.clone(), self.norm.weight.var.clone()));
+        v.extend(self.lm_head.as_ref().map(named));
         v
     }
 
@@ -292,30 +292,13 @@ impl Model {
         for (name, var) in self.collect_parameters() {
             out.insert(name, var.as_detached_tensor());
         }
-        for (l, b) in self.layers.iter().enumerate() {
-            for (name, proj) in PROJECTIONS.iter().zip(b.projections()) {
-                if let ProjWeight::Packed { codes, scale } = &proj.weight {
-                    let key = format!("model.layers.{l}.{name}.weight");
-                    let packed = super::io::pack_tensor(codes.as_tensor()).with_context(|| key.clone())?;
-                    out.insert(key.clone(), packed);
-                    out.insert(format!("model.layers.{l}.{name}.weight_scale"), scale.clone());
-                }
+        for p in self.layers.iter().flat_map(|b| b.projections()) {
+            if let ProjWeight::Packed { codes, scale } = &p.weight {
+                let packed = pack_tensor(codes.var.as_tensor()).with_context(|| codes.name.clone())?;
+                out.insert(codes.name.clone(), packed);
+                out.insert(scale.name.clone(), scale.var.as_detached_tensor());
             }
         }
         Ok(out)
-    }
-}
-
-impl Block {
-    pub(crate) fn projections(&self) -> [&Projection; 7] {
-        [
-            &self.self_attn.q_proj,
-            &self.self_attn.k_proj,
-            &self.self_attn.v_proj,
-            &self.self_attn.o_proj,
-            &self.mlp.gate_proj,
-            &self.mlp.up_proj,
-            &self.mlp.down_proj,
-        ]
     }
 }

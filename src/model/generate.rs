@@ -3,8 +3,8 @@
 use super::causal_lm::Model;
 use super::hooks::Hooks;
 use super::kv_cache::KvCache;
-use super::rng::Rng;
 use super::tokenizer::{Bos, TextTokenizer};
+use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -61,7 +61,7 @@ fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
-fn sample(v: &[f32], temperature: f64, top_p: f64, rng: &mut Rng) -> u32 {
+fn sample(v: &[f32], temperature: f64, top_p: f64, rng: &mut SplitMix64) -> u32 {
     if temperature <= 0.0 {
         return argmax(v);
     }
@@ -110,8 +110,8 @@ impl Model {
             bail!("prompt of {} tokens exceeds max_position_embeddings {max_pos}", prompt.len());
         }
         let mut rng = match opts.sampling {
-            Sampling::Sample { seed, .. } => Rng::new(seed),
-            Sampling::Greedy => Rng::new(0),
+            Sampling::Sample { seed, .. } => SplitMix64::new(seed),
+            Sampling::Greedy => SplitMix64::new(0),
         };
         let mut cache = KvCache::new(self.num_layers());
         let mut input = Tensor::new(prompt, &self.device)?.unsqueeze(0)?;
@@ -166,7 +166,7 @@ mod tests {
 
     #[test]
     fn top_p_keeps_the_nucleus() {
-        let mut rng = Rng::new(7);
+        let mut rng = SplitMix64::new(7);
         // p ≈ [0.64, 0.24, 0.09, 0.03]: top_p = 0.5 keeps only token 0.
         let logits = [2.0f32, 1.0, 0.0, -1.0];
         for _ in 0..50 {

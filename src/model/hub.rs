@@ -6,12 +6,25 @@
 //! (`$HF_HOME/hub/models--org--name/{refs,snapshots}`), as transformers does. Pin revisions
 //! (a commit hash): the current `main` of the BitNet repos has been re-uploaded with zeroed MLP
 //! tensors (notes §7, pitfall 3).
+//!
+//! The top of `model/`'s dependencies: [`Model::load`] lives here (a source resolved to a
+//! directory, then io.rs's [`Model::from_dir`]), so that io.rs never needs the hub.
 
 use anyhow::{bail, Context, Result};
 use hf_hub::{Repo, RepoType};
 
+use super::causal_lm::Model;
+use super::io::{weight_files, LoadOptions, AUX_FILES};
 use crate::hub::HubOptions;
 use std::path::{Path, PathBuf};
+
+impl Model {
+    /// Load from a local directory or `hf:org/name[@revision]` (see [`resolve`]).
+    pub fn load(source: &str, opts: &LoadOptions) -> Result<Self> {
+        let dir = resolve(source)?;
+        Self::from_dir(&dir, opts)
+    }
+}
 
 /// A parsed `hf:org/name[@revision]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,7 +179,7 @@ pub fn resolve_offline(cache: &hf_hub::Cache, spec: &HubSpec) -> Result<PathBuf>
     if !snap.join("config.json").exists() {
         bail!("HF_HUB_OFFLINE: {}@{} has no cached config.json at {}", spec.repo, spec.revision, snap.display());
     }
-    if super::io::weight_files(&snap).map(|f| f.iter().all(|p| p.exists())).ok() != Some(true) {
+    if weight_files(&snap).map(|f| f.iter().all(|p| p.exists())).ok() != Some(true) {
         bail!("HF_HUB_OFFLINE: {}@{}: weights not (fully) cached in {}", spec.repo, spec.revision, snap.display());
     }
     Ok(snap)
@@ -182,13 +195,13 @@ fn resolve_online(hub: &HubOptions, spec: &HubSpec) -> Result<PathBuf> {
         Ok(_) => {}
         Err(_) => {
             get("model.safetensors.index.json")?;
-            for f in super::io::weight_files(&dir)? {
+            for f in weight_files(&dir)? {
                 let name = f.file_name().and_then(|n| n.to_str()).context("bad shard name")?.to_string();
                 get(&name)?;
             }
         }
     }
-    for f in super::io::AUX_FILES {
+    for f in AUX_FILES {
         let _ = repo.get(f); // optional files
     }
     Ok(dir)

@@ -1,21 +1,17 @@
 //! Checkpoint io: load a Hugging Face layout directory (single or sharded safetensors,
 //! memory-mapped; latent or packed projections), random initialisation, and save.
+//!
+//! No tensor name is spelled here: the expected layout is what [`Model::build`] asks for (run
+//! against a [`Recorder`]), and saving writes the names the layers stored.
 
-use super::attention::Attention;
-use super::bitlinear::{ProjWeight, Projection};
-use super::block::Block;
-use super::causal_lm::{Model, PROJECTIONS};
+use super::causal_lm::Model;
 use super::config::{Arch, ModelConfig, Quantization, WeightFormat};
-use super::mlp::Mlp;
-use super::norm::RmsNorm;
-use super::rng::Rng;
-use super::rope::Rope;
+use super::vb::{Recorder, Role, Source};
+use crate::rng::SplitMix64;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 /// How to load a model.
 #[derive(Debug, Clone)]
@@ -42,32 +38,41 @@ pub const AUX_FILES: [&str; 5] = [
     "chat_template.jinja",
 ];
 
-/// The expected checkpoint tensors (latent layout): name and shape.
-fn expected(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
-    let mut e = vec![("model.embed_tokens.weight".to_string(), vec![v, h]), ("model.norm.weight".into(), vec![h])];
-    if !cfg.tie_word_embeddings {
-        e.push(("lm_head.weight".into(), vec![v, h]));
-    }
-    for l in 0..cfg.num_layers {
-        let p = format!("model.layers.{l}.");
-        e.push((p.clone() + "input_layernorm.weight", vec![h]));
-        e.push((p.clone() + "post_attention_layernorm.weight", vec![h]));
-        if cfg.is_bitnet() {
-            e.push((p.clone() + "self_attn.attn_sub_norm.weight", vec![h]));
-            e.push((p.clone() + "mlp.ffn_sub_norm.weight", vec![f]));
-        }
-        let shapes = [[q, h], [kv, h], [kv, h], [h, q], [f, h], [f, h], [h, f]];
-        for (name, s) in PROJECTIONS.iter().zip(shapes) {
-            e.push((format!("{p}{name}.weight"), s.to_vec()));
-        }
-    }
-    e
+/// The checkpoint tensors `cfg` calls for, in load order: name, in-memory shape and role.
+fn layout(cfg: &ModelConfig) -> Result<Vec<(String, Vec<usize>, Role)>> {
+    let mut rec = Recorder::default();
+    Model::build(&mut rec, cfg.clone(), cfg.default_quantization, DType::F32, &Device::Cpu)?;
+    Ok(rec.asked)
 }
 
-fn is_projection(name: &str) -> bool {
-    name.ends_with("_proj.weight")
+/// Tensors already in memory, taken by name.
+struct Tensors(HashMap<String, Tensor>);
+
+impl Source for Tensors {
+    fn get(&mut self, name: &str, _: &[usize], _: Role) -> Result<Tensor> {
+        self.0.remove(name).with_context(|| format!("missing tensor {name}"))
+    }
+}
+
+/// transformers' initialisation: normal(0, std) for embeddings and projections, ones for norms,
+/// drawn in load order from one seeded stream.
+struct RandomInit {
+    rng: SplitMix64,
+    std: f64,
+    dtype: DType,
+    device: Device,
+}
+
+impl Source for RandomInit {
+    fn get(&mut self, name: &str, shape: &[usize], role: Role) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let vals: Vec<f32> = match role {
+            Role::Norm => vec![1.0; n],
+            Role::Embedding | Role::Projection => (0..n).map(|_| (self.rng.normal() * self.std) as f32).collect(),
+            Role::Codes | Role::Scale => bail!("{name}: a random model is latent, it has no packed tensors"),
+        };
+        Ok(Tensor::from_vec(vals, shape, &self.device)?.to_dtype(self.dtype)?)
+    }
 }
 
 /// The safetensors files of a directory (single file or the shards of an index).
@@ -103,12 +108,6 @@ fn check_dtype(cfg: &ModelConfig, dtype: DType) -> Result<()> {
 }
 
 impl Model {
-    /// Load from a local directory or `hf:org/name[@revision]` (see [`super::hub`]).
-    pub fn load(source: &str, opts: &LoadOptions) -> Result<Self> {
-        let dir = super::hub::resolve(source)?;
-        Self::from_dir(&dir, opts)
-    }
-
     /// Load a Hugging Face layout directory.
     pub fn from_dir(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
@@ -118,22 +117,30 @@ impl Model {
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
             .with_context(|| format!("memory-mapping the safetensors in {}", dir.display()))?;
         let packed = cfg.weight_format == WeightFormat::Packed;
-        let mut want: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-        for (name, shape) in expected(&cfg) {
-            if packed && is_projection(&name) {
+        // Name → (shape in the file, role).
+        let mut want: BTreeMap<String, (Vec<usize>, Role)> = BTreeMap::new();
+        for (name, shape, role) in layout(&cfg)? {
+            if role == Role::Codes {
                 if shape[0] % 4 != 0 {
                     bail!("{name}: out features {} not a multiple of 4 for packing", shape[0]);
                 }
-                want.insert(name.replace(".weight", ".weight_scale"), vec![1]);
-                want.insert(name, vec![shape[0] / 4, shape[1]]);
+                want.insert(name, (vec![shape[0] / 4, shape[1]], role));
             } else {
-                want.insert(name, shape);
+                want.insert(name, (shape, role));
             }
         }
         let present: BTreeMap<String, (Vec<usize>, safetensors::Dtype)> =
             st.tensors().into_iter().map(|(n, v)| (n, (v.shape().to_vec(), v.dtype()))).collect();
-        let ignorable =
-            |n: &str| n.ends_with("rotary_emb.inv_freq") || (cfg.tie_word_embeddings && n == "lm_head.weight");
+        // A tied checkpoint may still carry the LM head (the untied layout's extra tensors), and
+        // older exports transformers' rotary buffer.
+        let untied_only: Vec<String> = if cfg.tie_word_embeddings {
+            let mut untied = cfg.clone();
+            untied.tie_word_embeddings = false;
+            layout(&untied)?.into_iter().map(|(n, _, _)| n).filter(|n| !want.contains_key(n)).collect()
+        } else {
+            Vec::new()
+        };
+        let ignorable = |n: &str| n.ends_with("rotary_emb.inv_freq") || untied_only.iter().any(|u| u == n);
         let missing: Vec<&String> = want.keys().filter(|n| !present.contains_key(*n)).collect();
         let extra: Vec<&String> = present.keys().filter(|n| !want.contains_key(*n) && !ignorable(n)).collect();
         if !missing.is_empty() || !extra.is_empty() {
@@ -146,14 +153,14 @@ impl Model {
             );
         }
         let mut tensors = HashMap::new();
-        for (name, shape) in &want {
+        for (name, (shape, role)) in &want {
             let (got, dt) = &present[name];
-            let scalar_ok = name.ends_with("weight_scale") && got.iter().product::<usize>() == 1;
+            let scalar_ok = *role == Role::Scale && got.iter().product::<usize>() == 1;
             if got != shape && !scalar_ok {
                 bail!("{name}: shape {got:?} in the checkpoint, expected {shape:?} from config.json");
             }
             let t = st.load(name, &opts.device).with_context(|| format!("loading {name}"))?;
-            let t = if packed && is_projection(name) {
+            let t = if *role == Role::Codes {
                 if *dt != safetensors::Dtype::U8 {
                     bail!("{name}: packed projection must be U8, found {dt:?}");
                 }
@@ -166,10 +173,10 @@ impl Model {
                 let vals = super::pack::unpack(&t.flatten_all()?.to_vec1::<u8>()?, rows, cols)
                     .with_context(|| name.clone())?;
                 Tensor::from_vec(vals, (rows * 4, cols), &opts.device)?.to_dtype(opts.dtype)?
-            } else if name.ends_with("weight_scale") {
+            } else if *role == Role::Scale {
                 t.to_dtype(opts.dtype)?.reshape(1)?
             } else {
-                if is_projection(name) && t.abs()?.to_dtype(DType::F32)?.max_all()?.to_scalar::<f32>()? == 0.0 {
+                if *role == Role::Projection && t.abs()?.to_dtype(DType::F32)?.max_all()?.to_scalar::<f32>()? == 0.0 {
                     bail!(
                         "{name}: projection is entirely zero (a known corrupted hub revision; pin an intact revision)"
                     );
@@ -178,7 +185,7 @@ impl Model {
             };
             tensors.insert(name.clone(), t);
         }
-        let mut m = assemble(cfg, tensors, opts)?;
+        let mut m = assemble(cfg, &mut Tensors(tensors), opts)?;
         m.source_dir = Some(dir.to_path_buf());
         Ok(m)
     }
@@ -193,19 +200,8 @@ impl Model {
         }
         check_dtype(&cfg, opts.dtype)?;
         let std = cfg.raw.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02);
-        let mut rng = Rng::new(seed);
-        let mut tensors = HashMap::new();
-        for (name, shape) in expected(&cfg) {
-            let n: usize = shape.iter().product();
-            let vals: Vec<f32> = if name.ends_with("norm.weight") {
-                vec![1.0; n]
-            } else {
-                (0..n).map(|_| (rng.normal() * std) as f32).collect()
-            };
-            let t = Tensor::from_vec(vals, shape, &opts.device)?.to_dtype(opts.dtype)?;
-            tensors.insert(name, t);
-        }
-        assemble(cfg, tensors, opts)
+        let mut init = RandomInit { rng: SplitMix64::new(seed), std, dtype: opts.dtype, device: opts.device.clone() };
+        assemble(cfg, &mut init, opts)
     }
 
     /// Write config.json, model.safetensors and (if the model was loaded from a directory) its
@@ -244,15 +240,7 @@ impl Model {
     }
 }
 
-/// Pack ternary codes `[out, in]` into `u8 [out/4, in]`.
-pub(crate) fn pack_tensor(codes: &Tensor) -> Result<Tensor> {
-    let (out, cols) = codes.dims2()?;
-    let vals = codes.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let bytes = super::pack::pack(&vals, out, cols)?;
-    Ok(Tensor::from_vec(bytes, (out / 4, cols), codes.device())?)
-}
-
-fn assemble(cfg: ModelConfig, mut t: HashMap<String, Tensor>, opts: &LoadOptions) -> Result<Model> {
+fn assemble(cfg: ModelConfig, src: &mut dyn Source, opts: &LoadOptions) -> Result<Model> {
     let quant = opts.quantization.unwrap_or(cfg.default_quantization);
     let packed = cfg.weight_format == WeightFormat::Packed;
     if packed && quant != Quantization::Ternary {
@@ -261,62 +249,5 @@ fn assemble(cfg: ModelConfig, mut t: HashMap<String, Tensor>, opts: &LoadOptions
     if cfg.is_bitnet() && quant == Quantization::None && cfg.default_quantization == Quantization::Ternary {
         tracing::warn!("bitnet model loaded with quantization = none: latent weights are used unquantised");
     }
-    let mut take = |name: &str| -> Result<Var> {
-        let x = t.remove(name).with_context(|| format!("missing tensor {name}"))?;
-        Ok(Var::from_tensor(&x)?)
-    };
-    let eps = cfg.rms_norm_eps;
-    let mut layers = Vec::with_capacity(cfg.num_layers);
-    for l in 0..cfg.num_layers {
-        let p = format!("model.layers.{l}.");
-        let mut proj = |name: &str| -> Result<Projection> {
-            let key = format!("{p}{name}.weight");
-            let w = if packed {
-                let codes = take(&key)?;
-                let scale = take(&format!("{p}{name}.weight_scale"))?.as_detached_tensor();
-                ProjWeight::Packed { codes, scale }
-            } else {
-                ProjWeight::Dense(take(&key)?)
-            };
-            Ok(Projection::new(w, quant))
-        };
-        let (q, k, v, o) = (proj(PROJECTIONS[0])?, proj(PROJECTIONS[1])?, proj(PROJECTIONS[2])?, proj(PROJECTIONS[3])?);
-        let (g, u, d) = (proj(PROJECTIONS[4])?, proj(PROJECTIONS[5])?, proj(PROJECTIONS[6])?);
-        let bit = cfg.is_bitnet();
-        let attn_sub =
-            if bit { Some(RmsNorm::new(take(&format!("{p}self_attn.attn_sub_norm.weight"))?, eps)) } else { None };
-        let ffn_sub = if bit { Some(RmsNorm::new(take(&format!("{p}mlp.ffn_sub_norm.weight"))?, eps)) } else { None };
-        layers.push(Block {
-            input_layernorm: RmsNorm::new(take(&format!("{p}input_layernorm.weight"))?, eps),
-            post_attention_layernorm: RmsNorm::new(take(&format!("{p}post_attention_layernorm.weight"))?, eps),
-            self_attn: Attention {
-                q_proj: q,
-                k_proj: k,
-                v_proj: v,
-                o_proj: o,
-                sub_norm: attn_sub,
-                num_heads: cfg.num_heads,
-                num_kv_heads: cfg.num_kv_heads,
-                head_dim: cfg.head_dim,
-            },
-            mlp: Mlp { gate_proj: g, up_proj: u, down_proj: d, sub_norm: ffn_sub, activation: cfg.activation },
-        });
-    }
-    let embed = take("model.embed_tokens.weight")?;
-    let norm = RmsNorm::new(take("model.norm.weight")?, eps);
-    let lm_head = if cfg.tie_word_embeddings { None } else { Some(take("lm_head.weight")?) };
-    let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, opts.dtype, &opts.device)?;
-    Ok(Model {
-        cfg,
-        dtype: opts.dtype,
-        device: opts.device.clone(),
-        quant,
-        embed,
-        lm_head,
-        layers,
-        norm,
-        rope,
-        weight_cache: Arc::new(AtomicBool::new(true)),
-        source_dir: None,
-    })
+    Model::build(src, cfg, quant, opts.dtype, &opts.device)
 }

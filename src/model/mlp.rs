@@ -2,9 +2,10 @@
 //! SiLU without sub-norm for Llama.
 
 use super::bitlinear::Projection;
-use super::config::Activation;
+use super::config::{Activation, ModelConfig, Quantization, WeightFormat};
 use super::mode::Mode;
 use super::norm::RmsNorm;
+use super::vb::Vb;
 use candle_core::{DType, Result, Tensor};
 
 /// The MLP of one layer.
@@ -18,6 +19,19 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// `{gate,up,down}_proj` and (BitNet) `ffn_sub_norm` under `vb` (`model.layers.{l}.mlp`), in
+    /// this order (random initialisation draws them in load order).
+    pub(crate) fn load(mut vb: Vb<'_>, cfg: &ModelConfig, quant: Quantization) -> anyhow::Result<Self> {
+        let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let packed = cfg.weight_format == WeightFormat::Packed;
+        let mut proj = |name: &str, shape| Projection::load(vb.pp(name), shape, packed, quant);
+        let (gate_proj, up_proj, down_proj) =
+            (proj("gate_proj", [f, h])?, proj("up_proj", [f, h])?, proj("down_proj", [h, f])?);
+        let sub_norm =
+            if cfg.is_bitnet() { Some(RmsNorm::load(vb.pp("ffn_sub_norm"), f, cfg.rms_norm_eps)?) } else { None };
+        Ok(Self { gate_proj, up_proj, down_proj, sub_norm, activation: cfg.activation })
+    }
+
     pub fn forward(&self, x: &Tensor, mode: Mode, cache_w: bool) -> Result<Tensor> {
         let xq = self.gate_proj.prepare_input(x, mode)?; // shared by gate and up
         let g = self.gate_proj.apply(&xq, mode, cache_w)?;

@@ -1,12 +1,19 @@
 //! BitNet b1.58 and Llama in candle. Knows nothing of the engine.
 //!
 //! See `docs/model.md` for the public API and the parity contract with transformers.
+//!
+//! Dependencies run one way: `config`, `mode`, `quant`, `pack`, `rope`, `hooks`, `vb` (names)
+//! → the layers (`norm`, `embedding`, `bitlinear` → `attention`, `mlp` → `block`) →
+//! `causal_lm` → `io` (load from a directory, random init, save) → `hub` (`Model::load` from
+//! `hf:` sources); `generate`, `kv_cache`, `loss`, `tokenizer` sit beside `causal_lm`. Each
+//! layer loads itself from a name prefix (`vb.rs`), so every checkpoint name is written once.
 
 pub mod attention;
 pub mod bitlinear;
 pub mod block;
 pub mod causal_lm;
 pub mod config;
+mod embedding;
 pub mod generate;
 pub mod hooks;
 pub mod hub;
@@ -18,9 +25,9 @@ pub mod mode;
 pub mod norm;
 pub mod pack;
 pub mod quant;
-pub mod rng;
 pub mod rope;
 pub mod tokenizer;
+mod vb;
 
 pub use causal_lm::Model;
 pub use config::{Activation, Arch, ModelConfig, Quantization, WeightFormat};

@@ -1,18 +1,20 @@
 //! RMSNorm as in transformers: `w ⊙ cast(x_f32 · rsqrt(mean(x_f32²) + eps))`.
 
 use super::mode::Mode;
-use candle_core::{DType, Result, Tensor, Var, D};
+use super::vb::{Param, Role, Vb};
+use candle_core::{DType, Result, Tensor, D};
 
 /// An RMSNorm layer (input, post-attention, sub-norms and the final norm).
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
-    pub(crate) weight: Var,
+    pub(crate) weight: Param,
     eps: f64,
 }
 
 impl RmsNorm {
-    pub fn new(weight: Var, eps: f64) -> Self {
-        Self { weight, eps }
+    /// The gain `weight [size]` under `vb`.
+    pub(crate) fn load(mut vb: Vb<'_>, size: usize, eps: f64) -> anyhow::Result<Self> {
+        Ok(Self { weight: vb.param(&[size], "weight", Role::Norm)?, eps })
     }
 
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
@@ -20,14 +22,14 @@ impl RmsNorm {
             // candle's fused kernel rounds once; transformers rounds to the input dtype before the
             // weight multiply. Same result in f32; in bf16 we follow transformers exactly.
             Mode::Infer if x.dtype() == DType::F32 => {
-                let w = self.weight.as_detached_tensor();
+                let w = self.weight.var.as_detached_tensor();
                 candle_nn::ops::rms_norm(&x.contiguous()?, &w, self.eps as f32)
             }
             _ => {
                 let xf = x.to_dtype(DType::F32)?;
                 let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
                 let inv = (var + self.eps)?.sqrt()?.recip()?;
-                xf.broadcast_mul(&inv)?.to_dtype(x.dtype())?.broadcast_mul(self.weight.as_tensor())
+                xf.broadcast_mul(&inv)?.to_dtype(x.dtype())?.broadcast_mul(self.weight.var.as_tensor())
             }
         }
     }

@@ -4,6 +4,7 @@
 //! `r, P + r, 2P + r, 3P + r` of column `c`, least significant bits first.
 
 use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
 
 /// Unpack `[rows, cols]` bytes into `[4·rows, cols]` ternary values (row-major).
 pub fn unpack(bytes: &[u8], rows: usize, cols: usize) -> Result<Vec<f32>> {
@@ -44,6 +45,14 @@ pub fn pack(values: &[f32], out: usize, cols: usize) -> Result<Vec<u8>> {
         }
     }
     Ok(bytes)
+}
+
+/// Pack a tensor of ternary codes `[out, in]` into `u8 [out/4, in]`.
+pub(crate) fn pack_tensor(codes: &Tensor) -> Result<Tensor> {
+    let (out, cols) = codes.dims2()?;
+    let vals = codes.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let bytes = pack(&vals, out, cols)?;
+    Ok(Tensor::from_vec(bytes, (out / 4, cols), codes.device())?)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use candle_core::{DType, Tensor};
 use serde_json::{json, Map, Value as Json};
 
 use crate::analysis::perturb::{branching_summary, frobenius_deviation, growth, noise, relative_deviation};
-use crate::data::SplitMix64;
+use crate::rng::SplitMix64;
 use crate::exec::{
     typed_params, ArtifactType, FileHasher, InputDef, KindSchema, MetricDef, ParamDefault, ParamType, ReportContract,
     Role, Stage, StageContext,

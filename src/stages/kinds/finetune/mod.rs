@@ -353,13 +353,14 @@ impl Stage for Finetune {
 }
 
 fn trainable(model: &Model, mode: &str) -> Vec<(String, Var)> {
+    let (projections, embeddings) = (model.projection_names(), model.embedding_names());
     model
         .named_parameters()
         .into_iter()
         .filter(|(name, _)| match mode {
             "all" => true,
-            "projections" => name.ends_with("_proj.weight"),
-            _ => name != "model.embed_tokens.weight" && name != "lm_head.weight",
+            "projections" => projections.contains(name),
+            _ => !embeddings.contains(name),
         })
         .collect()
 }

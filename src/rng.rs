@@ -1,6 +1,8 @@
 //! SplitMix64: a tiny, well-known 64-bit generator (Steele, Lea & Flood 2014), written here so
-//! that every random choice in the data layer is reproducible from an integer seed alone and
-//! does not change with a dependency's version.
+//! that every random choice (data windows and batches, random model initialisation, sampling)
+//! is reproducible from an integer seed alone, across platforms, and does not change with a
+//! dependency's version. The one generator of the crate: `data` and `model` both use it, so it
+//! sits beside them and imports nothing.
 
 /// A SplitMix64 generator. `Clone` copies its state; there is no hidden global state.
 #[derive(Debug, Clone)]
@@ -51,6 +53,18 @@ impl SplitMix64 {
     /// True with probability `num / den`.
     pub fn chance(&mut self, num: u64, den: u64) -> bool {
         self.below(den) < num
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// Standard normal (Box–Muller, one value per call: two uniforms each time).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.next_f64(); // (0, 1]
+        let u2 = self.next_f64();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 
     /// Fisher–Yates shuffle.
