@@ -108,7 +108,10 @@ mod tests {
             assert!(c.metrics.iter().all(|m| !m.help.is_empty()), "{kind}: a metric without help");
             for role in c.roles {
                 for read in role.reads() {
-                    assert!(c.metric(read).is_some(), "{kind}: role {role:?} reads `{read}`, which it does not declare");
+                    assert!(
+                        c.metric(read).is_some(),
+                        "{kind}: role {role:?} reads `{read}`, which it does not declare"
+                    );
                 }
             }
         }

@@ -469,3 +469,20 @@ fn absurd_sizes_are_refused_up_front() {
     }
     assert!(!sb.path().join("sessions").exists(), "nothing ran, no session written");
 }
+
+/// `rpt-flow stages` shows what each kind contributes to reports: its roles and every metric
+/// it writes, from the same declaration the executor checks runs against.
+#[test]
+fn stages_lists_each_kinds_roles_and_metrics() {
+    let sb = Sandbox::real();
+    let doc = sb.run(&["stages", "eval-ppl", "--format", "json"]).expect(0).json();
+    assert_eq!(doc[0]["roles"], serde_json::json!(["perplexity"]));
+    let metrics: Vec<&str> =
+        doc[0]["metrics"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    for m in ["ppl", "bits_per_byte", "tokens", "protocol"] {
+        assert!(metrics.contains(&m), "{m} in {metrics:?}");
+    }
+    let text = sb.run(&["stages", "hook-residuals"]).expect(0).stdout();
+    assert!(text.contains("(report: residuals)"), "{text}");
+    assert!(text.contains("metric intervention") && text.contains("(sometimes)"), "{text}");
+}

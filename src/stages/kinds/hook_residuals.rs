@@ -155,7 +155,7 @@ pub static REPORT: ReportContract = ReportContract {
         MetricDef {
             name: "layers",
             always: true,
-            help: "per layer: statistics of the correction c = h_out − h_in (norms, sparsity at rel_tol, branching)",
+            help: "per layer: statistics of the correction c = h_out − h_in (mean and max |c|, exact-zero and near-zero fractions at rel_tol, …)",
         },
         MetricDef { name: "positions", always: true, help: "token positions the statistics cover" },
         MetricDef {

@@ -12,12 +12,12 @@ use candle_core::{DType, Tensor};
 use serde_json::{json, Map, Value as Json};
 
 use crate::analysis::perturb::{branching_summary, frobenius_deviation, growth, noise, relative_deviation};
-use crate::rng::SplitMix64;
 use crate::exec::{
     typed_params, ArtifactType, FileHasher, InputDef, KindSchema, MetricDef, ParamDefault, ParamType, ReportContract,
     Role, Stage, StageContext,
 };
 use crate::model::{HookPoint, Hooks};
+use crate::rng::SplitMix64;
 use crate::stages::common::model_artifact as artifact;
 use crate::stages::common::residual_tap::ResidualTap;
 use crate::stages::common::scoring;

@@ -84,7 +84,7 @@ pub static REPORT: ReportContract = ReportContract {
             help: "the threshold rule (exact global, per-tensor or the notebook's sampled percentile)",
         },
         MetricDef { name: "scope", always: true, help: "global or per-tensor selection" },
-        MetricDef { name: "targets", always: true, help: "the tensor-name patterns pruned" },
+        MetricDef { name: "targets", always: true, help: "number of tensors targeted" },
         MetricDef { name: "weights", always: true, help: "number of targeted weights" },
         MetricDef { name: "zeros", always: true, help: "number of them that are zero after pruning" },
         MetricDef { name: "already_pruned", always: true, help: "zeros kept from the input's mask" },

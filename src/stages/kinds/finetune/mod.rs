@@ -162,7 +162,11 @@ struct Progress {
 pub static REPORT: ReportContract = ReportContract {
     roles: &[Role::Train],
     metrics: &[
-        MetricDef { name: "masks", always: true, help: "whether pruned positions were held at zero" },
+        MetricDef {
+            name: "masks",
+            always: true,
+            help: "the `masks` mode: keep (pruned positions held at zero) or ignore",
+        },
         MetricDef { name: "sparsity_before", always: true, help: "projection sparsity of the input" },
         MetricDef { name: "sparsity_after", always: true, help: "projection sparsity after training" },
         MetricDef {
@@ -178,11 +182,11 @@ pub static REPORT: ReportContract = ReportContract {
             always: true,
             help: "index of the first training batch (a chained fine-tune continues the stream)",
         },
-        MetricDef { name: "batches", always: true, help: "batches consumed" },
+        MetricDef { name: "batches", always: true, help: "the `batches` mode: windows or chunks" },
         MetricDef { name: "steps", always: true, help: "optimizer steps" },
         MetricDef { name: "final_loss", always: true, help: "training loss of the last step" },
         MetricDef { name: "loss", always: true, help: "the loss curve: [step, loss] pairs" },
-        MetricDef { name: "trainable", always: true, help: "parameters trained" },
+        MetricDef { name: "trainable", always: true, help: "number of parameters trained" },
         MetricDef { name: "tokens_per_second", always: true, help: "training throughput" },
         MetricDef { name: "seconds", always: true, help: "training time" },
         MetricDef { name: "peak_rss_mb", always: true, help: "peak resident memory while training (MiB)" },
