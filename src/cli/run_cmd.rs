@@ -17,6 +17,10 @@ pub struct RunArgs {
     /// On a failure, keep running the branches that do not depend on it.
     #[arg(long)]
     pub keep_going: bool,
+    /// Run up to N independent instances at once (a chain stays in order). Results are the same
+    /// as one at a time; per-stage peak memory is recorded only with 1.
+    #[arg(long, short = 'j', default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub jobs: u16,
 }
 
 pub fn run(args: &RunArgs, registry: &Registry, cache_root: &Path, quiet: bool) -> CliResult {
@@ -31,6 +35,7 @@ pub fn run(args: &RunArgs, registry: &Registry, cache_root: &Path, quiet: bool) 
         device: args.pipeline.device.clone(),
         session_path: session_path(&args.sessions, &plan, &args.pipeline.device),
         cancel,
+        jobs: usize::from(args.jobs),
     };
     let outcome = exec::run(&plan, registry, &cache, &opts)?;
     let total = plan.order.len();

@@ -19,7 +19,7 @@ pub use crate::spec::schema::{
     ArtifactType, Default as ParamDefault, InputDef, KindSchema, MetricDef, ParamDef, ParamType, ReportContract, Role,
 };
 pub use identity::FileHasher;
-pub use progress::Progress;
+pub use progress::{Progress, StageProgress};
 pub use run::{run, RunOptions, RunOutcome};
 pub use session::{session_path, Session};
 
@@ -45,6 +45,12 @@ pub trait Stage: Send + Sync {
 
     /// Computes the artifact: writes files into `ctx.out_dir` and returns the metrics object.
     fn run(&self, ctx: &StageContext) -> Result<Json>;
+
+    /// True for a kind that needs the machine (the device's memory) to itself: with `--jobs`
+    /// nothing else runs beside it. A fine-tune of the 2B model holds ~50–70 GB.
+    fn runs_alone(&self) -> bool {
+        false
+    }
 
     /// Its roles for readers of sessions and every top-level metric `run` writes; the report
     /// reads instances by role, never by kind name. A kind with none appears in flat rows only.
@@ -103,7 +109,7 @@ pub struct StageContext<'a> {
     pub device: &'a str,
     /// The pipeline file's folder: relative paths in parameters resolve against it.
     pub base_dir: &'a Path,
-    pub progress: &'a Progress,
+    pub progress: &'a StageProgress<'a>,
     pub cancel: &'a CancelFlag,
 }
 

@@ -7,13 +7,12 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// Reporter for one run; `stage` gives the reporter a stage uses.
+/// Reporter for one run: the overall bar and the run's lines; [`Progress::stage`] gives each
+/// running stage its own reporter (several at once with `--jobs`).
 pub struct Progress {
     mode: Mode,
     overall: Option<ProgressBar>,
     multi: Option<MultiProgress>,
-    current: Mutex<Option<ProgressBar>>,
-    state: Mutex<PlainState>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -21,6 +20,13 @@ enum Mode {
     Bars,
     Lines,
     Quiet,
+}
+
+/// What a running stage reports: its work units and what it says about itself.
+pub struct StageProgress<'a> {
+    run: &'a Progress,
+    bar: Option<ProgressBar>,
+    state: Mutex<PlainState>,
 }
 
 struct PlainState {
@@ -56,19 +62,7 @@ impl Progress {
         } else {
             (None, None)
         };
-        Progress {
-            mode,
-            overall,
-            multi,
-            current: Mutex::new(None),
-            state: Mutex::new(PlainState {
-                label: String::new(),
-                detail: String::new(),
-                len: 0,
-                pos: 0,
-                last: Instant::now(),
-            }),
-        }
+        Progress { mode, overall, multi }
     }
 
     /// A silent reporter (for tests and library use).
@@ -95,26 +89,25 @@ impl Progress {
         }
     }
 
-    pub(crate) fn begin_stage(&self, label: &str) {
-        let mut st = self.state.lock().expect("progress lock");
-        *st = PlainState { label: label.to_string(), detail: String::new(), len: 0, pos: 0, last: Instant::now() };
-        if let (Mode::Bars, Some(m)) = (self.mode, &self.multi) {
-            let bar = m.add(ProgressBar::new(0));
-            bar.set_style(
-                ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({elapsed}, ETA {eta})")
-                    .expect("valid template")
-                    .progress_chars("=> "),
-            );
-            bar.set_prefix("stage");
-            bar.set_message(label.to_string());
-            *self.current.lock().expect("progress lock") = Some(bar);
-        }
-    }
-
-    pub(crate) fn end_stage(&self) {
-        if let Some(bar) = self.current.lock().expect("progress lock").take() {
-            bar.finish_and_clear();
-        }
+    /// The reporter of a stage starting now; its bar goes when it is dropped.
+    pub fn stage(&self, label: &str) -> StageProgress<'_> {
+        let bar = match (self.mode, &self.multi) {
+            (Mode::Bars, Some(m)) => {
+                let bar = m.add(ProgressBar::new(0));
+                bar.set_style(
+                    ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({elapsed}, ETA {eta})")
+                        .expect("valid template")
+                        .progress_chars("=> "),
+                );
+                bar.set_prefix("stage");
+                bar.set_message(label.to_string());
+                Some(bar)
+            }
+            _ => None,
+        };
+        let state =
+            PlainState { label: label.to_string(), detail: String::new(), len: 0, pos: 0, last: Instant::now() };
+        StageProgress { run: self, bar, state: Mutex::new(state) }
     }
 
     pub(crate) fn finish(&self) {
@@ -122,35 +115,42 @@ impl Progress {
             b.finish_and_clear();
         }
     }
+}
 
-    /// Total work units of the current stage (steps, windows…).
+impl StageProgress<'_> {
+    /// A line about the stage (printed above the bars).
+    pub fn line(&self, msg: &str) {
+        self.run.line(msg)
+    }
+
+    /// Total work units of the stage (steps, windows…).
     pub fn set_length(&self, len: u64) {
         self.state.lock().expect("progress lock").len = len;
-        if let Some(bar) = &*self.current.lock().expect("progress lock") {
+        if let Some(bar) = &self.bar {
             bar.set_length(len);
         }
     }
 
-    /// Work units done so far in the current stage.
+    /// Work units done so far.
     pub fn set_position(&self, pos: u64) {
-        if let Some(bar) = &*self.current.lock().expect("progress lock") {
+        if let Some(bar) = &self.bar {
             bar.set_position(pos);
         }
         let mut st = self.state.lock().expect("progress lock");
         st.pos = pos;
-        if self.mode == Mode::Lines && st.last.elapsed() >= LINE_EVERY {
+        if self.run.mode == Mode::Lines && st.last.elapsed() >= LINE_EVERY {
             st.last = Instant::now();
             let detail = if st.detail.is_empty() { String::new() } else { format!(" · {}", st.detail) };
             eprintln!("    {}: {}/{}{detail}", st.label, st.pos, st.len);
         }
     }
 
-    /// What the current stage reports about itself (e.g. `loss 2.31 · 5400 tok/s`), shown beside
-    /// its bar and in its periodic lines.
+    /// What the stage reports about itself (e.g. `loss 2.31 · 5400 tok/s`), shown beside its bar
+    /// and in its periodic lines.
     pub fn set_detail(&self, detail: &str) {
         let mut st = self.state.lock().expect("progress lock");
         st.detail = detail.to_string();
-        if let Some(bar) = &*self.current.lock().expect("progress lock") {
+        if let Some(bar) = &self.bar {
             bar.set_message(format!("{} · {detail}", st.label));
         }
     }
@@ -158,5 +158,13 @@ impl Progress {
     pub fn inc(&self, n: u64) {
         let pos = self.state.lock().expect("progress lock").pos + n;
         self.set_position(pos);
+    }
+}
+
+impl Drop for StageProgress<'_> {
+    fn drop(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
     }
 }

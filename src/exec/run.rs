@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context as _, Result};
@@ -21,6 +22,8 @@ pub struct RunOptions {
     pub device: String,
     pub session_path: PathBuf,
     pub cancel: CancelFlag,
+    /// Instances run at once when independent (1: one after another).
+    pub jobs: usize,
 }
 
 #[derive(Debug, Default)]
@@ -45,94 +48,126 @@ enum Done {
     Computed(Json, f64),
 }
 
+/// Where an instance is in this run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    Waiting,
+    Running,
+    /// Cached or computed: its consumers may start.
+    Ready,
+    /// Failed, skipped or interrupted: its consumers are skipped.
+    Unavailable,
+}
+
+/// What a worker sends back: the instance, its label, the outcome, when it started and the
+/// process's peak memory when it is the only one running (per-stage peaks need that).
+struct Finished {
+    i: usize,
+    label: String,
+    result: Result<Done>,
+    started: Instant,
+    /// Wall-clock start (RFC 3339), for the session.
+    started_at: String,
+    peak_rss_mb: Option<f64>,
+}
+
+/// Runs the plan: up to `opts.jobs` instances at once, each when its inputs are ready, in plan
+/// order otherwise (so `jobs = 1` is the sequential run). The session file is written by this
+/// thread alone, after every instance.
 pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -> Result<RunOutcome> {
     let p = &plan.pipeline;
     let total = plan.order.len();
+    let jobs = opts.jobs.max(1);
     let progress = Progress::new(total, opts.quiet);
     let mut session = Session::new(opts.session_path.clone(), plan, registry, &opts.device, cache.root());
     session.save()?;
     let mut outcome = RunOutcome { session_path: opts.session_path.clone(), ..Default::default() };
-    let mut unavailable: HashSet<usize> = HashSet::new();
+    let mut state = vec![State::Waiting; p.instances.len()];
     let mut metrics: Vec<Json> = vec![Json::Null; p.instances.len()];
     let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); p.instances.len()];
     for (j, inst) in p.instances.iter().enumerate() {
         inst.inputs.iter().for_each(|r| consumers[r.target].push(j));
     }
-    let mut verified = Verified::default();
+    let verified = Verified::default();
 
-    for (pos, &i) in plan.order.iter().enumerate() {
-        let inst = &p.instances[i];
-        let label = format!("[{}/{}] {} ({})", pos + 1, total, inst.name, inst.kind);
-        if opts.cancel.is_cancelled() {
-            outcome.interrupted = true;
-            break;
-        }
-        if let Some(bad) = inst.inputs.iter().find(|r| unavailable.contains(&r.target)) {
-            let why = format!("not run: input `{}` failed", p.instances[bad.target].name);
-            progress.line(&format!("{label}: {why}"));
-            let s = session.stage_mut(&inst.name);
-            s.status = StageStatus::Skipped;
-            s.error = Some(why);
-            outcome.skipped.push(inst.name.clone());
-            unavailable.insert(i);
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = mpsc::channel::<Finished>();
+        let mut running = 0usize;
+        // An instance of a kind that runs alone is running: start nothing beside it.
+        let mut alone_running = false;
+        let mut stopping = false;
+        loop {
+            for (pos, &i) in plan.order.iter().enumerate() {
+                if stopping || running >= jobs || alone_running {
+                    break;
+                }
+                if state[i] != State::Waiting {
+                    continue;
+                }
+                if opts.cancel.is_cancelled() {
+                    outcome.interrupted = true;
+                    stopping = true;
+                    break;
+                }
+                let inst = &p.instances[i];
+                let label = format!("[{}/{}] {} ({})", pos + 1, total, inst.name, inst.kind);
+                if let Some(bad) = inst.inputs.iter().find(|r| state[r.target] == State::Unavailable) {
+                    let why = format!("not run: input `{}` failed", p.instances[bad.target].name);
+                    progress.line(&format!("{label}: {why}"));
+                    let s = session.stage_mut(&inst.name);
+                    s.status = StageStatus::Skipped;
+                    s.error = Some(why);
+                    outcome.skipped.push(inst.name.clone());
+                    state[i] = State::Unavailable;
+                    session.save()?;
+                    continue;
+                }
+                if inst.inputs.iter().any(|r| state[r.target] != State::Ready) {
+                    continue; // an input is still running (or waiting)
+                }
+                let needs_machine = registry.get(&inst.kind).is_some_and(|s| s.runs_alone());
+                if needs_machine && running > 0 {
+                    break; // it goes next, once what runs now has finished
+                }
+                alone_running = needs_machine;
+                // An entry a stage is about to read has its bytes re-hashed first; one only
+                // reported as cached needs its manifest checked.
+                let read_next =
+                    consumers[i].iter().any(|&j| !matches!(cache.inspect(&plan.keys[j]), EntryState::Intact(_)));
+                let input_metrics: Vec<(usize, Json)> =
+                    inst.inputs.iter().map(|r| (r.target, metrics[r.target].clone())).collect();
+                state[i] = State::Running;
+                running += 1;
+                let (tx, progress, verified) = (tx.clone(), &progress, &verified);
+                scope.spawn(move || {
+                    let (started, started_at) = (Instant::now(), crate::session::now_rfc3339());
+                    // The process's peak is the stage's only when nothing runs beside it.
+                    let alone = jobs == 1;
+                    if alone {
+                        super::memory::reset_peak();
+                    }
+                    let run = RunOne { plan, i, registry, cache, opts, progress, input_metrics, label: &label };
+                    let result = run.run(read_next, verified);
+                    let peak_rss_mb = if alone { super::memory::peak_rss_mb() } else { None };
+                    let _ = tx.send(Finished { i, label, result, started, started_at, peak_rss_mb });
+                });
+            }
+            if running == 0 {
+                break;
+            }
+            let done = rx.recv().context("a stage worker ended without reporting")?;
+            running -= 1;
+            alone_running = false;
+            record(plan, &progress, &mut session, &mut outcome, &mut state, &mut metrics, done);
+            progress.instance_done();
             session.save()?;
-            continue;
-        }
-        let started = Instant::now();
-        super::memory::reset_peak();
-        // An entry a stage is about to read has its bytes re-hashed first; one only reported as
-        // cached needs its manifest checked.
-        let read_next = consumers[i].iter().any(|&j| !matches!(cache.inspect(&plan.keys[j]), EntryState::Intact(_)));
-        let run = RunOne { plan, i, registry, cache, opts, progress: &progress, metrics: &metrics, label: &label };
-        let result = run.run(read_next, &mut verified);
-        progress.end_stage();
-        let s = session.stage_mut(&inst.name);
-        match result {
-            Ok(Done::Cached(m)) => {
-                progress.line(&format!("{label}: cached {}", plan.keys[i].short()));
-                s.status = StageStatus::Cached;
-                s.cached = true;
-                s.seconds = 0.0;
-                s.metrics = metrics_object(&m);
-                metrics[i] = m;
-                outcome.cached += 1;
-            }
-            Ok(Done::Computed(m, secs)) => {
-                let peak = super::memory::peak_rss_mb();
-                let mem = peak.map(|mb| format!(", peak memory {:.2} GiB", mb / 1024.0)).unwrap_or_default();
-                progress.line(&format!("{label}: done in {secs:.1}s{mem}"));
-                s.status = StageStatus::Done;
-                s.seconds = secs;
-                s.peak_rss_mb = peak;
-                s.metrics = metrics_object(&m);
-                metrics[i] = m;
-                outcome.computed += 1;
-            }
-            Err(e) if e.is::<Cancelled>() => {
-                progress.line(&format!(
-                    "{label}: interrupted after {:.1}s; partial state kept, run again to continue",
-                    started.elapsed().as_secs_f64()
-                ));
-                s.status = StageStatus::Interrupted;
-                outcome.interrupted = true;
-                unavailable.insert(i);
-            }
-            Err(e) => {
-                let msg = format!("{e:#}");
-                progress.line(&format!("{label}: FAILED: {msg}"));
-                s.status = StageStatus::Failed;
-                s.error = Some(msg.clone());
-                s.seconds = started.elapsed().as_secs_f64();
-                outcome.failed.push((inst.name.clone(), msg));
-                unavailable.insert(i);
+            if outcome.interrupted || (!outcome.failed.is_empty() && !opts.keep_going) {
+                // Start nothing more; what runs finishes (or sees the cancellation) first.
+                stopping = true;
             }
         }
-        progress.instance_done();
-        session.save()?;
-        if outcome.interrupted || (!outcome.failed.is_empty() && !opts.keep_going) {
-            break;
-        }
-    }
+        Ok(())
+    })?;
     progress.finish();
     let status = if outcome.interrupted {
         RunStatus::Interrupted
@@ -144,6 +179,63 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
     session.set_status(status);
     session.save()?;
     Ok(outcome)
+}
+
+/// Writes a finished instance into the session, the outcome and the run's state.
+fn record(
+    plan: &Plan,
+    progress: &Progress,
+    session: &mut Session,
+    outcome: &mut RunOutcome,
+    state: &mut [State],
+    metrics: &mut [Json],
+    done: Finished,
+) {
+    let Finished { i, label, result, started, started_at, peak_rss_mb } = done;
+    let inst = &plan.pipeline.instances[i];
+    let s = session.stage_mut(&inst.name);
+    s.started = Some(started_at);
+    match result {
+        Ok(Done::Cached(m)) => {
+            progress.line(&format!("{label}: cached {}", plan.keys[i].short()));
+            s.status = StageStatus::Cached;
+            s.cached = true;
+            s.seconds = 0.0;
+            s.metrics = metrics_object(&m);
+            metrics[i] = m;
+            state[i] = State::Ready;
+            outcome.cached += 1;
+        }
+        Ok(Done::Computed(m, secs)) => {
+            let mem = peak_rss_mb.map(|mb| format!(", peak memory {:.2} GiB", mb / 1024.0)).unwrap_or_default();
+            progress.line(&format!("{label}: done in {secs:.1}s{mem}"));
+            s.status = StageStatus::Done;
+            s.seconds = secs;
+            s.peak_rss_mb = peak_rss_mb;
+            s.metrics = metrics_object(&m);
+            metrics[i] = m;
+            state[i] = State::Ready;
+            outcome.computed += 1;
+        }
+        Err(e) if e.is::<Cancelled>() => {
+            progress.line(&format!(
+                "{label}: interrupted after {:.1}s; partial state kept, run again to continue",
+                started.elapsed().as_secs_f64()
+            ));
+            s.status = StageStatus::Interrupted;
+            outcome.interrupted = true;
+            state[i] = State::Unavailable;
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            progress.line(&format!("{label}: FAILED: {msg}"));
+            s.status = StageStatus::Failed;
+            s.error = Some(msg.clone());
+            s.seconds = started.elapsed().as_secs_f64();
+            outcome.failed.push((inst.name.clone(), msg));
+            state[i] = State::Unavailable;
+        }
+    }
 }
 
 /// How a stage's metrics disagree with its kind's report contract: a top-level metric it does not
@@ -175,18 +267,24 @@ fn metrics_object(m: &Json) -> serde_json::Map<String, Json> {
 
 /// Keys whose files this process has re-hashed and found intact (each is hashed once).
 #[derive(Default)]
-struct Verified(HashSet<crate::cache::Key>);
+struct Verified(Mutex<HashSet<crate::cache::Key>>);
 
 impl Verified {
-    fn inspect(&mut self, cache: &Cache, key: &crate::cache::Key, full: bool) -> EntryState {
-        if !full || self.0.contains(key) {
+    fn inspect(&self, cache: &Cache, key: &crate::cache::Key, full: bool) -> EntryState {
+        if !full || self.contains(key) {
             return cache.inspect(key);
         }
         let state = cache.inspect_full(key);
         if matches!(state, EntryState::Intact(_)) {
-            self.0.insert(*key);
+            self.insert(*key);
         }
         state
+    }
+    fn contains(&self, key: &crate::cache::Key) -> bool {
+        self.0.lock().expect("verified set").contains(key)
+    }
+    fn insert(&self, key: crate::cache::Key) {
+        self.0.lock().expect("verified set").insert(key);
     }
 }
 
@@ -197,14 +295,15 @@ struct RunOne<'a> {
     cache: &'a Cache,
     opts: &'a RunOptions,
     progress: &'a Progress,
-    metrics: &'a [Json],
+    /// The metrics of its inputs (by instance index), which the stage sees.
+    input_metrics: Vec<(usize, Json)>,
     label: &'a str,
 }
 
 impl RunOne<'_> {
     /// Reuses the entry when it is intact (its files re-hashed when `full`), else computes it,
     /// moving a damaged entry to quarantine first.
-    fn run(&self, full: bool, verified: &mut Verified) -> Result<Done> {
+    fn run(&self, full: bool, verified: &Verified) -> Result<Done> {
         let RunOne { plan, i, cache, progress, label, .. } = *self;
         let key = plan.keys[i];
         if let EntryState::Intact(m) = verified.inspect(cache, &key, full) {
@@ -242,8 +341,8 @@ impl RunOne<'_> {
         m.metrics
     }
 
-    fn compute(&self, verified: &mut Verified) -> Result<Done> {
-        let RunOne { plan, i, registry, cache, opts, progress, metrics, label } = *self;
+    fn compute(&self, verified: &Verified) -> Result<Done> {
+        let RunOne { plan, i, registry, cache, opts, progress, label, .. } = *self;
         let p = &plan.pipeline;
         let inst = &p.instances[i];
         let key = plan.keys[i];
@@ -269,14 +368,19 @@ impl RunOne<'_> {
                 kind: p.instances[r.target].kind.clone(),
                 key: k,
                 dir: cache.entry_dir(&k),
-                metrics: metrics[r.target].clone(),
+                metrics: self
+                    .input_metrics
+                    .iter()
+                    .find(|(t, _)| *t == r.target)
+                    .map(|(_, m)| m.clone())
+                    .unwrap_or_default(),
             });
         }
         let pending = cache.begin(&key)?;
         let partial = cache.partial(&key);
         let resumed = partial.exists();
         progress.line(&format!("{label}: {}", if resumed { "resuming from partial state" } else { "running" }));
-        progress.begin_stage(&inst.name);
+        let stage_progress = progress.stage(&inst.name);
         let started = Instant::now();
         let base_dir = p.base_dir();
         let ctx = StageContext {
@@ -289,7 +393,7 @@ impl RunOne<'_> {
             partial: &partial,
             device: &opts.device,
             base_dir: &base_dir,
-            progress,
+            progress: &stage_progress,
             cancel: &opts.cancel,
         };
         let m = stage.run(&ctx)?;
@@ -317,7 +421,7 @@ impl RunOne<'_> {
         partial.remove()?;
         // Its files were hashed as they were committed: a stage reading it next need not
         // hash them again (4.8 GB per level at 2B).
-        verified.0.insert(key);
+        verified.insert(key);
         cache.touch(&key, &p.name)?;
         Ok(Done::Computed(manifest.metrics, seconds))
     }

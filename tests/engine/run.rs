@@ -154,3 +154,74 @@ fn session_files_carry_their_format_and_newer_ones_are_refused() {
     let err = sb.run(&["report", path.to_str().unwrap(), "--no-plots"]).expect(2).stderr();
     assert!(err.contains("session format 3 is newer than this rpt-flow reads"), "{err}");
 }
+
+/// `--jobs 2` runs independent instances at the same time, a consumer only after its input, and
+/// gives exactly the session of a one-at-a-time run.
+#[test]
+fn jobs_run_independent_instances_at_once_with_the_same_results() {
+    const PAR: &str = "[pipeline]\nname = \"par\"\nseed = 3\n\
+        [stages.base]\nkind = \"toy-load\"\nsize = 4\n\
+        [stages.a]\nkind = \"toy-scale\"\ninput = \"base\"\nfactor = 2\nsteps = 4\nsleep_ms = 150\n\
+        [stages.b]\nkind = \"toy-scale\"\ninput = \"base\"\nfactor = 3\nsteps = 4\nsleep_ms = 150\n\
+        [stages.c]\nkind = \"toy-scale\"\ninput = \"a\"\nfactor = 0.5\nsteps = 2\nsleep_ms = 20\n\
+        [stages.eval]\nkind = \"toy-eval\"\ninput = \"c\"\n";
+    let parallel = Sandbox::new();
+    let p = parallel.write("par.toml", PAR);
+    let out = parallel.cmd(&["run", p.to_str().unwrap(), "--jobs", "2"]).env("TOY_SPANS", "spans").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut spans: std::collections::HashMap<String, (u128, u128)> = Default::default();
+    for line in parallel.log_lines("spans") {
+        let f: Vec<&str> = line.split(' ').collect();
+        let e = spans.entry(f[0].to_string()).or_default();
+        let t: u128 = f[2].parse().unwrap();
+        if f[1] == "start" {
+            e.0 = t;
+        } else {
+            e.1 = t;
+        }
+    }
+    let (a, b, c) = (spans["a"], spans["b"], spans["c"]);
+    assert!(a.0 < b.1 && b.0 < a.1, "a and b are independent and ran at once: {spans:?}");
+    assert!(c.0 >= a.1, "c reads a: it starts after a ends: {spans:?}");
+
+    let serial = Sandbox::new();
+    let q = serial.write("par.toml", PAR);
+    serial.run(&["run", q.to_str().unwrap()]).expect(0);
+    let (sp, ss) = (parallel.session("par.json"), serial.session("par.json"));
+    assert_eq!(sp["status"], "complete");
+    for name in ["base", "a", "b", "c", "eval"] {
+        let (x, y) = (&sp["stages"][name], &ss["stages"][name]);
+        assert_eq!(x["key"], y["key"], "{name}");
+        assert_eq!(x["status"], y["status"], "{name}");
+        assert_eq!(x["metrics"], y["metrics"], "{name}: the same numbers in parallel");
+    }
+    let names: Vec<&String> = sp["stages"].as_object().unwrap().keys().collect();
+    let serial_names: Vec<&String> = ss["stages"].as_object().unwrap().keys().collect();
+    assert_eq!(names, serial_names, "the session lists instances in plan order either way");
+}
+
+/// With `--jobs`, a failure still stops what has not started (the running ones finish), and
+/// `--keep-going` still skips exactly the dependents.
+#[test]
+fn jobs_keep_the_failure_rules() {
+    let sb = Sandbox::new();
+    let p = sb.write("failing.toml", FAILING);
+    let run = sb.run(&["run", p.to_str().unwrap(), "--keep-going", "--jobs", "3"]).expect(1);
+    let err = run.stderr();
+    assert!(err.contains("2 instance(s) failed"), "{err}");
+    assert!(err.contains("not run because an input failed: after_broken"), "{err}");
+    let s = sb.session("failing.json");
+    assert_eq!(s["status"], "failed");
+    assert_eq!(s["stages"]["independent"]["status"], "done");
+    assert_eq!(s["stages"]["after_broken"]["status"], "skipped");
+
+    let sb = Sandbox::new();
+    let p = sb.write("failing.toml", FAILING);
+    sb.run(&["run", p.to_str().unwrap(), "--jobs", "2"]).expect(1);
+    let s = sb.session("failing.json");
+    let statuses: Vec<&str> =
+        s["stages"].as_object().unwrap().values().map(|v| v["status"].as_str().unwrap()).collect();
+    assert!(statuses.contains(&"failed") && statuses.contains(&"pending"), "fail-fast: {statuses:?}");
+    assert!(!statuses.contains(&"skipped"), "without --keep-going nothing is marked skipped: {statuses:?}");
+    assert!(sb.run(&["run", p.to_str().unwrap(), "--jobs", "0"]).code() == 2, "--jobs 0 is a usage error");
+}

@@ -486,3 +486,46 @@ fn stages_lists_each_kinds_roles_and_metrics() {
     assert!(text.contains("(report: residuals)"), "{text}");
     assert!(text.contains("metric intervention") && text.contains("(sometimes)"), "{text}");
 }
+
+/// Seconds of an RFC 3339 UTC time, monotone within a month (enough to order one test run).
+fn instant(rfc3339: &str) -> f64 {
+    let (date, time) = rfc3339.trim_end_matches('Z').split_once('T').unwrap();
+    let day: f64 = date.rsplit('-').next().unwrap().parse().unwrap();
+    let hms: Vec<f64> = time.split(':').map(|x| x.parse().unwrap()).collect();
+    day * 86400.0 + hms[0] * 3600.0 + hms[1] * 60.0 + hms[2]
+}
+
+/// The progressive pipeline with `--jobs 3` gives the numbers of a one-at-a-time run, and its
+/// fine-tunes (a kind that runs alone) never overlap another instance.
+#[test]
+fn progressive_with_jobs_matches_the_serial_run_and_fine_tunes_run_alone() {
+    let p = repo().join("pipelines/progressive.toml");
+    let p = p.to_str().unwrap();
+    let parallel = Sandbox::real();
+    parallel.run(&["run", p, "--profile", "tiny", "--jobs", "3"]).expect(0);
+    let serial = Sandbox::real();
+    serial.run(&["run", p, "--profile", "tiny"]).expect(0);
+    let (sp, ss) =
+        (parallel.session("progressive-sparsity.tiny.json"), serial.session("progressive-sparsity.tiny.json"));
+    let timing = ["tokens_per_second", "seconds", "peak_rss_mb"];
+    let mut spans = Vec::new();
+    for (name, x) in sp["stages"].as_object().unwrap() {
+        let y = &ss["stages"][name];
+        assert_eq!(x["key"], y["key"], "{name}");
+        let strip = |m: &serde_json::Value| {
+            let mut m = m.as_object().unwrap().clone();
+            timing.iter().for_each(|k| {
+                m.remove(*k);
+            });
+            m
+        };
+        assert_eq!(strip(&x["metrics"]), strip(&y["metrics"]), "{name}: --jobs 3 changed its numbers");
+        let start = instant(x["started"].as_str().unwrap_or_else(|| panic!("{name} has no start time")));
+        spans.push((name.clone(), x["kind"].as_str().unwrap().to_string(), start, start + f(&x["seconds"])));
+    }
+    for (name, _, s0, e0) in spans.iter().filter(|s| s.1 == "finetune") {
+        for (other, _, s1, e1) in spans.iter().filter(|s| &s.0 != name) {
+            assert!(e1 <= s0 || s1 >= e0, "{other} ran during the fine-tune {name}");
+        }
+    }
+}

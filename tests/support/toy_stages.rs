@@ -22,6 +22,17 @@ fn log_computation(ctx: &StageContext) -> Result<()> {
     Ok(())
 }
 
+/// Appends `<instance> start|end <unix nanoseconds>` to the file named by TOY_SPANS: tests see
+/// which instances ran at the same time.
+fn log_span(ctx: &StageContext, what: &str) -> Result<()> {
+    if let Ok(path) = std::env::var("TOY_SPANS") {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        f.write_all(format!("{} {what} {nanos}\n", ctx.instance).as_bytes())?;
+    }
+    Ok(())
+}
+
 fn read_weights(dir: &Path) -> Result<Vec<f64>> {
     let text = std::fs::read_to_string(dir.join("weights.json")).context("reading weights.json")?;
     Ok(serde_json::from_str(&text)?)
@@ -165,6 +176,7 @@ impl Stage for ToyScale {
     fn run(&self, ctx: &StageContext) -> Result<Json> {
         let p: ScaleParams = ctx.params()?;
         log_computation(ctx)?;
+        log_span(ctx, "start")?;
         let mut state = match ctx.partial.latest()? {
             Some(ck) => {
                 let s: ScaleState = serde_json::from_str(&std::fs::read_to_string(ck.dir.join("state.json"))?)?;
@@ -193,6 +205,7 @@ impl Stage for ToyScale {
             }
         }
         write_weights(ctx.out_dir, &state.weights)?;
+        log_span(ctx, "end")?;
         let mean = state.weights.iter().sum::<f64>() / state.weights.len() as f64;
         Ok(json!({ "steps": p.steps, "mean": mean, "history": state.history }))
     }

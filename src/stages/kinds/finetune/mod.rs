@@ -204,6 +204,10 @@ impl Stage for Finetune {
         &REPORT
     }
 
+    fn runs_alone(&self) -> bool {
+        true // the optimizer state and gradients: the largest footprint of any kind
+    }
+
     fn check(&self, params: &Map<String, Json>) -> Result<(), String> {
         let p: Params = typed_params(params)?;
         let micro = p.micro_batch.unwrap_or(p.batch);
