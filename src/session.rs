@@ -162,9 +162,6 @@ pub struct StageRecord {
     pub status: StageStatus,
     #[serde(default)]
     pub cached: bool,
-    /// When this run started it (RFC 3339, UTC); absent when it was never started.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started: Option<String>,
     #[serde(default)]
     pub seconds: f64,
     /// Peak resident memory while it computed (Linux), when it computed.

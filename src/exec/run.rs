@@ -66,8 +66,6 @@ struct Finished {
     label: String,
     result: Result<Done>,
     started: Instant,
-    /// Wall-clock start (RFC 3339), for the session.
-    started_at: String,
     peak_rss_mb: Option<f64>,
 }
 
@@ -140,16 +138,21 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
                 running += 1;
                 let (tx, progress, verified) = (tx.clone(), &progress, &verified);
                 scope.spawn(move || {
-                    let (started, started_at) = (Instant::now(), crate::session::now_rfc3339());
+                    let started = Instant::now();
                     // The process's peak is the stage's only when nothing runs beside it.
                     let alone = jobs == 1;
                     if alone {
                         super::memory::reset_peak();
                     }
                     let run = RunOne { plan, i, registry, cache, opts, progress, input_metrics, label: &label };
-                    let result = run.run(read_next, verified);
+                    // A panicking stage fails like an erroring one (and the loop still hears back).
+                    let result =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run.run(read_next, verified)))
+                            .unwrap_or_else(|panic| {
+                                Err(anyhow::anyhow!("the stage panicked: {}", panic_text(&*panic)))
+                            });
                     let peak_rss_mb = if alone { super::memory::peak_rss_mb() } else { None };
-                    let _ = tx.send(Finished { i, label, result, started, started_at, peak_rss_mb });
+                    let _ = tx.send(Finished { i, label, result, started, peak_rss_mb });
                 });
             }
             if running == 0 {
@@ -181,6 +184,15 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
     Ok(outcome)
 }
 
+/// The message of a panic payload (a `&str` or `String`, as `panic!` makes them).
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
 /// Writes a finished instance into the session, the outcome and the run's state.
 fn record(
     plan: &Plan,
@@ -191,10 +203,9 @@ fn record(
     metrics: &mut [Json],
     done: Finished,
 ) {
-    let Finished { i, label, result, started, started_at, peak_rss_mb } = done;
+    let Finished { i, label, result, started, peak_rss_mb } = done;
     let inst = &plan.pipeline.instances[i];
     let s = session.stage_mut(&inst.name);
-    s.started = Some(started_at);
     match result {
         Ok(Done::Cached(m)) => {
             progress.line(&format!("{label}: cached {}", plan.keys[i].short()));

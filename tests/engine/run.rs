@@ -225,3 +225,19 @@ fn jobs_keep_the_failure_rules() {
     assert!(!statuses.contains(&"skipped"), "without --keep-going nothing is marked skipped: {statuses:?}");
     assert!(sb.run(&["run", p.to_str().unwrap(), "--jobs", "0"]).code() == 2, "--jobs 0 is a usage error");
 }
+
+/// A stage that panics fails like one that returns an error — recorded, its dependents not run,
+/// the other branches kept with --keep-going — instead of taking the run down with it.
+#[test]
+fn a_panicking_stage_is_a_failed_instance() {
+    let sb = Sandbox::new();
+    let p = sb.write("panics.toml", &FAILING.replace("the stage broke on purpose", "panic:a bug in the stage"));
+    for jobs in ["1", "2"] {
+        let run = sb.run(&["run", p.to_str().unwrap(), "--keep-going", "--jobs", jobs]).expect(1);
+        assert!(run.stderr().contains("broken: the stage panicked: a bug in the stage"), "{}", run.stderr());
+        let s = sb.session("failing.json");
+        assert_eq!(s["status"], "failed");
+        assert_eq!(s["stages"]["broken"]["status"], "failed");
+        assert_eq!(s["stages"]["independent"]["status"], if jobs == "1" { "done" } else { "cached" });
+    }
+}

@@ -487,45 +487,47 @@ fn stages_lists_each_kinds_roles_and_metrics() {
     assert!(text.contains("metric intervention") && text.contains("(sometimes)"), "{text}");
 }
 
-/// Seconds of an RFC 3339 UTC time, monotone within a month (enough to order one test run).
-fn instant(rfc3339: &str) -> f64 {
-    let (date, time) = rfc3339.trim_end_matches('Z').split_once('T').unwrap();
-    let day: f64 = date.rsplit('-').next().unwrap().parse().unwrap();
-    let hms: Vec<f64> = time.split(':').map(|x| x.parse().unwrap()).collect();
-    day * 86400.0 + hms[0] * 3600.0 + hms[1] * 60.0 + hms[2]
-}
-
 /// The progressive pipeline with `--jobs 3` gives the numbers of a one-at-a-time run, and its
-/// fine-tunes (a kind that runs alone) never overlap another instance.
+/// fine-tunes (a kind that runs alone) never run beside another instance: read from the run's
+/// progress lines (`running` when an instance starts computing, `done in` when it is recorded).
 #[test]
 fn progressive_with_jobs_matches_the_serial_run_and_fine_tunes_run_alone() {
     let p = repo().join("pipelines/progressive.toml");
     let p = p.to_str().unwrap();
     let parallel = Sandbox::real();
-    parallel.run(&["run", p, "--profile", "tiny", "--jobs", "3"]).expect(0);
+    let out = parallel.run(&["run", p, "--profile", "tiny", "--jobs", "3"]).expect(0).stderr();
     let serial = Sandbox::real();
     serial.run(&["run", p, "--profile", "tiny"]).expect(0);
-    let (sp, ss) =
-        (parallel.session("progressive-sparsity.tiny.json"), serial.session("progressive-sparsity.tiny.json"));
+    let session = "progressive-sparsity.tiny.json";
+    let (sp, ss) = (parallel.session(session), serial.session(session));
     let timing = ["tokens_per_second", "seconds", "peak_rss_mb"];
-    let mut spans = Vec::new();
+    let strip = |m: &serde_json::Value| {
+        let mut m = m.as_object().unwrap().clone();
+        timing.iter().for_each(|k| {
+            m.remove(*k);
+        });
+        m
+    };
     for (name, x) in sp["stages"].as_object().unwrap() {
         let y = &ss["stages"][name];
         assert_eq!(x["key"], y["key"], "{name}");
-        let strip = |m: &serde_json::Value| {
-            let mut m = m.as_object().unwrap().clone();
-            timing.iter().for_each(|k| {
-                m.remove(*k);
-            });
-            m
-        };
         assert_eq!(strip(&x["metrics"]), strip(&y["metrics"]), "{name}: --jobs 3 changed its numbers");
-        let start = instant(x["started"].as_str().unwrap_or_else(|| panic!("{name} has no start time")));
-        spans.push((name.clone(), x["kind"].as_str().unwrap().to_string(), start, start + f(&x["seconds"])));
     }
-    for (name, _, s0, e0) in spans.iter().filter(|s| s.1 == "finetune") {
-        for (other, _, s1, e1) in spans.iter().filter(|s| &s.0 != name) {
-            assert!(e1 <= s0 || s1 >= e0, "{other} ran during the fine-tune {name}");
+    let mut running: Vec<String> = Vec::new();
+    let mut most = 0;
+    for line in out.lines() {
+        let Some((who, what)) = line.split_once("): ") else { continue };
+        if what == "running" {
+            assert!(
+                !running.iter().any(|r| r.ends_with("(finetune"))
+                    && !(who.ends_with("(finetune") && !running.is_empty()),
+                "`{who})` started beside {running:?}:\n{out}"
+            );
+            running.push(who.to_string());
+            most = most.max(running.len());
+        } else if what.starts_with("done in") {
+            running.retain(|r| r != who);
         }
     }
+    assert!(most >= 2, "nothing ran in parallel:\n{out}");
 }

@@ -332,7 +332,12 @@ impl Stage for ToyFail {
     fn run(&self, ctx: &StageContext) -> Result<Json> {
         log_computation(ctx)?;
         std::fs::write(ctx.out_dir.join("half-written.txt"), "must never become an entry")?;
-        bail!("{}", ctx.params.get("message").and_then(Json::as_str).unwrap_or("toy failure"))
+        let message = ctx.params.get("message").and_then(Json::as_str).unwrap_or("toy failure");
+        // A message starting `panic:` panics instead (a stage bug, not an error it returns).
+        if let Some(why) = message.strip_prefix("panic:") {
+            panic!("{why}");
+        }
+        bail!("{message}")
     }
 }
 
