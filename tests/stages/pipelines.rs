@@ -518,11 +518,10 @@ fn progressive_with_jobs_matches_the_serial_run_and_fine_tunes_run_alone() {
     for line in out.lines() {
         let Some((who, what)) = line.split_once("): ") else { continue };
         if what == "running" {
-            assert!(
-                !running.iter().any(|r| r.ends_with("(finetune"))
-                    && !(who.ends_with("(finetune") && !running.is_empty()),
-                "`{who})` started beside {running:?}:\n{out}"
-            );
+            let a_finetune_runs = running.iter().any(|r| r.ends_with("(finetune"));
+            let a_finetune_joins_others = who.ends_with("(finetune") && !running.is_empty();
+            assert!(!a_finetune_runs, "`{who})` started beside a fine-tune: {running:?}:\n{out}");
+            assert!(!a_finetune_joins_others, "the fine-tune `{who})` started beside {running:?}:\n{out}");
             running.push(who.to_string());
             most = most.max(running.len());
         } else if what.starts_with("done in") {
