@@ -16,7 +16,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value as Json};
 
 pub use crate::spec::schema::{
-    ArtifactType, Default as ParamDefault, InputDef, KindSchema, MetricDef, ParamDef, ParamType, ReportContract, Role,
+    metric_list, sometimes, ArtifactType, Default as ParamDefault, InputDef, KindSchema, MetricDef, ParamDef,
+    ParamType, ReportContract, Role,
 };
 pub use identity::FileHasher;
 pub use progress::{Progress, StageProgress};

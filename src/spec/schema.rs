@@ -301,6 +301,45 @@ pub struct MetricDef {
     pub help: &'static str,
 }
 
+impl MetricDef {
+    /// The same metric, written only in some configurations (e.g. a shared group a kind writes
+    /// only when asked to).
+    pub const fn sometimes(self) -> MetricDef {
+        MetricDef { always: false, ..self }
+    }
+}
+
+/// `a` then `b`, in a constant: a kind's metric list built from groups declared where shared
+/// code writes them (`N` must be `A + B`).
+pub const fn metric_list<const A: usize, const B: usize, const N: usize>(
+    a: [MetricDef; A],
+    b: [MetricDef; B],
+) -> [MetricDef; N] {
+    assert!(A + B == N, "metric_list: N must be A + B");
+    let mut out = [MetricDef { name: "", always: false, help: "" }; N];
+    let mut i = 0;
+    while i < A {
+        out[i] = a[i];
+        i += 1;
+    }
+    while i < N {
+        out[i] = b[i - A];
+        i += 1;
+    }
+    out
+}
+
+/// Each metric of `group`, marked [`MetricDef::sometimes`].
+pub const fn sometimes<const N: usize>(group: [MetricDef; N]) -> [MetricDef; N] {
+    let mut out = group;
+    let mut i = 0;
+    while i < N {
+        out[i] = group[i].sometimes();
+        i += 1;
+    }
+    out
+}
+
 /// What a kind contributes to reports: its roles and every top-level metric it writes.
 #[derive(Debug)]
 pub struct ReportContract {

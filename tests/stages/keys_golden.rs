@@ -2,7 +2,7 @@
 //! users' cached results (hours of GPU time), so a changed key must be a deliberate stage-version
 //! bump, regenerated with UPDATE_GOLDEN=1 and named in the commit.
 
-use crate::support::{repo, Sandbox};
+use crate::support::{instance_keys, repo, Sandbox};
 
 /// A hub cache holding only `refs/main` for the 2B-4T repo, so the default profiles plan offline
 /// against a fixed commit.
@@ -18,13 +18,7 @@ fn keys_of(sb: &Sandbox, hub: &str, args: &[&str]) -> Vec<(String, String)> {
     a.extend_from_slice(args);
     let out = sb.cmd(&a).env("HF_HUB_OFFLINE", "1").env("HF_HUB_CACHE", hub).output().unwrap();
     assert!(out.status.success(), "plan {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    doc["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| (i["name"].as_str().unwrap().to_string(), i["key"].as_str().unwrap().to_string()))
-        .collect()
+    instance_keys(&serde_json::from_slice(&out.stdout).unwrap())
 }
 
 #[test]

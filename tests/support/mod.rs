@@ -163,7 +163,11 @@ impl Run {
 pub fn plan_keys(sb: &Sandbox, args: &[&str]) -> Vec<(String, String)> {
     let mut a = vec!["plan", "--format", "json"];
     a.extend_from_slice(args);
-    let doc = sb.run(&a).expect(0).json();
+    instance_keys(&sb.run(&a).expect(0).json())
+}
+
+/// (name, key) of each instance of a `plan --format json` document.
+pub fn instance_keys(doc: &Json) -> Vec<(String, String)> {
     doc["instances"]
         .as_array()
         .unwrap()

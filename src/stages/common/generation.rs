@@ -7,8 +7,25 @@ use serde_json::{json, Map, Value as Json};
 
 use crate::analysis::text::{contains_word, distinct_bigrams};
 use crate::data::synthetic;
+use crate::exec::MetricDef;
 use crate::model::{Bos, GenerateOptions, Hooks};
 use crate::stages::common::model_artifact::OpenModel;
+
+/// The metrics [`generate_labelled`] writes, for the report contracts of the kinds that call it.
+pub const METRICS: [MetricDef; 4] = [
+    MetricDef {
+        name: "outputs",
+        always: true,
+        help: "per prompt: prompt, text, token ids, expected answer, hit, repetition, label",
+    },
+    MetricDef {
+        name: "counts",
+        always: true,
+        help: "how many continuations were correct / wrong / repetitive / unscored",
+    },
+    MetricDef { name: "accuracy", always: true, help: "correct / scored (null when no prompt has an expected answer)" },
+    MetricDef { name: "label", always: true, help: "the majority outcome, the \"text\" column of the tables" },
+];
 
 pub struct Prompt {
     pub prompt: String,

@@ -11,6 +11,7 @@ use serde_json::{json, Map, Value as Json};
 use super::model_artifact::OpenModel;
 use crate::analysis::perplexity::NllSum;
 use crate::data::{self, Bos, Encoding, Protocol, Source, TokenStream, Window, WindowOptions};
+use crate::exec::MetricDef;
 use crate::model::Model;
 
 /// A text source cut into windows for one model's tokenizer.
@@ -90,6 +91,25 @@ pub fn select_windows(
     let stream = TokenStream { ids: ids.into(), bytes: texts.iter().map(String::len).sum() };
     Ok(EvalWindows { source, stream, windows, protocol, opts, prep })
 }
+
+/// The metrics [`EvalWindows::ppl_metrics`] writes, for the report contracts of the kinds that
+/// score windows with it.
+pub const PPL_METRICS: [MetricDef; 6] = [
+    MetricDef { name: "ppl", always: true, help: "perplexity: exp of the mean token negative log-likelihood" },
+    MetricDef { name: "nll", always: true, help: "mean negative log-likelihood per scored token (nats)" },
+    MetricDef { name: "tokens", always: true, help: "tokens scored" },
+    MetricDef { name: "windows", always: true, help: "windows (or texts) evaluated" },
+    MetricDef {
+        name: "bits_per_byte",
+        always: true,
+        help: "total NLL in bits over the UTF-8 bytes of the scored text (tokenizer-independent)",
+    },
+    MetricDef {
+        name: "protocol",
+        always: true,
+        help: "the protocol echoed: name, data, seq_len, stride, bos, preparation",
+    },
+];
 
 impl EvalWindows {
     /// The `protocol` object of the perplexity metrics (eval-ppl's shape).

@@ -8,8 +8,8 @@ use serde_json::{json, Map, Value as Json};
 
 use crate::data::Protocol;
 use crate::exec::{
-    typed_params, ArtifactType, FileHasher, InputDef, KindSchema, MetricDef, ParamDefault, ParamType, ReportContract,
-    Role, Stage, StageContext,
+    metric_list, typed_params, ArtifactType, FileHasher, InputDef, KindSchema, MetricDef, ParamDefault, ParamType,
+    ReportContract, Role, Stage, StageContext,
 };
 use crate::stages::common::model_artifact as artifact;
 use crate::stages::common::scoring;
@@ -64,30 +64,13 @@ crate::stage_params! {
 }
 
 /// Its role for reports and every top-level metric `run` writes.
-pub static REPORT: ReportContract = ReportContract {
-    roles: &[Role::Perplexity],
-    metrics: &[
-        MetricDef {
-            name: "ppl",
-            always: true,
-            help: "perplexity: exp of the mean token negative log-likelihood under the protocol",
-        },
-        MetricDef { name: "nll", always: true, help: "mean negative log-likelihood per scored token (nats)" },
-        MetricDef { name: "tokens", always: true, help: "tokens scored" },
-        MetricDef { name: "windows", always: true, help: "windows (or texts) evaluated" },
-        MetricDef {
-            name: "bits_per_byte",
-            always: true,
-            help: "total NLL in bits over the UTF-8 bytes of the scored text (tokenizer-independent)",
-        },
-        MetricDef {
-            name: "protocol",
-            always: true,
-            help: "the protocol echoed: name, data, seq_len, stride, bos, preparation",
-        },
-        MetricDef { name: "tokens_per_second", always: true, help: "scoring throughput" },
-    ],
-};
+pub static REPORT: ReportContract = ReportContract { roles: &[Role::Perplexity], metrics: &METRICS };
+
+/// What the scoring writes, and the throughput.
+static METRICS: [MetricDef; 7] = metric_list(
+    scoring::PPL_METRICS,
+    [MetricDef { name: "tokens_per_second", always: true, help: "scoring throughput" }],
+);
 
 pub struct EvalPpl;
 

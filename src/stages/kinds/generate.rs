@@ -5,11 +5,11 @@ use anyhow::Result;
 use serde_json::{Map, Value as Json};
 
 use crate::exec::{
-    typed_params, ArtifactType, InputDef, KindSchema, MetricDef, ParamDefault, ParamType, ReportContract, Role, Stage,
+    typed_params, ArtifactType, InputDef, KindSchema, ParamDefault, ParamType, ReportContract, Role, Stage,
     StageContext,
 };
 use crate::model::{Bos, GenerateOptions, Sampling};
-use crate::stages::common::generation::{generate_labelled, prompts_of};
+use crate::stages::common::generation::{self, generate_labelled, prompts_of};
 use crate::stages::common::model_artifact as artifact;
 
 pub static SCHEMA: KindSchema = KindSchema {
@@ -62,27 +62,7 @@ crate::stage_params! {
 }
 
 /// Its role for reports and every top-level metric `run` writes.
-pub static REPORT: ReportContract = ReportContract {
-    roles: &[Role::Generation],
-    metrics: &[
-        MetricDef {
-            name: "outputs",
-            always: true,
-            help: "per prompt: prompt, text, token ids, expected answer, hit, repetition, label",
-        },
-        MetricDef {
-            name: "counts",
-            always: true,
-            help: "how many continuations were correct / wrong / repetitive / unscored",
-        },
-        MetricDef {
-            name: "accuracy",
-            always: true,
-            help: "correct / scored (null when no prompt has an expected answer)",
-        },
-        MetricDef { name: "label", always: true, help: "the majority outcome, the \"text\" column of the tables" },
-    ],
-};
+pub static REPORT: ReportContract = ReportContract { roles: &[Role::Generation], metrics: &generation::METRICS };
 
 pub struct Generate;
 

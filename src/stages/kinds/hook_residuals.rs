@@ -11,11 +11,11 @@ use serde_json::{json, Map, Value as Json};
 
 use crate::analysis::residual::Cut;
 use crate::exec::{
-    typed_params, ArtifactType, FileHasher, InputDef, KindSchema, MetricDef, ParamDefault, ParamType, ReportContract,
-    Role, Stage, StageContext,
+    metric_list, sometimes, typed_params, ArtifactType, FileHasher, InputDef, KindSchema, MetricDef, ParamDefault,
+    ParamType, ReportContract, Role, Stage, StageContext,
 };
 use crate::model::{Bos, GenerateOptions, Sampling};
-use crate::stages::common::generation::{generate_labelled, prompts_of, Prompt};
+use crate::stages::common::generation::{self, generate_labelled, prompts_of, Prompt};
 use crate::stages::common::model_artifact as artifact;
 use crate::stages::common::residual_tap::{Pruning, ResidualTap};
 use crate::stages::common::scoring;
@@ -135,49 +135,34 @@ fn write_stats_tensors(path: &std::path::Path, layers: &[Json]) -> Result<()> {
 }
 
 /// Its role for reports and every top-level metric `run` writes.
-pub static REPORT: ReportContract = ReportContract {
-    roles: &[Role::Residuals],
-    metrics: &[
-        MetricDef {
-            name: "ppl",
-            always: true,
-            help: "perplexity of the windows or texts (under the intervention, if any)",
-        },
-        MetricDef { name: "nll", always: true, help: "mean negative log-likelihood per scored token (nats)" },
-        MetricDef { name: "tokens", always: true, help: "tokens scored" },
-        MetricDef { name: "windows", always: true, help: "windows (or texts) evaluated" },
-        MetricDef {
-            name: "bits_per_byte",
-            always: true,
-            help: "total NLL in bits over the UTF-8 bytes of the scored text",
-        },
-        MetricDef { name: "protocol", always: true, help: "the protocol echoed" },
-        MetricDef {
-            name: "layers",
-            always: true,
-            help: "per layer: statistics of the correction c = h_out − h_in (mean and max |c|, exact-zero and near-zero fractions at rel_tol, …)",
-        },
-        MetricDef { name: "positions", always: true, help: "token positions the statistics cover" },
-        MetricDef {
-            name: "rel_tol",
-            always: true,
-            help: "the relative tolerance below which an entry of c counts as zero",
-        },
-        MetricDef {
-            name: "intervention",
-            always: false,
-            help: "with threshold or percentile: mode, value, layers, zeroed and masked fractions",
-        },
-        MetricDef { name: "outputs", always: false, help: "with generate: the continuations, as in `generate`" },
-        MetricDef {
-            name: "counts",
-            always: false,
-            help: "with generate: correct / wrong / repetitive / unscored counts",
-        },
-        MetricDef { name: "accuracy", always: false, help: "with generate: correct / scored" },
-        MetricDef { name: "label", always: false, help: "with generate: the majority outcome" },
-    ],
-};
+pub static REPORT: ReportContract = ReportContract { roles: &[Role::Residuals], metrics: &METRICS };
+
+/// The scoring's metrics (under the intervention, if any), the statistics, and with `generate` the
+/// generations' metrics.
+static METRICS: [MetricDef; 14] = metric_list(
+    metric_list::<6, 4, 10>(
+        scoring::PPL_METRICS,
+        [
+            MetricDef {
+                name: "layers",
+                always: true,
+                help: "per layer: statistics of the correction c = h_out − h_in (mean and max |c|, exact-zero and near-zero fractions at rel_tol, …)",
+            },
+            MetricDef { name: "positions", always: true, help: "token positions the statistics cover" },
+            MetricDef {
+                name: "rel_tol",
+                always: true,
+                help: "the relative tolerance below which an entry of c counts as zero",
+            },
+            MetricDef {
+                name: "intervention",
+                always: false,
+                help: "with threshold or percentile: mode, value, layers, zeroed and masked fractions",
+            },
+        ],
+    ),
+    sometimes(generation::METRICS),
+);
 
 pub struct HookResiduals;
 
