@@ -5,6 +5,7 @@
 //! them; `stages` is the only module that knows both the engine and `model`.
 
 pub mod analysis;
+pub mod atomic_file;
 pub mod cache;
 pub mod cli;
 pub mod data;

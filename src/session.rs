@@ -7,7 +7,6 @@
 //! with a clear error rather than misread. Fields this version does not know are kept (`extra`)
 //! so rewriting a file (adding tables) loses nothing.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
@@ -179,8 +178,25 @@ pub struct StageRecord {
     pub sweep: Option<SweepPoint>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The device it ran on, in a run over several (`--device cuda:0,cuda:1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// The cluster job that computed it (`--executor slurm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobRef>,
     #[serde(flatten)]
     pub extra: Map<String, Json>,
+}
+
+/// A scheduler's job: its id and where its output went.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct JobRef {
+    #[serde(default)]
+    pub executor: String,
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub log: String,
 }
 
 /// Where an instance sits in a sweep.
@@ -247,19 +263,9 @@ impl SessionRecord {
     /// Writes the record to `path` atomically: a temporary file beside it, synced, renamed over.
     /// A failure (a full disk) removes the temporary file and leaves the old file as it was.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let tmp =
-            dir.join(format!(".{}.{}.tmp", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
         let text = serde_json::to_string_pretty(self)? + "\n";
-        let written = std::fs::File::create(&tmp)
-            .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()))
-            .and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e).with_context(|| format!("writing the session file {}", path.display()));
-        }
-        Ok(())
+        crate::atomic_file::write(path, text.as_bytes())
+            .with_context(|| format!("writing the session file {}", path.display()))
     }
 }
 

@@ -7,6 +7,7 @@ mod graph;
 mod plan_cmd;
 mod report_cmd;
 mod run_cmd;
+mod slurm_args;
 mod stages_cmd;
 mod validate;
 
@@ -71,7 +72,8 @@ pub struct PipelineArgs {
     /// Override a value: --set stages.base.model=builtin:tiny-bitnet (repeatable).
     #[arg(long = "set", short = 's', value_name = "PATH=VALUE")]
     pub sets: Vec<String>,
-    /// Device: cpu, cuda or cuda:N (its class is part of every key).
+    /// Device: cpu, cuda, cuda:N, or a list cuda:0,cuda:1 to run one instance per GPU (the class
+    /// is part of every key).
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -150,12 +152,35 @@ fn init_logging() {
 /// class (keys are pure: `plan --device cuda` on a laptop shows what a GPU run has cached);
 /// running on one is [`check_runnable`]'s business.
 pub fn device_class(device: &str) -> Result<String, CliError> {
+    if device.contains(',') {
+        return device_list_class(device);
+    }
     let (class, ordinal) = device.split_once(':').unwrap_or((device, "0"));
     match class {
         "cpu" if !device.contains(':') => Ok("cpu".into()),
         "cuda" if ordinal.parse::<usize>().is_ok() => Ok("cuda".into()),
-        _ => Err(CliError::Usage(format!("--device `{device}` is not cpu, cuda or cuda:N"))),
+        _ => Err(CliError::Usage(format!(
+            "--device `{device}` is not cpu, cuda or cuda:N (or a list of GPUs, cuda:0,cuda:1)"
+        ))),
     }
+}
+
+/// A list of GPUs (`cuda:0,cuda:1`): distinct, each `cuda:N`; one instance runs per device.
+fn device_list_class(list: &str) -> Result<String, CliError> {
+    let mut seen = Vec::new();
+    for d in list.split(',') {
+        let ordinal = d.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok());
+        match ordinal {
+            Some(n) if !seen.contains(&n) => seen.push(n),
+            Some(_) => return Err(CliError::Usage(format!("--device {list}: `{d}` is listed twice"))),
+            None => {
+                return Err(CliError::Usage(format!(
+                    "--device {list}: `{d}` is not cuda:N; a device list names GPUs, e.g. cuda:0,cuda:1"
+                )))
+            }
+        }
+    }
+    Ok("cuda".into())
 }
 
 /// Fails for a device this build cannot compute on (cuda without the `cuda` feature).

@@ -3,6 +3,7 @@
 use clap::Args;
 use serde_json::json;
 
+use super::slurm_args::{slurm_options, Executor, ExecutorArgs};
 use super::{load_plan, open_cache, CliResult, PipelineArgs};
 use crate::exec::Registry;
 use crate::plan::{status_of, Status};
@@ -14,11 +15,28 @@ pub struct PlanArgs {
     /// Output format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub format: String,
+    /// With `--executor slurm`: print the sbatch commands `run --executor slurm` would submit.
+    #[command(flatten)]
+    pub executor: ExecutorArgs,
 }
 
 pub fn run(args: &PlanArgs, registry: &Registry, cache_root: &std::path::Path) -> CliResult {
     let plan = load_plan(&args.pipeline, registry, Some(cache_root))?;
     let cache = open_cache(cache_root)?;
+    if args.executor.executor == Executor::Slurm {
+        let slurm = slurm_options(&args.executor, &args.pipeline, &plan, registry, cache_root)?;
+        let lines = crate::exec::slurm::dry_run(&plan, &cache, &slurm);
+        let p = &plan.pipeline;
+        println!(
+            "# {}: {} of {} instances are not cached; `rpt-flow run ... --executor slurm` would submit:",
+            p.file.display(),
+            lines.len() / 2,
+            p.instances.len()
+        );
+        lines.iter().for_each(|l| println!("{l}"));
+        return Ok(());
+    }
+    args.executor.check_local()?;
     let entries = cache.entries()?;
     let statuses = status_of(&plan, &cache, &entries);
     let p = &plan.pipeline;

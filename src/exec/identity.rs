@@ -124,13 +124,8 @@ impl FileHasher {
             Ok(t) => t,
             Err(_) => return,
         };
-        if let Some(dir) = store.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        let tmp = store.with_extension(format!("{}.tmp", std::process::id()));
-        if std::fs::write(&tmp, text).is_ok() {
-            let _ = std::fs::rename(&tmp, store);
-        }
+        // Cluster jobs on several hosts share this file: each writes its own temporary name.
+        let _ = crate::atomic_file::write(store, text.as_bytes());
     }
 }
 

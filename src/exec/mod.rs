@@ -6,6 +6,7 @@ pub mod memory;
 mod progress;
 mod run;
 mod session;
+pub mod slurm;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +22,7 @@ pub use crate::spec::schema::{
 };
 pub use identity::FileHasher;
 pub use progress::{Progress, StageProgress};
-pub use run::{run, RunOptions, RunOutcome};
+pub use run::{run, run_only, OnlyOutcome, RunOptions, RunOutcome};
 pub use session::{session_path, Session};
 
 use crate::cache::{Key, PartialDir};

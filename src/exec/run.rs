@@ -18,11 +18,12 @@ use crate::session::{RunStatus, StageStatus};
 pub struct RunOptions {
     pub keep_going: bool,
     pub quiet: bool,
-    /// `cpu`, `cuda`, `cuda:N`.
+    /// `cpu`, `cuda`, `cuda:N`, or a list `cuda:0,cuda:1`: then one instance runs per device.
     pub device: String,
     pub session_path: PathBuf,
     pub cancel: CancelFlag,
-    /// Instances run at once when independent (1: one after another).
+    /// Instances run at once when independent (1: one after another); with a device list, one
+    /// per device.
     pub jobs: usize,
 }
 
@@ -34,6 +35,8 @@ pub struct RunOutcome {
     pub failed: Vec<(String, String)>,
     pub skipped: Vec<String>,
     pub interrupted: bool,
+    /// Cluster jobs left running when the orchestrator detached (SIGHUP, SIGTERM).
+    pub detached: Vec<String>,
     pub session_path: PathBuf,
 }
 
@@ -63,6 +66,8 @@ enum State {
 /// process's peak memory when it is the only one running (per-stage peaks need that).
 struct Finished {
     i: usize,
+    /// The device it ran on, when the run has several.
+    device: Option<String>,
     label: String,
     result: Result<Done>,
     started: Instant,
@@ -75,7 +80,14 @@ struct Finished {
 pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -> Result<RunOutcome> {
     let p = &plan.pipeline;
     let total = plan.order.len();
-    let jobs = opts.jobs.max(1);
+    let devices: Vec<&str> = opts.device.split(',').collect();
+    let several = devices.len() > 1;
+    // One instance per device; a kind that needs the machine to itself gets its device alone.
+    let jobs = if several { devices.len() } else { opts.jobs.max(1) };
+    // Where each of the `jobs` running places computes: its own device, or all on the one.
+    let places: Vec<&str> = if several { devices.clone() } else { vec![devices[0]; jobs] };
+    let mut free: Vec<bool> = vec![true; places.len()];
+    let mut held: Vec<Option<usize>> = vec![None; p.instances.len()];
     let progress = Progress::new(total, opts.quiet);
     let mut session = Session::new(opts.session_path.clone(), plan, registry, &opts.device, cache.root());
     session.save()?;
@@ -123,11 +135,16 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
                 if inst.inputs.iter().any(|r| state[r.target] != State::Ready) {
                     continue; // an input is still running (or waiting)
                 }
-                let needs_machine = registry.get(&inst.kind).is_some_and(|s| s.runs_alone());
+                let needs_machine = !several && registry.get(&inst.kind).is_some_and(|s| s.runs_alone());
                 if needs_machine && running > 0 {
                     break; // it goes next, once what runs now has finished
                 }
                 alone_running = needs_machine;
+                let d = free.iter().position(|&f| f).expect("a place is free while fewer than `jobs` run");
+                free[d] = false;
+                held[i] = Some(d);
+                let device = places[d];
+                let label = if several { format!("{label} on {device}") } else { label };
                 // An entry a stage is about to read has its bytes re-hashed first; one only
                 // reported as cached needs its manifest checked.
                 let read_next =
@@ -144,7 +161,7 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
                     if alone {
                         super::memory::reset_peak();
                     }
-                    let run = RunOne { plan, i, registry, cache, opts, progress, input_metrics, label: &label };
+                    let run = RunOne { plan, i, registry, cache, opts, device, progress, input_metrics, label: &label };
                     // A panicking stage fails like an erroring one (and the loop still hears back).
                     let result =
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run.run(read_next, verified)))
@@ -152,7 +169,8 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
                                 Err(anyhow::anyhow!("the stage panicked: {}", panic_text(&*panic)))
                             });
                     let peak_rss_mb = if alone { super::memory::peak_rss_mb() } else { None };
-                    let _ = tx.send(Finished { i, label, result, started, peak_rss_mb });
+                    let device = several.then(|| device.to_string());
+                    let _ = tx.send(Finished { i, device, label, result, started, peak_rss_mb });
                 });
             }
             if running == 0 {
@@ -161,6 +179,9 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
             let done = rx.recv().context("a stage worker ended without reporting")?;
             running -= 1;
             alone_running = false;
+            if let Some(d) = held[done.i].take() {
+                free[d] = true;
+            }
             record(plan, &progress, &mut session, &mut outcome, &mut state, &mut metrics, done);
             progress.instance_done();
             session.save()?;
@@ -184,6 +205,52 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
     Ok(outcome)
 }
 
+/// What `run --only` did with its instance.
+pub enum OnlyOutcome {
+    Cached,
+    Computed { seconds: f64 },
+}
+
+/// Runs one instance whose inputs are all in the cache, as a cluster job does: reuses its entry
+/// or computes it (under the key's lock), and writes no session file.
+pub fn run_only(plan: &Plan, i: usize, registry: &Registry, cache: &Cache, opts: &RunOptions) -> Result<OnlyOutcome> {
+    let p = &plan.pipeline;
+    let inst = &p.instances[i];
+    let mut input_metrics = Vec::new();
+    for r in &inst.inputs {
+        let key = plan.keys[r.target];
+        match cache.inspect(&key) {
+            EntryState::Intact(m) => input_metrics.push((r.target, m.metrics)),
+            state => anyhow::bail!(
+                "input `{}` (entry {}) is {} in the cache {}: --only runs one instance whose inputs are computed; run without --only to compute them",
+                p.instances[r.target].name,
+                key.short(),
+                if matches!(state, EntryState::Missing) { "not" } else { "damaged" },
+                cache.root().display()
+            ),
+        }
+    }
+    let progress = Progress::new(1, opts.quiet);
+    let label = format!("{} ({})", inst.name, inst.kind);
+    let run = RunOne {
+        plan,
+        i,
+        registry,
+        cache,
+        opts,
+        device: &opts.device,
+        progress: &progress,
+        input_metrics,
+        label: &label,
+    };
+    let done = run.run(false, &Verified::default());
+    progress.finish();
+    match done? {
+        Done::Cached(_) => Ok(OnlyOutcome::Cached),
+        Done::Computed(_, seconds) => Ok(OnlyOutcome::Computed { seconds }),
+    }
+}
+
 /// The message of a panic payload (a `&str` or `String`, as `panic!` makes them).
 fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
     payload
@@ -203,9 +270,10 @@ fn record(
     metrics: &mut [Json],
     done: Finished,
 ) {
-    let Finished { i, label, result, started, peak_rss_mb } = done;
+    let Finished { i, device, label, result, started, peak_rss_mb } = done;
     let inst = &plan.pipeline.instances[i];
     let s = session.stage_mut(&inst.name);
+    s.device = device;
     match result {
         Ok(Done::Cached(m)) => {
             progress.line(&format!("{label}: cached {}", plan.keys[i].short()));
@@ -305,6 +373,8 @@ struct RunOne<'a> {
     registry: &'a Registry,
     cache: &'a Cache,
     opts: &'a RunOptions,
+    /// Where it computes (one of the run's devices).
+    device: &'a str,
     progress: &'a Progress,
     /// The metrics of its inputs (by instance index), which the stage sees.
     input_metrics: Vec<(usize, Json)>,
@@ -402,7 +472,7 @@ impl RunOne<'_> {
             inputs,
             out_dir: pending.dir(),
             partial: &partial,
-            device: &opts.device,
+            device: self.device,
             base_dir: &base_dir,
             progress: &stage_progress,
             cancel: &opts.cancel,

@@ -12,7 +12,7 @@ use super::overrides::{self, Override};
 use super::schema::{Catalog, KindSchema, ParamType};
 use super::{InputRef, Instance, SpecOptions, SweepPoint};
 
-const TOP_LEVEL: [&str; 5] = ["pipeline", "defaults", "stages", "sweeps", "profiles"];
+const TOP_LEVEL: [&str; 6] = ["pipeline", "defaults", "stages", "sweeps", "profiles", "executor"];
 const CHAIN_MARKER: &str = "$chain";
 
 type Built = (String, i64, String, Vec<String>, Vec<Instance>);

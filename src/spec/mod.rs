@@ -6,6 +6,7 @@
 //! and the instances each one reads.
 
 pub mod diag;
+pub mod executor;
 mod expand;
 pub mod node;
 mod overrides;
@@ -41,6 +42,8 @@ pub struct Pipeline {
     pub instances: Vec<Instance>,
     /// Texts that spans point into (the file, then each `--set`).
     pub sources: Vec<Source>,
+    /// The file's `[executor.slurm]` table, if any (never part of a key).
+    pub slurm: Option<executor::SlurmSettings>,
 }
 
 /// One stage instance: a top-level stage, or a template stage at one sweep point.
@@ -133,6 +136,7 @@ pub fn parse(name: &str, text: &str, catalog: &Catalog, options: &SpecOptions) -
     }
     let file_stem = Path::new(name).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let pipeline = expand::build(&mut root, catalog, options, sets, &file_stem, &mut diags);
+    let slurm = executor::read(&root, catalog, &mut diags);
     if !diags.is_empty() {
         return Err(SpecErrors { sources, diagnostics: diags });
     }
@@ -141,7 +145,17 @@ pub fn parse(name: &str, text: &str, catalog: &Catalog, options: &SpecOptions) -
     // run whatever the command-line order, so the same session file name.
     let mut options = options.clone();
     options.profiles = profiles.iter().filter(|p| options.profiles.contains(p)).cloned().collect();
-    Ok(Pipeline { name: name_, seed, description, file: PathBuf::from(name), options, profiles, instances, sources })
+    Ok(Pipeline {
+        name: name_,
+        seed,
+        description,
+        file: PathBuf::from(name),
+        options,
+        profiles,
+        instances,
+        sources,
+        slurm,
+    })
 }
 
 /// `path=value`; the value is read as TOML when it parses (numbers, booleans, arrays, quoted

@@ -5,10 +5,12 @@ mod support;
 
 mod cache_cmds;
 mod concurrency;
+mod devices;
 mod faults;
 mod integrity;
 mod keys;
 mod plan;
 mod resume;
 mod run;
+mod slurm;
 mod validate;

@@ -530,3 +530,44 @@ fn progressive_with_jobs_matches_the_serial_run_and_fine_tunes_run_alone() {
     }
     assert!(most >= 2, "nothing ran in parallel:\n{out}");
 }
+
+/// The tiny progressive pipeline through Slurm (one sbatch job per instance, the shipped binary
+/// in each) gives the session of a local run: same keys, same numbers.
+#[test]
+fn progressive_through_slurm_matches_the_local_run() {
+    let Some(_cluster) = crate::support::slurm_cluster() else { return };
+    let p = repo().join("pipelines/progressive.toml");
+    let p = p.to_str().unwrap();
+    let slurm = Sandbox::real();
+    let out = slurm.run(&["run", p, "--profile", "tiny", "--executor", "slurm", "--poll-seconds", "0.5"]).expect(0);
+    assert!(out.stdout().contains("59 instances: 59 computed"), "{}", out.stdout());
+    let local = Sandbox::real();
+    local.run(&["run", p, "--profile", "tiny", "-q"]).expect(0);
+    let session = "progressive-sparsity.tiny.json";
+    let (s, l) = (slurm.session(session), local.session(session));
+    assert_eq!(s["status"], "complete");
+    let timing = ["tokens_per_second", "seconds", "peak_rss_mb"];
+    let strip = |m: &serde_json::Value| {
+        let mut m = m.as_object().unwrap().clone();
+        timing.iter().for_each(|k| {
+            m.remove(*k);
+        });
+        m
+    };
+    assert_eq!(s["stages"].as_object().unwrap().len(), 59);
+    for (name, x) in s["stages"].as_object().unwrap() {
+        let y = &l["stages"][name];
+        assert_eq!(x["key"], y["key"], "{name}");
+        assert_eq!(x["status"], "done", "{name}");
+        assert!(x["job"]["id"].as_str().is_some_and(|id| !id.is_empty()), "{name} ran as a job");
+        assert_eq!(strip(&x["metrics"]), strip(&y["metrics"]), "{name}: Slurm changed its numbers");
+    }
+    // The report reads a Slurm session as it reads a local one.
+    let report = slurm.run(&["report", "--no-plots", &format!("sessions/{}", today_dir(&slurm, session))]).expect(0);
+    assert!(report.stdout().contains("sparsity"), "{}", report.stdout());
+}
+
+fn today_dir(sb: &Sandbox, file: &str) -> String {
+    let day = std::fs::read_dir(sb.path().join("sessions")).unwrap().next().unwrap().unwrap().file_name();
+    format!("{}/{file}", day.to_string_lossy())
+}

@@ -210,3 +210,36 @@ pub fn results(session: &Json) -> Json {
     }
     stages
 }
+
+/// The local Slurm cluster (scripts/slurm-local/start.sh), held by one test at a time: its two
+/// CPUs are shared, and a test that watches concurrency needs them free. `None` when no cluster
+/// answers: the test returns early after this prints why. With `RPT_REQUIRE_SLURM=1` (set by
+/// `.ci/run`, which starts one) a missing cluster fails the test instead.
+pub fn slurm_cluster() -> Option<std::sync::MutexGuard<'static, ()>> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let up = Command::new("sinfo").args(["--noheader", "--format=%T"]).output().is_ok_and(|o| {
+        o.status.success()
+            && ["idle", "mixed", "allocated"].iter().any(|s| String::from_utf8_lossy(&o.stdout).contains(s))
+    });
+    if !up {
+        let why = "no Slurm cluster answers `sinfo` (start one with scripts/slurm-local/start.sh, as root)";
+        if std::env::var_os("RPT_REQUIRE_SLURM").is_some_and(|v| v == "1") {
+            panic!("{why}, and RPT_REQUIRE_SLURM=1 requires it");
+        }
+        eprintln!("skipped: {why}");
+        return None;
+    }
+    Some(LOCK.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// Our jobs in the queue whose name starts with `prefix`, with their states.
+pub fn queued_jobs(prefix: &str) -> Vec<(String, String)> {
+    let out = Command::new("squeue").args(["--noheader", "--states=all", "--format=%i|%T|%j"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.trim().split('|').collect();
+            (f.len() == 3 && f[2].starts_with(prefix)).then(|| (f[0].to_string(), f[1].to_string()))
+        })
+        .collect()
+}
