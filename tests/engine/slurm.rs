@@ -314,3 +314,37 @@ fn only_runs_one_instance_whose_inputs_are_cached() {
     let err = sb.run(&["run", &p, "--only", "baseline", "--expect-key", &wrong]).expect(1).stderr();
     assert!(err.contains("changed since"), "{err}");
 }
+
+/// A job that hits its time limit ends TIMEOUT with a hint; its checkpoint is kept, and the job
+/// submitted by the next run resumes from it and gives the uninterrupted result. Slow (Slurm's
+/// shortest limit is a minute): about 80 s.
+#[test]
+fn a_timed_out_job_resumes_from_its_checkpoint() {
+    let Some(_cluster) = slurm_cluster() else { return };
+    const LONG: &str = "[pipeline]\nname = \"slurm-timeout\"\n\
+        [stages.base]\nkind = \"toy-load\"\n\
+        [stages.long]\nkind = \"toy-scale\"\ninput = \"base\"\nfactor = 1.01\nsteps = 75\nsleep_ms = 1000\n";
+    let sb = Sandbox::new();
+    let p = sb.write("long.toml", LONG);
+    let p = p.to_str().unwrap();
+    let first = sb.run(&args(&["run", p, "--time", "1"], &FAST)).expect(1);
+    let err = first.stderr();
+    assert!(err.contains("TIMEOUT") && err.contains("raise `time` for this kind"), "{err}");
+    assert!(crate::support::has_checkpoint(&sb.path().join("cache")), "the partial checkpoint is kept");
+    let second = sb.run(&args(&["run", p, "--time", "10"], &FAST)).expect(0);
+    let s = sb.session("slurm-timeout.json");
+    let log = s["stages"]["long"]["job"]["log"].as_str().unwrap().to_string();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let resumed: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("toy-scale: resumed at step "))
+        .unwrap_or_else(|| panic!("the second job resumed ({log}):\n{text}\n{}", second.stderr()))
+        .parse()
+        .unwrap();
+    assert!(resumed >= 30, "most steps were kept: resumed at {resumed}");
+    // The same stage without pauses, uninterrupted, locally: the same numbers.
+    let local = Sandbox::new();
+    let q = local.write("long.toml", &LONG.replace("sleep_ms = 1000", "sleep_ms = 0"));
+    local.run(&["run", q.to_str().unwrap(), "-q"]).expect(0);
+    assert_eq!(s["stages"]["long"]["metrics"], local.session("slurm-timeout.json")["stages"]["long"]["metrics"]);
+}
