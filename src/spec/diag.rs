@@ -134,7 +134,9 @@ impl fmt::Display for SpecErrors {
             }
         }
         let n = self.diagnostics.len();
-        write!(f, "{} error{} in pipeline", n, if n == 1 { "" } else { "s" })
+        // Named by the file read (a pipeline, or an executor config).
+        let file = self.sources.first().map_or("pipeline", |s| s.name.as_str());
+        write!(f, "{} error{} in {file}", n, if n == 1 { "" } else { "s" })
     }
 }
 

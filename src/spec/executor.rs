@@ -229,6 +229,8 @@ fn resources(entries: &[super::node::Entry], table: &str, top: bool, d: &mut Vec
                     _ => r.qos = value,
                 }
             }
+            // Whole minutes may be written as a number, as sbatch reads `--time=90`.
+            "time" if matches!(v.val, Val::Int(m) if m >= 1) => r.time = Some(v.display()),
             "time" => r.time = checked(check_time, d),
             "gres" => r.gres = checked(check_gres, d),
             "mem" => r.mem = checked(check_mem, d),

@@ -348,3 +348,30 @@ fn a_timed_out_job_resumes_from_its_checkpoint() {
     local.run(&["run", q.to_str().unwrap(), "-q"]).expect(0);
     assert_eq!(s["stages"]["long"]["metrics"], local.session("slurm-timeout.json")["stages"]["long"]["metrics"]);
 }
+
+/// The pipeline edited while its jobs wait: each job checks that its instance's key is still
+/// the one submitted, and fails saying so instead of computing something else under the name.
+#[test]
+fn a_pipeline_edited_mid_run_fails_the_changed_jobs_clearly() {
+    let Some(_cluster) = slurm_cluster() else { return };
+    let sb = Sandbox::new();
+    let text = std::fs::read_to_string(chain()).unwrap();
+    let p = sb.write("chain.toml", &text);
+    let run = args(&["run", p.to_str().unwrap(), "--set", "defaults.toy-scale.sleep_ms=400"], &FAST);
+    let child = sb.spawn(&run, &[("TOY_LOG", "log")]);
+    assert!(wait_until(Duration::from_secs(60), || !sb.log_lines("log").is_empty()), "a job computed");
+    // The second level's fine-tune steps (the profile sets them; the file's own value is used here).
+    let edited = text.replacen("steps = 1", "steps = 2", 1);
+    assert_ne!(edited, text);
+    std::fs::write(&p, edited).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("as when its job was submitted") && err.contains("changed since"), "{err}");
+    let rerun = sb.cmd(&run).output().unwrap();
+    assert!(
+        rerun.status.success(),
+        "the next run submits what the file now means: {}",
+        String::from_utf8_lossy(&rerun.stderr)
+    );
+}
