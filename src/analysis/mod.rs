@@ -6,6 +6,7 @@
 
 pub mod glob;
 pub mod magnitude;
+pub mod multiple_choice;
 pub mod optim;
 pub mod perplexity;
 pub mod perturb;

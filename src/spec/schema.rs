@@ -222,13 +222,15 @@ pub enum Role {
     Residuals,
     /// A perturbation followed through the layers: the perturbation table and growth plot.
     Perturbation,
+    /// Multiple-choice task accuracy of its input model: the task columns of the tables.
+    Tasks,
     /// A role this version does not know (a newer writer's).
     #[serde(other)]
     Unknown,
 }
 
 impl Role {
-    pub const ALL: [Role; 7] = [
+    pub const ALL: [Role; 8] = [
         Role::Source,
         Role::Prune,
         Role::Train,
@@ -236,6 +238,7 @@ impl Role {
         Role::Generation,
         Role::Residuals,
         Role::Perturbation,
+        Role::Tasks,
     ];
 
     /// The top-level metrics the report reads from an instance in this role: a kind declaring
@@ -274,6 +277,7 @@ impl Role {
                 "scale",
                 "eps",
             ],
+            Role::Tasks => &["task", "items", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "num_fewshot"],
             Role::Unknown => &[],
         }
     }
@@ -287,6 +291,7 @@ impl Role {
             Role::Generation => "generation",
             Role::Residuals => "residuals",
             Role::Perturbation => "perturbation",
+            Role::Tasks => "tasks",
             Role::Unknown => "unknown",
         }
     }

@@ -18,7 +18,8 @@ pub fn registry() -> Registry {
         .register(kinds::finetune::Finetune)
         .register(kinds::generate::Generate)
         .register(kinds::hook_residuals::HookResiduals)
-        .register(kinds::perturb::Perturb);
+        .register(kinds::perturb::Perturb)
+        .register(kinds::eval_tasks::EvalTasks);
     r
 }
 

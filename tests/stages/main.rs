@@ -15,3 +15,4 @@ mod pipelines;
 mod ppl_parity;
 mod prune;
 mod residuals;
+mod tasks_parity;

@@ -1,6 +1,7 @@
 //! One module per stage kind: its schema, typed parameters and `Stage` impl.
 
 pub mod eval_ppl;
+pub mod eval_tasks;
 pub mod finetune;
 pub mod generate;
 pub mod hook_residuals;
