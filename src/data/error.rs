@@ -23,7 +23,7 @@ pub enum DataError {
          help: download it where network is available, e.g.\n  \
          huggingface-cli download --repo-type dataset {repo} {file} --revision {revision}\n\
          with the same HF_HOME (the cache is $HF_HOME/hub, default ~/.cache/huggingface/hub), \
-         or give the file itself as `data = {{ path = \"...\" }}`",
+         or give the file itself: `data = {{ path = \"...\" }}` for a text, `task = {{ jsonl = \"...\" }}` for task items",
         .cache.display()
     )]
     HubNotCached { repo: String, file: String, revision: String, cache: PathBuf, why: String },

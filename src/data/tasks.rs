@@ -198,12 +198,13 @@ impl TaskSpec {
                     "task `synthetic:{name}` is not known: the synthetic tasks are synthetic:{}",
                     SYNTHETIC.join(", synthetic:")
                 ),
-                None => {
-                    super::task_hub::check_name(s).context(
-                        "or give a local file: { jsonl = \"items.jsonl\", text = \"{question}\", choices = \"choices\", gold = \"answer\" }",
-                    )?;
-                    Ok(TaskSpec::Hub(s.clone()))
-                }
+                None => match super::task_hub::check_name(s) {
+                    Ok(()) => Ok(TaskSpec::Hub(s.clone())),
+                    Err(e) => bail!(
+                        "{e:#}; or synthetic:{}, or a local file {{ jsonl = \"items.jsonl\", text = \"{{question}}\", choices = \"choices\", gold = \"answer\" }}",
+                        SYNTHETIC.join(", synthetic:")
+                    ),
+                },
             },
             Json::Object(o) => {
                 let field = |k: &str, default: &str| -> Result<String> {

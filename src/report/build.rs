@@ -3,7 +3,7 @@
 use serde_json::Value as Json;
 
 use super::lineage::{
-    baseline, finetunes_above, position, position_of_model, sibling, sparsity_of, Position, Protocol,
+    baseline, finetunes_above, model_slot, position, position_of_model, sibling, sparsity_of, Position, Protocol,
 };
 use super::session::{Instance, Role, Session};
 use super::table::{cell, pct, pct_num, ppl, sig, signed, Table};
@@ -217,6 +217,55 @@ fn metric_pct(inst: Option<&Instance>, path: &str) -> String {
 }
 
 pub fn progressive_table(s: &Session, g: &PplGroup, n: usize) -> Table {
+    let mut t = progressive_table_without_tasks(s, g, n);
+    // When tasks were scored on the models of the table, their acc joins each row.
+    let tasks = task_names(s);
+    let models: Vec<Option<usize>> = progressive_row_models(s, g);
+    if tasks.is_empty() || models.iter().all(Option::is_none) {
+        return t;
+    }
+    for task in &tasks {
+        t.columns.push(format!("{task} acc (%)"));
+        t.numeric.push(true);
+    }
+    for (row, m) in t.rows.iter_mut().zip(&models) {
+        row.extend(tasks.iter().map(|task| acc_cell(task_result(s, *m, task), "acc")));
+    }
+    t.footnotes.push("task acc: of the fine-tuned model of the row (the base for the baseline), ± one standard error; the tasks table has acc_norm.".into());
+    t
+}
+
+/// The model each row of the progressive table stands for (the one its `ppl after` measured),
+/// in the table's row order.
+fn progressive_row_models(s: &Session, g: &PplGroup) -> Vec<Option<usize>> {
+    let t = progressive_table_without_tasks(s, g, 0);
+    let pos: Vec<(Position, usize)> = g.evals.iter().map(|&i| (position(s, i), i)).collect();
+    let base = baseline(s, &position(s, g.evals[0]), &g.protocol).filter(|b| g.evals.contains(b));
+    let mut models = Vec::new();
+    if let Some(b) = base {
+        models.push(position(s, b).model);
+    }
+    let mut prunes: Vec<Position> = Vec::new();
+    for (p, _) in &pos {
+        if p.prune.is_some() && !prunes.iter().any(|q| q.prune == p.prune) {
+            prunes.push(Position { tuned: None, model: p.prune, ..*p });
+        }
+    }
+    sort_by_sparsity(s, &mut prunes);
+    for pr in &prunes {
+        let after = pos.iter().find(|(p, _)| p.prune == pr.prune && p.tuned.is_some());
+        let before = pos.iter().find(|(p, _)| p.prune == pr.prune && p.tuned.is_none());
+        models.push(after.or(before).and_then(|(p, _)| p.model));
+    }
+    // Control rows of their own: their fine-tuned model.
+    while models.len() < t.rows.len() {
+        models.push(None);
+    }
+    models.truncate(t.rows.len());
+    models
+}
+
+fn progressive_table_without_tasks(s: &Session, g: &PplGroup, n: usize) -> Table {
     let mut t = Table::new(
         format!("progressive#{n}"),
         "Progressive pruning with fine-tuning",
@@ -695,6 +744,80 @@ pub fn models_table(s: &Session) -> Option<Table> {
     (!t.rows.is_empty()).then_some(t)
 }
 
+/// The tasks the session scored, in order of first appearance.
+fn task_names(s: &Session) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for (_, inst) in s.of_role(Role::Tasks) {
+        if let Some(t) = inst.metric_str("task") {
+            if !names.iter().any(|n| n == t) {
+                names.push(t.to_string());
+            }
+        }
+    }
+    names
+}
+
+/// The instance that scored `task` on exactly the model `model`.
+fn task_result<'a>(s: &'a Session, model: Option<usize>, task: &str) -> Option<&'a Instance> {
+    let model = model?;
+    s.of_role(Role::Tasks).map(|(_, inst)| inst).find(|inst| {
+        inst.metric_str("task") == Some(task) && model_slot(inst).and_then(|n| s.index_of(n)) == Some(model)
+    })
+}
+
+/// `43.75 ± 1.20`: acc in percent with its standard error.
+fn acc_cell(inst: Option<&Instance>, metric: &str) -> String {
+    let Some(inst) = inst else { return "—".into() };
+    match (inst.metric_f64(metric), inst.metric_f64(&format!("{metric}_stderr"))) {
+        (Some(a), Some(e)) => format!("{} ± {}", pct_num(a), pct_num(e)),
+        (Some(a), None) => pct_num(a),
+        _ => "—".into(),
+    }
+}
+
+/// Multiple-choice accuracy of every model the session scored, one column pair per task.
+pub fn tasks_table(s: &Session) -> Option<Table> {
+    let tasks = task_names(s);
+    if tasks.is_empty() {
+        return None;
+    }
+    let mut models: Vec<usize> = Vec::new();
+    for (_, inst) in s.of_role(Role::Tasks) {
+        if let Some(m) = model_slot(inst).and_then(|n| s.index_of(n)) {
+            if !models.contains(&m) {
+                models.push(m);
+            }
+        }
+    }
+    let headers: Vec<String> =
+        tasks.iter().flat_map(|t| [format!("{t} acc (%)"), format!("{t} acc_norm (%)")]).collect();
+    let mut columns: Vec<(&str, bool)> = vec![("model", false)];
+    columns.extend(headers.iter().map(|h| (h.as_str(), true)));
+    let mut t = Table::new("tasks", "Multiple-choice tasks (lm-evaluation-harness scoring)", &columns);
+    for m in models {
+        let mut row = vec![describe_model(s, m)];
+        for task in &tasks {
+            let r = task_result(s, Some(m), task);
+            row.push(acc_cell(r, "acc"));
+            row.push(acc_cell(r, "acc_norm"));
+        }
+        t.push(row);
+    }
+    let shots: Vec<String> = s
+        .of_role(Role::Tasks)
+        .filter_map(|(_, i)| i.metric_f64("num_fewshot"))
+        .map(|n| format!("{n}"))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    t.notes = vec![format!("few-shot examples: {}", shots.join(", "))];
+    t.footnotes = vec![
+        "acc: the gold choice has the highest summed log-likelihood; acc_norm: per character of the choice; ± one standard error (sample sd / √n).".into(),
+        "Prompts and tokenisation as lm-evaluation-harness 0.4.9's HF model class; docs/tasks.md.".into(),
+    ];
+    Some(t)
+}
+
 /// Every table of a session, the main one first.
 pub fn tables(s: &Session) -> Vec<Table> {
     let groups = ppl_groups(s);
@@ -722,6 +845,7 @@ pub fn tables(s: &Session) -> Vec<Table> {
     if !listed.is_empty() {
         out.push(list_table(s, &listed));
     }
+    out.extend(tasks_table(s));
     out.extend(finetune_table(s));
     out.extend(text_table(s));
     out.extend(models_table(s));

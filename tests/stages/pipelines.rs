@@ -571,3 +571,66 @@ fn today_dir(sb: &Sandbox, file: &str) -> String {
     let day = std::fs::read_dir(sb.path().join("sessions")).unwrap().next().unwrap().unwrap().file_name();
     format!("{}/{file}", day.to_string_lossy())
 }
+
+/// downstream.toml under `tiny`: every model of the chain scored on synthetic:facts-mc, the
+/// progressive table with a task column, the tasks table; its shared part has progressive.toml's
+/// keys (progressive finds it cached).
+#[test]
+fn downstream_tiny_scores_every_level_and_shares_the_progressive_chain() {
+    let (sb, s) = run_tiny("pipelines/downstream.toml", "downstream.tiny.json");
+    let st = &s["stages"];
+    for name in ["base-tasks[task=synthetic:facts-mc].score", "tasks[sparsity=0.5,task=synthetic:facts-mc].score"] {
+        let m = &st[name]["metrics"];
+        assert_eq!(m["task"], "synthetic:facts-mc", "{name}");
+        assert_eq!(m["items"], 45, "{name}: one question per fact");
+        let acc = f(&m["acc"]);
+        assert!((0.0..=1.0).contains(&acc) && f(&m["acc_stderr"]) > 0.0, "{name}: {m}");
+        assert_eq!(st[name]["roles"][0], "tasks");
+    }
+    let tables = s["tables"].as_array().unwrap();
+    let main = &tables[0];
+    assert_eq!(main["id"], "progressive#1");
+    assert!(columns(main).contains(&"synthetic:facts-mc acc (%)"), "{main}");
+    assert!(main["rows"].as_array().unwrap().iter().all(|r| r.as_array().unwrap().last().unwrap() != "—"), "{main}");
+    let tasks = tables.iter().find(|t| t["id"] == "tasks").expect("a tasks table");
+    assert_eq!(tasks["rows"].as_array().unwrap().len(), 9, "the base and eight levels: {tasks}");
+    let prog = repo().join("pipelines/progressive.toml");
+    let plan = sb.run(&["plan", prog.to_str().unwrap(), "--profile", "tiny", "--format", "json"]).expect(0).json();
+    for i in plan["instances"].as_array().unwrap() {
+        let name = i["name"].as_str().unwrap();
+        let shared = ["base", "baseline"].contains(&name)
+            || (name.starts_with("level[") && [".pruned", ".tuned", ".after"].iter().any(|s| name.ends_with(s)));
+        assert_eq!(i["status"], if shared { "cached" } else { "to run" }, "{name}");
+    }
+}
+
+/// A task that does not exist, or a hub dataset that is not there offline: clear errors.
+#[test]
+fn eval_tasks_bad_input_is_located_and_explained() {
+    let sb = Sandbox::real();
+    let p = sb.write(
+        "t.toml",
+        "[stages.base]\nkind = \"load\"\nmodel = \"builtin:tiny-bitnet\"\n\
+         [stages.score]\nkind = \"eval-tasks\"\ninput = \"base\"\ntask = \"arc-easy\"\n",
+    );
+    let err = sb.run(&["validate", p.to_str().unwrap()]).expect(2).stderr();
+    assert!(err.contains("t.toml:") && err.contains("did you mean `arc_easy`?"), "{err}");
+    let p = sb.write(
+        "j.toml",
+        "[stages.base]\nkind = \"load\"\nmodel = \"builtin:tiny-bitnet\"\n\
+         [stages.score]\nkind = \"eval-tasks\"\ninput = \"base\"\ntask = { jsonl = \"missing.jsonl\" }\n",
+    );
+    let err = sb.run(&["validate", p.to_str().unwrap()]).expect(2).stderr();
+    assert!(err.contains("missing.jsonl"), "{err}");
+    let p = sb.write(
+        "h.toml",
+        "[stages.base]\nkind = \"load\"\nmodel = \"builtin:tiny-bitnet\"\n\
+         [stages.score]\nkind = \"eval-tasks\"\ninput = \"base\"\ntask = \"piqa\"\n",
+    );
+    let hub = sb.path().join("empty-hub");
+    let out =
+        sb.cmd(&["run", p.to_str().unwrap()]).env("HF_HUB_OFFLINE", "1").env("HF_HUB_CACHE", &hub).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("baber/piqa") && err.contains("piqa_validation.parquet") && err.contains("142f6d73"), "{err}");
+}

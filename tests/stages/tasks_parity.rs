@@ -21,17 +21,17 @@ fn repo() -> PathBuf {
 const TASKS: [(&str, &str, &str); 2] =
     [("rpt_mc_plain", "plain", "Question: {question}\\nAnswer:"), ("rpt_mc_space", "space", "{question}\\n")];
 
-/// Runs `stages` (eval-tasks tables over the input `model`) on a fixture model in `dir`, with
-/// extra environment; (stage name → (metrics, items.jsonl rows)).
+/// Runs `stages` (eval-tasks tables over the input `model`) on the model in the folder `model`,
+/// in `dir`, with extra environment; (stage name → (metrics, items.jsonl rows)).
 fn run_in(
     dir: &std::path::Path,
-    model: &str,
+    model: &std::path::Path,
     stages: &[(String, String)],
     env: &[(&str, &std::path::Path)],
 ) -> Vec<(String, Json, Vec<Json>)> {
     let mut toml = format!(
         "[pipeline]\nname = \"tasks-parity\"\n[stages.model]\nkind = \"load\"\nmodel = {{ path = {} }}\ndtype = \"f32\"\n",
-        lit(&repo().join("tests/fixtures").join(model))
+        lit(model)
     );
     for (stage, body) in stages {
         toml.push_str(&format!("[stages.{stage}]\nkind = \"eval-tasks\"\ninput = \"model\"\nbatch = 3\n{body}\n"));
@@ -66,8 +66,8 @@ fn run_in(
     out
 }
 
-/// Runs the local JSONL tasks on `model`.
-fn run(model: &str) -> Vec<(String, Json, Vec<Json>)> {
+/// Runs the local JSONL tasks on the model in `model` (a folder).
+fn run(model: &std::path::Path) -> Vec<(String, Json, Vec<Json>)> {
     let dir = tempfile::tempdir().unwrap();
     let items = repo().join("tests/fixtures/tasks/items.jsonl");
     let stages: Vec<(String, String)> = TASKS
@@ -111,25 +111,53 @@ fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-5 * b.abs().max(1.0)
 }
 
-#[test]
-fn eval_tasks_matches_lm_evaluation_harness_item_by_item() {
+/// The local tasks on `model` (its folder) agree with the harness's record of them.
+fn check_local(model: &str, dir: &std::path::Path) {
     let reference: Json =
         serde_json::from_str(&std::fs::read_to_string(repo().join("tests/fixtures/tasks/reference.json")).unwrap())
             .unwrap();
-    for model in ["llama_tiny", "bitnet_tiny"] {
-        for ((harness_task, _, _), (stage, metrics, rows)) in TASKS.iter().zip(run(model)) {
-            let r = &reference["models"][model][harness_task];
-            let items = r["items"].as_array().unwrap();
-            assert_items_agree(&format!("{model}/{stage}"), &rows, items);
-            assert_eq!(metrics["items"], items.len(), "{model}/{stage}");
-            for m in ["acc", "acc_norm"] {
-                assert_eq!(metrics[m], r[m], "{model}/{stage}: {m}");
-                let (x, y) =
-                    (metrics[format!("{m}_stderr")].as_f64().unwrap(), r[format!("{m}_stderr")].as_f64().unwrap());
-                assert!((x - y).abs() < 1e-12, "{model}/{stage}: {m}_stderr {x} vs {y}");
-            }
+    for ((harness_task, _, _), (stage, metrics, rows)) in TASKS.iter().zip(run(dir)) {
+        let r = &reference["models"][model][harness_task];
+        let items = r["items"].as_array().unwrap();
+        assert_items_agree(&format!("{model}/{stage}"), &rows, items);
+        assert_eq!(metrics["items"], items.len(), "{model}/{stage}");
+        for m in ["acc", "acc_norm"] {
+            assert_eq!(metrics[m], r[m], "{model}/{stage}: {m}");
+            let (x, y) = (metrics[format!("{m}_stderr")].as_f64().unwrap(), r[format!("{m}_stderr")].as_f64().unwrap());
+            assert!((x - y).abs() < 1e-12, "{model}/{stage}: {m}_stderr {x} vs {y}");
         }
     }
+}
+
+#[test]
+fn eval_tasks_matches_lm_evaluation_harness_item_by_item() {
+    for model in ["llama_tiny", "bitnet_tiny"] {
+        check_local(model, &repo().join("tests/fixtures").join(model));
+    }
+}
+
+/// stories260K: a real pretrained Llama (../shared, never committed), converted at run time.
+#[test]
+fn eval_tasks_matches_lm_evaluation_harness_on_stories260k() {
+    let (Some(bin), Some(tok)) = (
+        crate::support::shared("models/stories260K/stories260K.bin"),
+        crate::support::shared("models/stories260K/tok512.bin"),
+    ) else {
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let converted = out.path().join("stories260K");
+    let status =
+        Command::new("python3").arg(repo().join("scripts/convert_llama2c.py")).args([&bin, &tok, &converted]).status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => panic!("scripts/convert_llama2c.py failed ({s})"),
+        Err(e) => {
+            eprintln!("skipped: python3 is not available to convert stories260K ({e})");
+            return;
+        }
+    }
+    check_local("stories260K", &converted);
 }
 
 /// The hub tasks: rows of tests/fixtures/tasks/hub_rows.json written as parquet files in each
@@ -177,7 +205,7 @@ fn hub_tasks_match_the_harness_task_configs() {
         .collect();
     let results = run_in(
         dir.path(),
-        "llama_tiny",
+        &repo().join("tests/fixtures/llama_tiny"),
         &stages,
         &[("HF_HUB_CACHE", &hub), ("HF_HUB_OFFLINE", std::path::Path::new("1"))],
     );

@@ -76,7 +76,7 @@ crate::stage_params! {
 /// Its role for reports and every top-level metric `run` writes.
 pub static REPORT: ReportContract = ReportContract { roles: &[Role::Tasks], metrics: &METRICS };
 
-static METRICS: [MetricDef; 9] = [
+static METRICS: [MetricDef; 11] = [
     MetricDef { name: "task", always: true, help: "the task scored" },
     MetricDef { name: "items", always: true, help: "items scored" },
     MetricDef { name: "acc", always: true, help: "share of items whose gold choice has the highest log-likelihood" },
@@ -90,6 +90,12 @@ static METRICS: [MetricDef; 9] = [
     MetricDef { name: "tokens_per_second", always: true, help: "scoring throughput (input tokens)" },
     MetricDef { name: "num_fewshot", always: true, help: "examples before each item" },
     MetricDef { name: "protocol", always: true, help: "how the prompts were made and scored" },
+    MetricDef { name: "subjects", always: false, help: "MMLU: items, acc and acc_norm per subject" },
+    MetricDef {
+        name: "categories",
+        always: false,
+        help: "MMLU: items, acc and acc_norm per category (stem, humanities, …)",
+    },
 ];
 
 pub struct EvalTasks;
@@ -168,7 +174,7 @@ impl Stage for EvalTasks {
         }
         file.flush()?;
         let summary = multiple_choice::summarize(&scored);
-        Ok(json!({
+        let mut metrics = json!({
             "task": task.name,
             "items": summary.items,
             "acc": summary.acc.acc,
@@ -178,8 +184,34 @@ impl Stage for EvalTasks {
             "tokens_per_second": fed as f64 / seconds.max(1e-9),
             "num_fewshot": p.num_fewshot,
             "protocol": protocol(&task, &format, &p, &open.settings.dtype),
-        }))
+        });
+        if let Some(subjects) = &task.subjects {
+            metrics["subjects"] = by_group(&scored, |i| subjects[i].clone());
+            metrics["categories"] = by_group(&scored, |i| mmlu_category(&subjects[i]).to_string());
+        }
+        Ok(metrics)
     }
+}
+
+/// `{group: {items, acc, acc_norm}}` over the items each belongs to (MMLU's subjects and
+/// categories; the overall `acc` weighs every item once, as the harness's `weight_by_size`).
+fn by_group(scored: &[ScoredItem], group: impl Fn(usize) -> String) -> Json {
+    let mut groups: std::collections::BTreeMap<String, Vec<ScoredItem>> = Default::default();
+    for (i, s) in scored.iter().enumerate() {
+        groups.entry(group(i)).or_default().push(s.clone());
+    }
+    groups
+        .into_iter()
+        .map(|(g, items)| {
+            let s = multiple_choice::summarize(&items);
+            (g, json!({ "items": s.items, "acc": s.acc.acc, "acc_norm": s.acc_norm.acc }))
+        })
+        .collect::<Map<String, Json>>()
+        .into()
+}
+
+fn mmlu_category(subject: &str) -> &'static str {
+    crate::data::task_hub::MMLU_SUBJECTS.iter().find(|(s, _)| *s == subject).map_or("other", |(_, c)| c)
 }
 
 /// JSON has no NaN: an undefined standard error (one item) is null.
