@@ -148,6 +148,7 @@ impl Stage for EvalTasks {
         ctx.progress.set_length(encoded.len() as u64);
         let started = Instant::now();
         let lls = score(&open.model, &encoded, p.batch, ctx)?;
+        // Input tokens the requests stand for (shared passes count once per request).
         let fed: usize = encoded.iter().map(|e| e.input.len()).sum();
         let seconds = started.elapsed().as_secs_f64();
 
@@ -294,29 +295,43 @@ fn move_trailing_space(context: &str, continuation: &str) -> (String, String) {
     (kept.to_string(), format!("{moved}{continuation}"))
 }
 
-/// The summed log-likelihood of each request's continuation; requests of equal input length go
-/// through the model together, `batch` at a time.
+/// The summed log-likelihood of each request's continuation. Requests with the same input (an
+/// item's choices of one token each, as MMLU's A–D: the prompt is the input of all four) share one
+/// forward pass; distinct inputs of equal length go through the model together, `batch` at a time.
 fn score(model: &Model, encoded: &[Encoded], batch: usize, ctx: &StageContext) -> Result<Vec<f64>> {
     let mut lls = vec![0.0; encoded.len()];
-    let mut order: Vec<usize> = (0..encoded.len()).collect();
-    order.sort_by_key(|&i| (encoded[i].input.len(), i));
+    // Distinct inputs, each with the requests that read it.
+    let mut index: std::collections::HashMap<&[u32], usize> = Default::default();
+    let mut inputs: Vec<(&[u32], Vec<usize>)> = Vec::new();
+    for (i, e) in encoded.iter().enumerate() {
+        let k = *index.entry(e.input.as_slice()).or_insert_with(|| {
+            inputs.push((e.input.as_slice(), Vec::new()));
+            inputs.len() - 1
+        });
+        inputs[k].1.push(i);
+    }
+    let mut order: Vec<usize> = (0..inputs.len()).collect();
+    order.sort_by_key(|&u| (inputs[u].0.len(), u));
     let mut done = 0u64;
-    for group in order.chunk_by(|&a, &b| encoded[a].input.len() == encoded[b].input.len()) {
+    for group in order.chunk_by(|&a, &b| inputs[a].0.len() == inputs[b].0.len()) {
         for chunk in group.chunks(batch) {
             ctx.check_cancelled()?;
-            let t = encoded[chunk[0]].input.len();
-            let ids: Vec<u32> = chunk.iter().flat_map(|&i| encoded[i].input.iter().copied()).collect();
+            let t = inputs[chunk[0]].0.len();
+            let ids: Vec<u32> = chunk.iter().flat_map(|&u| inputs[u].0.iter().copied()).collect();
             let ids = Tensor::from_vec(ids, (chunk.len(), t), model.device())?;
             let logits = model.forward(&ids).context("forward pass")?;
             let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-            for (row, &i) in chunk.iter().enumerate() {
-                let cont = &encoded[i].continuation;
-                let rows = logp.get(row)?.narrow(0, t - cont.len(), cont.len())?;
-                let targets = Tensor::new(cont.as_slice(), logp.device())?.unsqueeze(1)?;
-                let picked = rows.gather(&targets, 1)?.squeeze(1)?.to_dtype(DType::F64)?;
-                lls[i] = picked.sum_all()?.to_scalar::<f64>()?;
+            for (row, &u) in chunk.iter().enumerate() {
+                let row_logp = logp.get(row)?;
+                for &i in &inputs[u].1 {
+                    let cont = &encoded[i].continuation;
+                    let rows = row_logp.narrow(0, t - cont.len(), cont.len())?;
+                    let targets = Tensor::new(cont.as_slice(), logp.device())?.unsqueeze(1)?;
+                    let picked = rows.gather(&targets, 1)?.squeeze(1)?.to_dtype(DType::F64)?;
+                    lls[i] = picked.sum_all()?.to_scalar::<f64>()?;
+                }
+                done += inputs[u].1.len() as u64;
             }
-            done += chunk.len() as u64;
             ctx.progress.set_position(done);
         }
     }
