@@ -76,6 +76,21 @@ pub struct PromptFormat {
 }
 
 impl McTask {
+    /// A task of continuation-scored items, no description, seeded few-shot draws from its own
+    /// items.
+    pub fn plain(name: impl Into<String>, items: Vec<McItem>) -> McTask {
+        McTask {
+            name: name.into(),
+            items,
+            fewshot_pool: None,
+            description: String::new(),
+            scoring: Scoring::Continuation,
+            subjects: None,
+            pool_subjects: None,
+            fewshot: Fewshot::Seeded,
+        }
+    }
+
     /// The few-shot examples of item `i`: `num_fewshot` distinct items of the pool drawn with a
     /// generator keyed by the seed and `i`; from the task's own items, never `i` itself.
     pub fn shots(&self, i: usize, f: &PromptFormat) -> Result<Vec<&McItem>> {
@@ -274,16 +289,7 @@ fn load_jsonl(m: &JsonlMapping, base: &Path) -> Result<McTask> {
     if items.is_empty() {
         bail!("{} holds no items", path.display());
     }
-    Ok(McTask {
-        name: format!("jsonl:{}", m.path.display()),
-        items,
-        fewshot_pool: None,
-        description: String::new(),
-        scoring: Scoring::Continuation,
-        subjects: None,
-        pool_subjects: None,
-        fewshot: Fewshot::Seeded,
-    })
+    Ok(McTask::plain(format!("jsonl:{}", m.path.display()), items))
 }
 
 fn item_of(doc: &Map<String, Json>, m: &JsonlMapping) -> Result<McItem> {
@@ -365,16 +371,7 @@ pub fn facts_mc() -> McTask {
         choices.insert(gold, fact.completion.clone());
         items.push(McItem { text: fact.prompt.clone(), choices, gold });
     }
-    McTask {
-        name: "synthetic:facts-mc".into(),
-        items,
-        fewshot_pool: None,
-        description: String::new(),
-        scoring: Scoring::Continuation,
-        subjects: None,
-        pool_subjects: None,
-        fewshot: Fewshot::Seeded,
-    }
+    McTask::plain("synthetic:facts-mc", items)
 }
 
 #[cfg(test)]
@@ -392,19 +389,11 @@ mod tests {
 
     #[test]
     fn prompts_are_put_together_as_the_harness_does() {
-        let task = McTask {
-            name: "t".into(),
-            items: vec![
-                McItem { text: "Q: one?\nA:".into(), choices: vec!["x".into(), "y".into()], gold: 1 },
-                McItem { text: "Q: two?\nA:".into(), choices: vec!["u".into(), "v".into()], gold: 0 },
-            ],
-            fewshot_pool: None,
-            description: "About things.\n\n".into(),
-            scoring: Scoring::Continuation,
-            subjects: None,
-            pool_subjects: None,
-            fewshot: Fewshot::Seeded,
-        };
+        let items = vec![
+            McItem { text: "Q: one?\nA:".into(), choices: vec!["x".into(), "y".into()], gold: 1 },
+            McItem { text: "Q: two?\nA:".into(), choices: vec!["u".into(), "v".into()], gold: 0 },
+        ];
+        let task = McTask { description: "About things.\n\n".into(), ..McTask::plain("t", items) };
         let r = task.requests(0, &fmt(0)).unwrap();
         assert_eq!(r[1], Request { context: "About things.\n\nQ: one?\nA:".into(), continuation: " y".into() });
         let r = task.requests(0, &fmt(1)).unwrap();

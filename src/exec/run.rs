@@ -44,6 +44,16 @@ impl RunOutcome {
     pub fn ok(&self) -> bool {
         self.failed.is_empty() && !self.interrupted
     }
+    /// What the session says of the run once it ended.
+    pub fn status(&self) -> RunStatus {
+        if self.interrupted {
+            RunStatus::Interrupted
+        } else if !self.failed.is_empty() {
+            RunStatus::Failed
+        } else {
+            RunStatus::Complete
+        }
+    }
 }
 
 enum Done {
@@ -193,14 +203,7 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
         Ok(())
     })?;
     progress.finish();
-    let status = if outcome.interrupted {
-        RunStatus::Interrupted
-    } else if !outcome.failed.is_empty() {
-        RunStatus::Failed
-    } else {
-        RunStatus::Complete
-    };
-    session.set_status(status);
+    session.set_status(outcome.status());
     session.save()?;
     Ok(outcome)
 }

@@ -22,6 +22,15 @@ fn computed(sb: &Sandbox) -> Vec<String> {
     sb.log_lines("log").iter().map(|l| l.split(' ').next().unwrap().to_string()).collect()
 }
 
+/// Every one of `n` instances was computed exactly once (across all runs in the sandbox).
+fn assert_each_computed_once(sb: &Sandbox, n: usize) {
+    let mut names = computed(sb);
+    let all = names.len();
+    names.sort();
+    names.dedup();
+    assert_eq!((all, names.len()), (n, n), "every instance computed exactly once: {:?}", computed(sb));
+}
+
 /// The one session file a sandbox has (its name carries a hash of the `--set` overrides).
 fn the_session(sb: &Sandbox) -> serde_json::Value {
     let day = std::fs::read_dir(sb.path().join("sessions")).unwrap().next().unwrap().unwrap().path();
@@ -50,10 +59,7 @@ fn a_slurm_run_gives_the_session_of_a_local_run() {
         assert!(text.contains(&format!("{name}: computed in")), "the job ran `--only {name}`: {text}");
     }
     assert_eq!(rs, results(&l), "same keys, metrics and parameters as the local executor");
-    let mut once = computed(&slurm);
-    once.sort();
-    once.dedup();
-    assert_eq!((computed(&slurm).len(), once.len()), (11, 11), "each instance computed once, by its job");
+    assert_each_computed_once(&slurm, 11);
 
     // Everything is cached now: no job is submitted, and the dry run has nothing to print.
     let again = slurm.run(&args(&["run", &p, "--profile", "tiny"], &FAST)).expect(0);
@@ -162,11 +168,7 @@ fn a_killed_orchestrator_is_rerun_without_recomputing() {
     let err = String::from_utf8_lossy(&rerun.stderr);
     assert!(rerun.status.success(), "{err}");
     assert!(err.contains("re-attached to job"), "the rerun adopts the queued jobs: {err}");
-    let mut names = computed(&sb);
-    let all = names.len();
-    names.sort();
-    names.dedup();
-    assert_eq!((all, names.len()), (11, 11), "every instance computed exactly once across both runs");
+    assert_each_computed_once(&sb, 11);
     let s = the_session(&sb);
     assert_eq!(s["status"], "complete");
     // One job (one log) per key: nothing was submitted twice.
@@ -178,6 +180,15 @@ fn a_killed_orchestrator_is_rerun_without_recomputing() {
     }
 }
 
+/// Starts `run` in the sandbox, waits until a job has computed, and sends the orchestrator `signal`.
+fn signal_mid_run(sb: &Sandbox, run: &[&str], signal: &str) -> std::process::Output {
+    let child = sb.spawn(run, &[("TOY_LOG", "log")]);
+    assert!(wait_until(Duration::from_secs(60), || !sb.log_lines("log").is_empty()), "a job computed");
+    let sent = std::process::Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
+    assert!(sent.success());
+    child.wait_with_output().unwrap()
+}
+
 /// A hang-up (a lost ssh session) detaches the orchestrator: its jobs stay in the queue and the
 /// same command re-attaches to them.
 #[test]
@@ -186,11 +197,7 @@ fn a_hangup_detaches_and_leaves_the_jobs_running() {
     let sb = Sandbox::new();
     let p = chain();
     let run = args(&["run", &p, "--set", "defaults.toy-scale.sleep_ms=300"], &FAST);
-    let child = sb.spawn(&run, &[("TOY_LOG", "log")]);
-    assert!(wait_until(Duration::from_secs(60), || !sb.log_lines("log").is_empty()), "a job computed");
-    let hup = std::process::Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
-    assert!(hup.success());
-    let out = child.wait_with_output().unwrap();
+    let out = signal_mid_run(&sb, &run, "-HUP");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("run the same command to re-attach"), "{err}");
@@ -212,11 +219,7 @@ fn a_hangup_detaches_and_leaves_the_jobs_running() {
     let rerun = sb.cmd(&run).env("TOY_LOG", "log").output().unwrap();
     assert!(rerun.status.success(), "{}", String::from_utf8_lossy(&rerun.stderr));
     assert_eq!(the_session(&sb)["status"], "complete");
-    let mut names = computed(&sb);
-    let all = names.len();
-    names.sort();
-    names.dedup();
-    assert_eq!((all, names.len()), (11, 11), "every instance computed exactly once");
+    assert_each_computed_once(&sb, 11);
 }
 
 /// Ctrl-C cancels the run's jobs by id; the session says interrupted; the same command finishes.
@@ -226,11 +229,7 @@ fn ctrl_c_cancels_the_jobs_and_a_rerun_finishes() {
     let sb = Sandbox::new();
     let p = chain();
     let run = args(&["run", &p, "--set", "defaults.toy-scale.sleep_ms=300"], &FAST);
-    let child = sb.spawn(&run, &[("TOY_LOG", "log")]);
-    assert!(wait_until(Duration::from_secs(60), || !sb.log_lines("log").is_empty()), "a job computed");
-    let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    assert!(kill.success());
-    let out = child.wait_with_output().unwrap();
+    let out = signal_mid_run(&sb, &run, "-INT");
     assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
     let s = the_session(&sb);
     assert_eq!(s["status"], "interrupted");

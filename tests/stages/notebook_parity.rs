@@ -18,7 +18,6 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::Value as Json;
 
@@ -210,24 +209,8 @@ fn notebook_protocols_match_transformers_on_bitnet_tiny() {
 
 #[test]
 fn notebook_protocols_match_transformers_on_stories260k() {
-    let (Some(bin), Some(tok)) =
-        (shared("models/stories260K/stories260K.bin"), shared("models/stories260K/tok512.bin"))
-    else {
-        eprintln!("skipped: ../shared/models/stories260K is not here (CI has it; a clone does not)");
-        return;
-    };
     let out = tempfile::tempdir().unwrap();
-    let converted = out.path().join("stories260K");
-    let status =
-        Command::new("python3").arg(repo().join("scripts/convert_llama2c.py")).args([&bin, &tok, &converted]).status();
-    match status {
-        Ok(s) if s.success() => {}
-        Ok(s) => panic!("scripts/convert_llama2c.py failed ({s})"),
-        Err(e) => {
-            eprintln!("skipped: python3 is not available to convert stories260K ({e})");
-            return;
-        }
-    }
+    let Some(converted) = crate::support::stories260k_converted(out.path()) else { return };
     check("stories260K", &converted);
 }
 

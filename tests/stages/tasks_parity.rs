@@ -139,24 +139,8 @@ fn eval_tasks_matches_lm_evaluation_harness_item_by_item() {
 /// stories260K: a real pretrained Llama (../shared, never committed), converted at run time.
 #[test]
 fn eval_tasks_matches_lm_evaluation_harness_on_stories260k() {
-    let (Some(bin), Some(tok)) = (
-        crate::support::shared("models/stories260K/stories260K.bin"),
-        crate::support::shared("models/stories260K/tok512.bin"),
-    ) else {
-        return;
-    };
     let out = tempfile::tempdir().unwrap();
-    let converted = out.path().join("stories260K");
-    let status =
-        Command::new("python3").arg(repo().join("scripts/convert_llama2c.py")).args([&bin, &tok, &converted]).status();
-    match status {
-        Ok(s) if s.success() => {}
-        Ok(s) => panic!("scripts/convert_llama2c.py failed ({s})"),
-        Err(e) => {
-            eprintln!("skipped: python3 is not available to convert stories260K ({e})");
-            return;
-        }
-    }
+    let Some(converted) = crate::support::stories260k_converted(out.path()) else { return };
     check_local("stories260K", &converted);
 }
 

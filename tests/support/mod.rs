@@ -52,6 +52,24 @@ pub fn shared(rel: &str) -> Option<PathBuf> {
     None
 }
 
+/// stories260K (a real pretrained Llama in ../shared, never committed) converted into `dir` by
+/// scripts/convert_llama2c.py: the converted folder, or `None` (after saying why) when the shared
+/// files or python3 are missing.
+pub fn stories260k_converted(dir: &Path) -> Option<PathBuf> {
+    let (bin, tok) = (shared("models/stories260K/stories260K.bin")?, shared("models/stories260K/tok512.bin")?);
+    let converted = dir.join("stories260K");
+    let status =
+        Command::new("python3").arg(repo().join("scripts/convert_llama2c.py")).args([&bin, &tok, &converted]).status();
+    match status {
+        Ok(s) if s.success() => Some(converted),
+        Ok(s) => panic!("scripts/convert_llama2c.py failed ({s})"),
+        Err(e) => {
+            eprintln!("skipped: python3 is not available to convert stories260K ({e})");
+            None
+        }
+    }
+}
+
 /// The shipped binary (with the real stage kinds).
 pub fn rpt_flow() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_rpt-flow"))

@@ -153,15 +153,8 @@ pub fn run(
         session.save()?;
         return Err(e);
     }
-    let status = if outcome.interrupted {
-        RunStatus::Interrupted
-    } else if !outcome.failed.is_empty() {
-        RunStatus::Failed
-    } else {
-        RunStatus::Complete
-    };
     outcome.skipped.sort();
-    session.set_status(status);
+    session.set_status(outcome.status());
     session.save()?;
     Ok(outcome)
 }
