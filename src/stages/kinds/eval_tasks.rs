@@ -38,12 +38,12 @@ crate::stage_params! {
         task: Json {
             ty: ParamType::Either(&[ParamType::Str, ParamType::Table]),
             default: ParamDefault::Required,
-            help: "synthetic:facts-mc, or { jsonl = \"items.jsonl\", text = \"Question: {question}\\nAnswer:\", choices = \"choices\", gold = \"answer\" }",
+            help: "arc_easy, arc_challenge, hellaswag, piqa, winogrande, mmlu, mmlu:<subject> (hub, pinned), synthetic:facts-mc, or { jsonl = \"items.jsonl\", text = \"Question: {question}\\nAnswer:\", choices = \"choices\", gold = \"answer\" } (docs/tasks.md)",
         },
         num_fewshot: usize {
             ty: ParamType::Int { min: Some(0), max: Some(64) },
             default: ParamDefault::Json("0"),
-            help: "examples before each item, drawn from the task's other items",
+            help: "examples before each item: MMLU's first n dev items of the subject; otherwise drawn (seeded) from the training split or the task's other items",
         },
         fewshot_seed: u64 {
             ty: ParamType::UINT,
