@@ -77,7 +77,7 @@ pub fn build(
         let id = match identity.identity(&inst.kind, &inst.params) {
             Ok(id) => id,
             Err(e) => {
-                diags.push(Diagnostic::at(&inst.span, format!("stage `{}`: {e}", inst.name)));
+                diags.push(Diagnostic::at(inst.span_of_error(&e), format!("stage `{}`: {e}", inst.name)));
                 continue;
             }
         };

@@ -736,6 +736,7 @@ fn resolve(
     for r in raws {
         let Some(schema) = r.schema else { continue };
         let mut params = Map::new();
+        let mut param_spans = Vec::new();
         for (k, v) in defaults.get(schema.kind).into_iter().flatten() {
             params.insert(k.clone(), v.clone());
         }
@@ -814,6 +815,7 @@ fn resolve(
             } else if let Some(p) = schema.param(&e.key) {
                 if let Some(v) = typed(&e.value, &p.ty, &format!("{}.{}", r.name, e.key), d) {
                     params.insert(e.key.clone(), v);
+                    param_spans.push((e.key.clone(), e.value.span.clone()));
                 }
             } else {
                 d.push(
@@ -869,6 +871,7 @@ fn resolve(
             params: sorted.into_iter().collect(),
             inputs,
             span: r.kind_span.clone(),
+            param_spans,
             sweep: r.sweep.clone(),
         });
     }

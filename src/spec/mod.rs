@@ -57,6 +57,9 @@ pub struct Instance {
     pub inputs: Vec<InputRef>,
     /// Where the stage is defined (its `kind` value).
     pub span: Span,
+    /// Where each parameter written in the stage's table (or set on it by a profile or `--set`)
+    /// has its value: errors about a parameter point there.
+    pub param_spans: Vec<(String, Span)>,
     pub sweep: Option<SweepPoint>,
 }
 
@@ -75,6 +78,15 @@ pub struct SweepPoint {
     /// Position of the point in the sweep's order.
     pub index: usize,
     pub values: Vec<(String, Json)>,
+}
+
+impl Instance {
+    /// Where an error message about this instance points: the value of the parameter it starts
+    /// with (`"data: cannot read …"`), when the stage's table wrote it, else the stage's `kind`.
+    pub fn span_of_error(&self, message: &str) -> &Span {
+        let param = message.split_once(": ").map(|(p, _)| p);
+        self.param_spans.iter().find(|(k, _)| Some(k.as_str()) == param).map_or(&self.span, |(_, s)| s)
+    }
 }
 
 impl Pipeline {
