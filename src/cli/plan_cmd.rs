@@ -25,15 +25,17 @@ pub fn run(args: &PlanArgs, registry: &Registry, cache_root: &std::path::Path) -
     let cache = open_cache(cache_root)?;
     if args.executor.executor == Executor::Slurm {
         let slurm = slurm_options(&args.executor, &args.pipeline, &plan, registry, cache_root)?;
-        let lines = crate::exec::slurm::dry_run(&plan, &cache, &slurm);
+        let jobs = crate::exec::slurm::dry_run(&plan, &cache, &slurm);
         let p = &plan.pipeline;
         println!(
             "# {}: {} of {} instances are not cached; `rpt-flow run ... --executor slurm` would submit:",
             p.file.display(),
-            lines.len() / 2,
+            jobs.len(),
             p.instances.len()
         );
-        lines.iter().for_each(|l| println!("{l}"));
+        for (comment, command) in &jobs {
+            println!("{comment}\n{command}");
+        }
         return Ok(());
     }
     args.executor.check_local()?;

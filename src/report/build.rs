@@ -217,10 +217,9 @@ fn metric_pct(inst: Option<&Instance>, path: &str) -> String {
 }
 
 pub fn progressive_table(s: &Session, g: &PplGroup, n: usize) -> Table {
-    let mut t = progressive_table_without_tasks(s, g, n);
+    let (mut t, models) = progressive_table_without_tasks(s, g, n);
     // When tasks were scored on the models of the table, their acc joins each row.
     let tasks = task_names(s);
-    let models: Vec<Option<usize>> = progressive_row_models(s, g);
     if tasks.is_empty() || models.iter().all(Option::is_none) {
         return t;
     }
@@ -235,37 +234,9 @@ pub fn progressive_table(s: &Session, g: &PplGroup, n: usize) -> Table {
     t
 }
 
-/// The model each row of the progressive table stands for (the one its `ppl after` measured),
-/// in the table's row order.
-fn progressive_row_models(s: &Session, g: &PplGroup) -> Vec<Option<usize>> {
-    let t = progressive_table_without_tasks(s, g, 0);
-    let pos: Vec<(Position, usize)> = g.evals.iter().map(|&i| (position(s, i), i)).collect();
-    let base = baseline(s, &position(s, g.evals[0]), &g.protocol).filter(|b| g.evals.contains(b));
-    let mut models = Vec::new();
-    if let Some(b) = base {
-        models.push(position(s, b).model);
-    }
-    let mut prunes: Vec<Position> = Vec::new();
-    for (p, _) in &pos {
-        if p.prune.is_some() && !prunes.iter().any(|q| q.prune == p.prune) {
-            prunes.push(Position { tuned: None, model: p.prune, ..*p });
-        }
-    }
-    sort_by_sparsity(s, &mut prunes);
-    for pr in &prunes {
-        let after = pos.iter().find(|(p, _)| p.prune == pr.prune && p.tuned.is_some());
-        let before = pos.iter().find(|(p, _)| p.prune == pr.prune && p.tuned.is_none());
-        models.push(after.or(before).and_then(|(p, _)| p.model));
-    }
-    // Control rows of their own: their fine-tuned model.
-    while models.len() < t.rows.len() {
-        models.push(None);
-    }
-    models.truncate(t.rows.len());
-    models
-}
-
-fn progressive_table_without_tasks(s: &Session, g: &PplGroup, n: usize) -> Table {
+/// The table, and the model each row stands for (the one its `ppl after` measured; none for a
+/// control row of its own).
+fn progressive_table_without_tasks(s: &Session, g: &PplGroup, n: usize) -> (Table, Vec<Option<usize>>) {
     let mut t = Table::new(
         format!("progressive#{n}"),
         "Progressive pruning with fine-tuning",
@@ -289,7 +260,9 @@ fn progressive_table_without_tasks(s: &Session, g: &PplGroup, n: usize) -> Table
     let base_ppl = base_inst.and_then(ppl_of);
     let base_cell = base_inst.map(ppl_cell).unwrap_or_else(|| "—".into());
     let dash = || "—".to_string();
+    let mut models = Vec::new();
     if let Some(b) = base {
+        models.push(position(s, b).model);
         let mut row = vec!["0% (baseline)".into(), "0".into(), base_cell.clone()];
         row.extend(std::iter::repeat_n(dash(), 7));
         row.push(text_label(s, position(s, b).model));
@@ -332,6 +305,7 @@ fn progressive_table_without_tasks(s: &Session, g: &PplGroup, n: usize) -> Table
         let tuned = after.and_then(|(p, _)| p.tuned).map(|j| &s.instances[j]);
         let ternary = ternary_cell(prune);
         let label_model = after.map(|(p, _)| p.model).or(before.map(|(p, _)| p.model)).flatten();
+        models.push(label_model);
         t.push(vec![
             label,
             metric_pct(prune, "sparsity"),
@@ -361,6 +335,7 @@ fn progressive_table_without_tasks(s: &Session, g: &PplGroup, n: usize) -> Table
         row.extend(std::iter::repeat_n(dash(), 5));
         row.push(text_label(s, position(s, *i).model));
         t.push(row);
+        models.push(None);
     }
     t.footnotes = vec![
         "ppl before: the pruned model; ppl after: the same model after its fine-tune; vs baseline uses ppl after."
@@ -373,7 +348,7 @@ fn progressive_table_without_tasks(s: &Session, g: &PplGroup, n: usize) -> Table
         baseline_footnote(s, g, base),
         TEXT_NOTE.into(),
     ];
-    t
+    (t, models)
 }
 
 pub fn list_table(s: &Session, groups: &[&PplGroup]) -> Table {

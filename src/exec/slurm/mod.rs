@@ -68,9 +68,9 @@ impl SlurmOptions {
     }
 }
 
-/// The shell lines that would submit what is not cached now (`plan --executor slurm`): one
-/// `sbatch` per instance, its inputs' job ids in shell variables. Asks Slurm nothing.
-pub fn dry_run(plan: &Plan, cache: &Cache, slurm: &SlurmOptions) -> Vec<String> {
+/// What would be submitted now (`plan --executor slurm`): per instance not cached, a comment line
+/// naming it and its `sbatch` line, its inputs' job ids in shell variables. Asks Slurm nothing.
+pub fn dry_run(plan: &Plan, cache: &Cache, slurm: &SlurmOptions) -> Vec<(String, String)> {
     let p = &plan.pipeline;
     let total = plan.order.len();
     let mut var: HashMap<usize, String> = HashMap::new();
@@ -85,13 +85,13 @@ pub fn dry_run(plan: &Plan, cache: &Cache, slurm: &SlurmOptions) -> Vec<String> 
         let log = records::log_pattern(&slurm.cache_root, &plan.keys[i]);
         let args = slurm.sbatch_args(plan, i, &after, &log);
         let name = format!("J{}", pos + 1);
-        lines.push(format!("# [{}/{total}] {} ({}) {}", pos + 1, inst.name, inst.kind, plan.keys[i].short()));
+        let comment = format!("# [{}/{total}] {} ({}) {}", pos + 1, inst.name, inst.kind, plan.keys[i].short());
         let quoted: Vec<String> = args
             .iter()
             // Dependencies name shell variables: keep `$J3` expandable.
             .map(|a| if a.starts_with("--dependency=") { format!("\"{a}\"") } else { sbatch::shell_quote(a) })
             .collect();
-        lines.push(format!("{name}=$(sbatch --parsable {})", quoted.join(" ")));
+        lines.push((comment, format!("{name}=$(sbatch --parsable {})", quoted.join(" "))));
         var.insert(i, name);
     }
     lines
@@ -254,7 +254,7 @@ impl Watch<'_> {
                 Err(e) => {
                     self.fail(i, format!("{e:#}"));
                     if !opts.keep_going {
-                        self.stopped_after = Some(inst.name.clone());
+                        self.stop_after_failure(inst.name.clone());
                     }
                 }
             }
@@ -267,7 +267,7 @@ impl Watch<'_> {
         let plan = self.plan;
         let mut last_warning: Option<Instant> = None;
         loop {
-            if !opts.keep_going && self.cancelled_by_us.is_empty() {
+            if !opts.keep_going && self.stopped_after.is_none() {
                 if let Some((name, _)) = self.outcome.failed.first() {
                     let name = name.clone();
                     self.stop_after_failure(name);
@@ -332,8 +332,6 @@ impl Watch<'_> {
             tracing::warn!("could not cancel jobs {}: {e:#}", ids.join(","));
         }
         self.cancelled_by_us.extend(ids);
-        // Never empty again: the stop happens once.
-        self.cancelled_by_us.insert(String::new());
         self.stopped_after = Some(failed);
     }
 

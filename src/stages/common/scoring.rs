@@ -193,15 +193,25 @@ pub fn window_ids(model: &Model, windows: &[Window]) -> Result<Tensor> {
 /// Summed NLL and scored-token count of each window from the logits `[b, t, vocab]` of a forward
 /// pass over them (row i = window i).
 pub fn nlls_of_logits(logits: &Tensor, windows: &[Window]) -> Result<Vec<(f64, u64)>> {
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let logp = log_probs(logits)?;
     let mut out = Vec::with_capacity(windows.len());
     for (i, w) in windows.iter().enumerate() {
-        let pos = w.logit_positions();
-        let rows = logp.get(i)?.narrow(0, pos.start, pos.len())?; // [scored, vocab]
-        let targets = Tensor::new(w.target_ids(), logits.device())?.unsqueeze(1)?;
-        let picked = rows.gather(&targets, 1)?.squeeze(1)?.to_dtype(DType::F64)?;
-        let nll = -picked.sum_all()?.to_scalar::<f64>()?;
+        let nll = -summed_log_prob(&logp.get(i)?, w.logit_positions().start, w.target_ids())?;
         out.push((nll, w.scored() as u64));
     }
     Ok(out)
+}
+
+/// Log-softmax over the vocabulary of logits `[b, t, vocab]`, in f32.
+pub fn log_probs(logits: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?)
+}
+
+/// The summed log-probability (f64) of `targets` read at positions `start..start + len` of one
+/// sequence's log-probabilities `[t, vocab]`.
+pub fn summed_log_prob(logp: &Tensor, start: usize, targets: &[u32]) -> Result<f64> {
+    let rows = logp.narrow(0, start, targets.len())?; // [scored, vocab]
+    let ids = Tensor::new(targets, logp.device())?.unsqueeze(1)?;
+    let picked = rows.gather(&ids, 1)?.squeeze(1)?.to_dtype(DType::F64)?;
+    Ok(picked.sum_all()?.to_scalar::<f64>()?)
 }

@@ -12,7 +12,7 @@ use std::io::Write as _;
 use std::time::Instant;
 
 use anyhow::{Context as _, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 use serde_json::{json, Map, Value as Json};
 
 use crate::analysis::multiple_choice::{self, ScoredItem};
@@ -23,6 +23,7 @@ use crate::exec::{
 };
 use crate::model::{Bos, Model, TextTokenizer};
 use crate::stages::common::model_artifact as artifact;
+use crate::stages::common::scoring;
 
 pub static SCHEMA: KindSchema = KindSchema {
     kind: "eval-tasks",
@@ -138,12 +139,15 @@ impl Stage for EvalTasks {
         let tok = open.tokenizer()?;
         let max_len = open.model.config().max_position_embeddings;
 
-        // Every request of every item, tokenised.
+        // Every request of every item, tokenised; each item's prompt kept for items.jsonl.
         let mut encoded = Vec::new();
+        let mut prompts = Vec::with_capacity(n);
         for i in 0..n {
-            for r in task.requests(i, &format)? {
-                encoded.push(encode_request(tok, &r, max_len)?);
+            let requests = task.requests(i, &format)?;
+            for r in &requests {
+                encoded.push(encode_request(tok, r, max_len)?);
             }
+            prompts.push(requests.into_iter().next().map(|r| r.context).unwrap_or_default());
         }
         ctx.progress.set_length(encoded.len() as u64);
         let started = Instant::now();
@@ -155,14 +159,12 @@ impl Stage for EvalTasks {
         let mut scored = Vec::with_capacity(n);
         let mut file = std::io::BufWriter::new(std::fs::File::create(ctx.out_dir.join("items.jsonl"))?);
         let mut at = 0;
-        for i in 0..n {
-            let item = &task.items[i];
+        for (i, (item, prompt)) in task.items.iter().zip(&prompts).enumerate() {
             let k = item.choices.len();
             let s = ScoredItem { lls: lls[at..at + k].to_vec(), choice_chars: task.choice_chars(i), gold: item.gold };
-            let requests = task.requests(i, &format)?;
             let line = json!({
                 "index": i,
-                "context": requests[0].context,
+                "context": prompt,
                 "choices": item.choices,
                 "gold": item.gold,
                 "lls": s.lls,
@@ -319,16 +321,12 @@ fn score(model: &Model, encoded: &[Encoded], batch: usize, ctx: &StageContext) -
             let t = inputs[chunk[0]].0.len();
             let ids: Vec<u32> = chunk.iter().flat_map(|&u| inputs[u].0.iter().copied()).collect();
             let ids = Tensor::from_vec(ids, (chunk.len(), t), model.device())?;
-            let logits = model.forward(&ids).context("forward pass")?;
-            let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+            let logp = scoring::log_probs(&model.forward(&ids).context("forward pass")?)?;
             for (row, &u) in chunk.iter().enumerate() {
                 let row_logp = logp.get(row)?;
                 for &i in &inputs[u].1 {
                     let cont = &encoded[i].continuation;
-                    let rows = row_logp.narrow(0, t - cont.len(), cont.len())?;
-                    let targets = Tensor::new(cont.as_slice(), logp.device())?.unsqueeze(1)?;
-                    let picked = rows.gather(&targets, 1)?.squeeze(1)?.to_dtype(DType::F64)?;
-                    lls[i] = picked.sum_all()?.to_scalar::<f64>()?;
+                    lls[i] = scoring::summed_log_prob(&row_logp, t - cont.len(), cont)?;
                 }
                 done += inputs[u].1.len() as u64;
             }
