@@ -3,6 +3,7 @@
 
 use super::bitlinear::Projection;
 use super::config::{ModelConfig, Quantization, WeightFormat};
+use super::holographic::Holo;
 use super::mode::Mode;
 use super::norm::RmsNorm;
 use super::rope::Rope;
@@ -20,6 +21,8 @@ pub struct Attention {
     pub(crate) num_heads: usize,
     pub(crate) num_kv_heads: usize,
     pub(crate) head_dim: usize,
+    /// Holographic attention in place of the full softmax (see `holographic.rs`).
+    pub(crate) holo: Option<Holo>,
 }
 
 /// Additive causal mask `[t, offset + t]` (0 or −inf), f32.
@@ -41,8 +44,9 @@ fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
 
 impl Attention {
     /// `{q,k,v,o}_proj` and (BitNet) `attn_sub_norm` under `vb` (`model.layers.{l}.self_attn`).
-    /// q, k, v, o in this order: random initialisation draws them in load order.
-    pub(crate) fn load(mut vb: Vb<'_>, cfg: &ModelConfig, quant: Quantization) -> anyhow::Result<Self> {
+    /// q, k, v, o in this order: random initialisation draws them in load order. Layer `layer`
+    /// also has the holographic tensors when the config swaps it.
+    pub(crate) fn load(mut vb: Vb<'_>, layer: usize, cfg: &ModelConfig, quant: Quantization) -> anyhow::Result<Self> {
         let (h, q, kv) = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
         let packed = cfg.weight_format == WeightFormat::Packed;
         let mut proj = |name: &str, shape| Projection::load(vb.pp(name), shape, packed, quant);
@@ -51,6 +55,12 @@ impl Attention {
         // transformers sizes the sub-norm by hidden_size (= heads · head_dim in every BitNet).
         let sub_norm =
             if cfg.is_bitnet() { Some(RmsNorm::load(vb.pp("attn_sub_norm"), h, cfg.rms_norm_eps)?) } else { None };
+        let holo = match &cfg.holographic {
+            Some(hc) if hc.layers.contains(&layer) => {
+                Some(Holo::load(vb.pp("holographic"), hc, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)?)
+            }
+            _ => None,
+        };
         Ok(Self {
             q_proj,
             k_proj,
@@ -60,6 +70,7 @@ impl Attention {
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
+            holo,
         })
     }
 
@@ -95,9 +106,24 @@ impl Attention {
             }
             None => (k, v),
         };
-        let rep = nh / nkv;
-        let k = repeat_kv(&k, rep)?;
-        let v = repeat_kv(&v, rep)?;
+        let o = match &self.holo {
+            Some(holo) => holo.forward(&q, &k, &v, mode)?.to_dtype(x.dtype())?,
+            None => self.full(&q, &k, &v, offset, mode, x)?,
+        };
+        let o = o.transpose(1, 2)?.reshape((b, t, nh * d))?;
+        let o = match &self.sub_norm {
+            Some(n) => n.forward(&o, mode)?,
+            None => o,
+        };
+        self.o_proj.forward(&o, mode, cache_w)
+    }
+
+    /// Standard causal softmax attention `[b, nh, t, d]` of queries at `offset..offset+t`.
+    fn full(&self, q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, mode: Mode, x: &Tensor) -> Result<Tensor> {
+        let (t, d) = (q.dim(2)?, self.head_dim);
+        let rep = self.num_heads / self.num_kv_heads;
+        let k = repeat_kv(k, rep)?;
+        let v = repeat_kv(v, rep)?;
         let scale = (d as f64).powf(-0.5);
         let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
         let mask = causal_mask(t, offset, x.device())?;
@@ -107,12 +133,6 @@ impl Attention {
             Mode::Train => candle_nn::ops::softmax(&att, D::Minus1)?,
         };
         let att = att.to_dtype(x.dtype())?;
-        let o = att.matmul(&v.contiguous()?)?; // [b, nh, t, d]
-        let o = o.transpose(1, 2)?.reshape((b, t, nh * d))?;
-        let o = match &self.sub_norm {
-            Some(n) => n.forward(&o, mode)?,
-            None => o,
-        };
-        self.o_proj.forward(&o, mode, cache_w)
+        att.matmul(&v.contiguous()?) // [b, nh, t, d]
     }
 }

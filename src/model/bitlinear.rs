@@ -60,6 +60,12 @@ impl Projection {
         *self.cache.write().expect("projection cache lock") = None;
     }
 
+    /// The weight the inference forward multiplies by (quantised if ternary; a packed
+    /// projection's codes without its per-tensor scale).
+    pub(crate) fn effective_weight(&self) -> Result<Tensor> {
+        self.infer_weight(false)
+    }
+
     fn infer_weight(&self, cache: bool) -> Result<Tensor> {
         if cache {
             if let Some(w) = self.cache.read().expect("projection cache lock").as_ref() {

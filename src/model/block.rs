@@ -30,11 +30,11 @@ pub(crate) struct BlockCtx<'r> {
 
 impl Block {
     /// One layer under `vb` (`model.layers.{l}`).
-    pub(crate) fn load(mut vb: Vb<'_>, cfg: &ModelConfig, quant: Quantization) -> anyhow::Result<Self> {
+    pub(crate) fn load(mut vb: Vb<'_>, layer: usize, cfg: &ModelConfig, quant: Quantization) -> anyhow::Result<Self> {
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(Self {
             input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), h, eps)?,
-            self_attn: Attention::load(vb.pp("self_attn"), cfg, quant)?,
+            self_attn: Attention::load(vb.pp("self_attn"), layer, cfg, quant)?,
             post_attention_layernorm: RmsNorm::load(vb.pp("post_attention_layernorm"), h, eps)?,
             mlp: Mlp::load(vb.pp("mlp"), cfg, quant)?,
         })
@@ -53,8 +53,8 @@ impl Block {
         ]
     }
 
-    /// The layer's trainable tensors by name: norms, sub-norms, then the latent projections
-    /// (packed ones are frozen).
+    /// The layer's trainable tensors by name: norms, sub-norms, the latent projections (packed
+    /// ones are frozen), then the holographic tensors if the layer has them.
     pub(crate) fn parameters(&self, out: &mut Vec<(String, Var)>) {
         let norms = [Some(&self.input_layernorm), Some(&self.post_attention_layernorm)];
         let norms = norms.into_iter().chain([self.self_attn.sub_norm.as_ref(), self.mlp.sub_norm.as_ref()]);
@@ -65,6 +65,9 @@ impl Block {
             if let ProjWeight::Dense(w) = &p.weight {
                 out.push((w.name.clone(), w.var.clone()));
             }
+        }
+        for p in self.self_attn.holo.iter().flat_map(|h| h.params()) {
+            out.push((p.name.clone(), p.var.clone()));
         }
     }
 

@@ -8,6 +8,7 @@ use super::bitlinear::{ProjWeight, Projection};
 use super::block::{Block, BlockCtx};
 use super::config::{ModelConfig, Quantization, WeightFormat};
 use super::embedding::Embedding;
+use super::holographic::HoloConfig;
 use super::hooks::{apply, HookPoint, Hooks};
 use super::kv_cache::KvCache;
 use super::mode::Mode;
@@ -64,7 +65,7 @@ impl Model {
         let mut body = vb.pp(BODY);
         let mut layers_vb = body.pp("layers");
         let layers =
-            (0..cfg.num_layers).map(|l| Block::load(layers_vb.pp(l), &cfg, quant)).collect::<anyhow::Result<_>>()?;
+            (0..cfg.num_layers).map(|l| Block::load(layers_vb.pp(l), l, &cfg, quant)).collect::<anyhow::Result<_>>()?;
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, dtype, device)?;
         Ok(Model {
             cfg,
@@ -191,6 +192,40 @@ impl Model {
         let logits = h.reshape((rows, hidden))?.matmul(&head.t()?)?;
         dims.push(self.cfg.vocab_size);
         logits.reshape(dims)?.to_dtype(DType::F32)
+    }
+
+    /// Replaces the attention of `hc.layers` by holographic attention (`holographic.rs`),
+    /// initialised from each layer's own query and key weights. Refused on a model that already
+    /// has holographic layers. Saving writes the new tensors and `rpt_holographic` in config.json.
+    pub fn swap_attention(&mut self, hc: HoloConfig) -> anyhow::Result<()> {
+        if let Some(old) = &self.cfg.holographic {
+            anyhow::bail!(
+                "this model already has holographic attention in layers {:?}: swap a model with standard attention",
+                old.layers
+            );
+        }
+        hc.validate(self.cfg.num_layers, self.cfg.head_dim)?;
+        let (nh, nkv) = (self.cfg.num_heads, self.cfg.num_kv_heads);
+        for &l in &hc.layers {
+            let attn = &mut self.layers[l].self_attn;
+            let (wq, wk) = (attn.q_proj.effective_weight()?, attn.k_proj.effective_weight()?);
+            let prefix = format!("{BODY}.layers.{l}.self_attn.holographic");
+            attn.holo = Some(super::holographic::init_layer(&prefix, &hc, &wq, &wk, nh, nkv, &self.device)?);
+        }
+        if let Some(obj) = self.cfg.raw.as_object_mut() {
+            obj.insert(super::holographic::CONFIG_KEY.into(), hc.to_json());
+        }
+        self.cfg.holographic = Some(hc);
+        Ok(())
+    }
+
+    /// Extends the RoPE tables to `n` positions (beyond `max_position_embeddings`: for speed
+    /// measurements; the model was not trained there).
+    pub fn extend_positions(&mut self, n: usize) -> Result<()> {
+        if n > self.rope.max_positions() {
+            self.rope = Rope::new(self.cfg.head_dim, self.cfg.rope_theta, n, self.dtype, &self.device)?;
+        }
+        Ok(())
     }
 
     fn projection_ref(&self, name: &str) -> anyhow::Result<&Projection> {

@@ -123,6 +123,9 @@ pub struct ModelConfig {
     pub weight_format: WeightFormat,
     /// What transformers would do with this config (notes §3.3, pitfall 2).
     pub default_quantization: Quantization,
+    /// Layers whose attention is holographic (`rpt_holographic` in config.json; see
+    /// `holographic.rs`).
+    pub holographic: Option<super::holographic::HoloConfig>,
     /// The file as read (written back on save, with edits applied).
     pub raw: Value,
 }
@@ -225,6 +228,15 @@ impl ModelConfig {
                 }
             }
         };
+        let holographic = match raw.get(super::holographic::CONFIG_KEY) {
+            None | Some(Value::Null) => None,
+            Some(v) => {
+                let hc = super::holographic::HoloConfig::from_json(v)?;
+                hc.validate(hf.num_hidden_layers, head_dim)
+                    .with_context(|| format!("config.json {}", super::holographic::CONFIG_KEY))?;
+                Some(hc)
+            }
+        };
         Ok(Self {
             arch,
             vocab_size: hf.vocab_size,
@@ -247,6 +259,7 @@ impl ModelConfig {
             pad_token_id: one_id(&hf.pad_token_id),
             weight_format,
             default_quantization,
+            holographic,
             raw,
         })
     }

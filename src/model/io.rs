@@ -70,6 +70,10 @@ impl Source for RandomInit {
             Role::Norm => vec![1.0; n],
             Role::Embedding | Role::Projection => (0..n).map(|_| (self.rng.normal() * self.std) as f32).collect(),
             Role::Codes | Role::Scale => bail!("{name}: a random model is latent, it has no packed tensors"),
+            Role::Holographic => bail!(
+                "{name}: a random model has standard attention; swap it for holographic attention afterwards \
+                 (the swap-attention stage)"
+            ),
         };
         Ok(Tensor::from_vec(vals, shape, &self.device)?.to_dtype(self.dtype)?)
     }
@@ -175,6 +179,8 @@ impl Model {
                 Tensor::from_vec(vals, (rows * 4, cols), &opts.device)?.to_dtype(opts.dtype)?
             } else if *role == Role::Scale {
                 t.to_dtype(opts.dtype)?.reshape(1)?
+            } else if *role == Role::Holographic {
+                t.to_dtype(DType::F32)?
             } else {
                 if *role == Role::Projection && t.abs()?.to_dtype(DType::F32)?.max_all()?.to_scalar::<f32>()? == 0.0 {
                     bail!(

@@ -31,6 +31,11 @@ impl Rope {
         Ok(Self { cos, sin, max_pos })
     }
 
+    /// Positions the tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.max_pos
+    }
+
     /// Rotate `x` `[b, heads, t, head_dim]` for positions `offset..offset+t`.
     pub fn apply(&self, x: &Tensor, offset: usize, mode: Mode) -> Result<Tensor> {
         let t = x.dim(2)?;

@@ -24,6 +24,8 @@ pub(crate) enum Role {
     Codes,
     /// A packed projection's per-tensor `weight_scale` (`[1]`).
     Scale,
+    /// A holographic-attention tensor (always f32; made by swapping attention, never random).
+    Holographic,
 }
 
 /// Where tensors come from.

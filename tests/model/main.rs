@@ -3,6 +3,7 @@
 
 mod common;
 mod generate;
+mod holographic;
 mod io;
 mod parity;
 mod quant;
