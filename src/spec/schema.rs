@@ -224,13 +224,18 @@ pub enum Role {
     Perturbation,
     /// Multiple-choice task accuracy of its input model: the task columns of the tables.
     Tasks,
+    /// Derives a model by replacing its attention (holographic): a row of the attention table.
+    Swap,
+    /// Forward speed and memory of its input model over sequence lengths: the speed table and
+    /// its log-log plot.
+    Speed,
     /// A role this version does not know (a newer writer's).
     #[serde(other)]
     Unknown,
 }
 
 impl Role {
-    pub const ALL: [Role; 8] = [
+    pub const ALL: [Role; 10] = [
         Role::Source,
         Role::Prune,
         Role::Train,
@@ -239,6 +244,8 @@ impl Role {
         Role::Residuals,
         Role::Perturbation,
         Role::Tasks,
+        Role::Swap,
+        Role::Speed,
     ];
 
     /// The top-level metrics the report reads from an instance in this role: a kind declaring
@@ -278,6 +285,8 @@ impl Role {
                 "eps",
             ],
             Role::Tasks => &["task", "items", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "num_fewshot"],
+            Role::Swap => &["attention", "window", "regions", "boundary_dim", "layers", "reach"],
+            Role::Speed => &["attention", "device", "batch", "lengths"],
             Role::Unknown => &[],
         }
     }
@@ -292,6 +301,8 @@ impl Role {
             Role::Residuals => "residuals",
             Role::Perturbation => "perturbation",
             Role::Tasks => "tasks",
+            Role::Swap => "swap",
+            Role::Speed => "speed",
             Role::Unknown => "unknown",
         }
     }

@@ -19,7 +19,9 @@ pub fn registry() -> Registry {
         .register(kinds::generate::Generate)
         .register(kinds::hook_residuals::HookResiduals)
         .register(kinds::perturb::Perturb)
-        .register(kinds::eval_tasks::EvalTasks);
+        .register(kinds::eval_tasks::EvalTasks)
+        .register(kinds::swap_attention::SwapAttention)
+        .register(kinds::bench_forward::BenchForward);
     r
 }
 

@@ -1,5 +1,6 @@
 //! One module per stage kind: its schema, typed parameters and `Stage` impl.
 
+pub mod bench_forward;
 pub mod eval_ppl;
 pub mod eval_tasks;
 pub mod finetune;
@@ -8,3 +9,4 @@ pub mod hook_residuals;
 pub mod load;
 pub mod perturb;
 pub mod prune;
+pub mod swap_attention;

@@ -128,9 +128,9 @@ crate::stage_params! {
             help: "clip the global gradient norm to this",
         },
         trainable: String {
-            ty: ParamType::Enum(&["no-embeddings", "all", "projections"]),
+            ty: ParamType::Enum(&["no-embeddings", "all", "projections", "holographic"]),
             default: ParamDefault::Json("\"no-embeddings\""),
-            help: "which tensors train: all but the (tied) embedding, everything, or only the projections",
+            help: "which tensors train: all but the (tied) embedding, everything, only the projections, or only the holographic-attention tensors (swap-attention)",
         },
         seed: u64 {
             ty: ParamType::UINT,
@@ -368,6 +368,7 @@ fn trainable(model: &Model, mode: &str) -> Vec<(String, Var)> {
         .filter(|(name, _)| match mode {
             "all" => true,
             "projections" => projections.contains(name),
+            "holographic" => name.contains(".holographic."),
             _ => !embeddings.contains(name),
         })
         .collect()
