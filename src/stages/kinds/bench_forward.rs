@@ -126,7 +126,7 @@ impl Stage for BenchForward {
             let peak = if measured { peak_rss_mb() } else { None };
             times.sort_by(f64::total_cmp);
             let median = times[times.len() / 2];
-            if !(median > 0.0) {
+            if median.is_nan() || median <= 0.0 {
                 bail!("a forward of {n} tokens took no measurable time");
             }
             ctx.progress.set_detail(&format!("{n} tokens: {:.0} tokens/s", (p.batch * n) as f64 / median));
