@@ -28,9 +28,11 @@ pub fn ppl_groups(s: &Session) -> Vec<PplGroup> {
     groups
 }
 
-/// How a group is shown: a pruning sweep, a progressive (prune → fine-tune) table, or a list.
+/// How a group is shown: attention swaps, a pruning sweep, a progressive (prune → fine-tune)
+/// table, or a list.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Shape {
+    Attention,
     Sweep,
     Progressive,
     List,
@@ -38,7 +40,10 @@ pub enum Shape {
 
 pub fn shape_of(s: &Session, g: &PplGroup) -> Shape {
     let pos: Vec<Position> = g.evals.iter().map(|&i| position(s, i)).collect();
-    if pos.iter().any(|p| p.tuned.is_some()) && pos.iter().any(|p| p.prune.is_some()) {
+    // A swapped model's fine-tune is an adaptation, not a 0% control: swaps win over prunes.
+    if pos.iter().any(|p| p.swap.is_some()) {
+        Shape::Attention
+    } else if pos.iter().any(|p| p.tuned.is_some()) && pos.iter().any(|p| p.prune.is_some()) {
         Shape::Progressive
     } else if pos.iter().any(|p| p.prune.is_some()) {
         Shape::Sweep
@@ -450,6 +455,9 @@ pub fn describe_model(s: &Session, m: usize) -> String {
     if p.prune.is_some() {
         what.push(format!("{} sparsity", sparsity_label(s, &p)));
     }
+    if let Some(w) = p.swap {
+        what.push(attention_label(s, w));
+    }
     if p.tuned.is_some() {
         what.push("fine-tuned".to_string());
     }
@@ -796,17 +804,21 @@ pub fn tasks_table(s: &Session) -> Option<Table> {
 /// Every table of a session, the main one first.
 pub fn tables(s: &Session) -> Vec<Table> {
     let groups = ppl_groups(s);
+    let mut attention = Vec::new();
     let mut progressive = Vec::new();
     let mut sweeps = Vec::new();
     let mut listed = Vec::new();
     for g in &groups {
         match shape_of(s, g) {
+            Shape::Attention => attention.push(attention_table(s, g, attention.len() + 1)),
             Shape::Progressive => progressive.push(progressive_table(s, g, progressive.len() + 1)),
             Shape::Sweep => sweeps.push(sweep_table(s, g, sweeps.len() + 1)),
             Shape::List => listed.push(g),
         }
     }
-    let mut out = progressive;
+    let mut out = attention;
+    out.extend(speed_table(s));
+    out.extend(progressive);
     out.extend(sweeps);
     out.extend(intervention_tables(s, 1));
     for (i, inst) in s.of_role(Role::Residuals) {
@@ -825,4 +837,173 @@ pub fn tables(s: &Session) -> Vec<Table> {
     out.extend(text_table(s));
     out.extend(models_table(s));
     out
+}
+
+/// `holographic w=4 R=2`: a swap's `attention` metric (its name until it has run).
+pub fn attention_label(s: &Session, w: usize) -> String {
+    let inst = &s.instances[w];
+    inst.metric_str("attention").map(str::to_string).unwrap_or_else(|| format!("`{}`", inst.name))
+}
+
+/// Full attention against each attention swap of the group's load: perplexity as swapped and
+/// after the adaptation fine-tune, and the adapted model's generations.
+pub fn attention_table(s: &Session, g: &PplGroup, n: usize) -> Table {
+    let mut t = Table::new(
+        format!("attention#{n}"),
+        "Attention",
+        &[
+            ("attention", false),
+            ("layers", false),
+            ("window", true),
+            ("regions", true),
+            ("reach (tokens)", true),
+            ("ppl before", true),
+            ("ppl after", true),
+            ("vs full (%)", true),
+            ("text label", false),
+        ],
+    );
+    t.notes = ppl_notes(s, g);
+    let dash = || "—".to_string();
+    let base = baseline(s, &position(s, g.evals[0]), &g.protocol).filter(|b| g.evals.contains(b));
+    let base_ppl = base.and_then(|b| ppl_of(&s.instances[b]));
+    let full = vec!["full".into(), "all".into(), dash(), dash(), "all".into()];
+    let base_cell = base.map(|b| ppl_cell(&s.instances[b])).unwrap_or_else(dash);
+    t.push([full, vec![base_cell, dash(), dash(), text_label(s, g.load)]].concat());
+    let eval_on = |m: Option<usize>| m.and_then(|m| g.evals.iter().copied().find(|&i| position(s, i).model == Some(m)));
+    let total_layers = g.load.and_then(|l| s.instances[l].metric("layers")).and_then(Json::as_u64);
+    let mut dims: Vec<String> = Vec::new();
+    for (w, inst) in s.of_role(Role::Swap).filter(|(w, _)| position_of_model(s, *w).load == g.load) {
+        // The adaptation: the first fine-tune reading the swapped model.
+        let adapted = sibling(s, Role::Train, Some(w));
+        let (before, after) = (eval_on(Some(w)), eval_on(adapted));
+        let (bp, ap) = (before.and_then(|i| ppl_of(&s.instances[i])), after.and_then(|i| ppl_of(&s.instances[i])));
+        let layers = match inst.metric("layers").and_then(Json::as_array) {
+            Some(l) if total_layers == Some(l.len() as u64) => "all".to_string(),
+            Some(l) => l.iter().map(|x| cell(Some(x))).collect::<Vec<_>>().join(", "),
+            None => cell(inst.params.get("layers")),
+        };
+        let metric_or_param = |k: &str| cell(inst.metric(k).or_else(|| inst.params.get(k)));
+        let dim = cell(inst.metric("boundary_dim"));
+        if dim != "—" && !dims.contains(&dim) {
+            dims.push(dim);
+        }
+        t.push(vec![
+            attention_label(s, w),
+            layers,
+            metric_or_param("window"),
+            metric_or_param("regions"),
+            cell(inst.metric("reach")),
+            before.map(|i| ppl_cell(&s.instances[i])).unwrap_or_else(dash),
+            after.map(|i| ppl_cell(&s.instances[i])).unwrap_or_else(dash),
+            vs(ap.or(if after.is_none() { bp } else { None }), base_ppl),
+            text_label(s, adapted.or(Some(w))),
+        ]);
+    }
+    if !dims.is_empty() {
+        t.notes.push(format!("boundary_dim {}", dims.join(", ")));
+    }
+    let load = g.load.map(|l| s.instances[l].name.as_str()).unwrap_or("?");
+    t.footnotes = vec![
+        "ppl before: the model as it is (full: the load; a swap: the swapped model before any training); ppl after: the swapped model after its adaptation (the fine-tune reading it).".into(),
+        "reach: how far back a token sees, its own region of `window` tokens and the `regions` summarised regions before it, (R + 1) · w; full attention sees the whole window.".into(),
+        match base {
+            Some(b) => format!(
+                "full: `{}`, the eval-ppl with this protocol on `{load}` with no prune, fine-tune or swap in between; vs full = (ppl after / full − 1) × 100 (ppl before when there is no adaptation).",
+                s.instances[b].name
+            ),
+            None => format!("no full-attention perplexity: no eval-ppl with this protocol reads `{load}` unmodified."),
+        },
+        "text label: majority outcome of the `generate` on the adapted model (the swapped one without adaptation, the load for full), correct answers / prompts.".into(),
+    ];
+    t
+}
+
+/// A MiB cell: one decimal, — when not measured.
+fn mib(v: Option<&Json>) -> String {
+    v.and_then(Json::as_f64).map(|m| format!("{m:.1}")).unwrap_or_else(|| "—".into())
+}
+
+/// Forward speed and peak memory per timed model and sequence length, with the speed-up over
+/// full attention on the same load at the same length.
+pub fn speed_table(s: &Session) -> Option<Table> {
+    let mut t = Table::new(
+        "speed",
+        "Forward speed",
+        &[
+            ("attention", false),
+            ("length", true),
+            ("tokens/s", true),
+            ("vs full", true),
+            ("seconds", true),
+            ("forward memory (MiB)", true),
+            ("peak memory (MiB)", true),
+        ],
+    );
+    t.key_columns = 2;
+    let lengths = |i: usize| s.instances[i].metric("lengths").and_then(Json::as_array).cloned().unwrap_or_default();
+    let tps = |l: &Json| l.get("tokens_per_second").and_then(Json::as_f64);
+    let length = |l: &Json| l.get("length").and_then(Json::as_u64);
+    let (mut loads, mut devices, mut beyond) = (Vec::new(), Vec::new(), false);
+    for (i, inst) in s.of_role(Role::Speed) {
+        let p = position(s, i);
+        if !loads.contains(&p.load) {
+            loads.push(p.load);
+        }
+        let device = format!("{}, batch {}", inst.metric_str("device").unwrap_or("?"), cell(inst.metric("batch")));
+        if inst.has_metrics() && !devices.contains(&device) {
+            devices.push(device);
+        }
+        let label = match (inst.metric_str("attention"), p.swap) {
+            (Some(a), _) => a.to_string(),
+            (None, Some(w)) => attention_label(s, w),
+            (None, None) => "full".to_string(),
+        };
+        // Full attention on the same load: the first unmodified model timed there.
+        let full =
+            s.of_role(Role::Speed).map(|(j, _)| j).find(|&j| position(s, j).is_base() && position(s, j).load == p.load);
+        let rows = lengths(i);
+        if rows.is_empty() {
+            t.push(vec![label.clone(), "—".into(), inst.absent(), "—".into(), "—".into(), "—".into(), "—".into()]);
+        }
+        for l in &rows {
+            let far = l.get("beyond_context").and_then(Json::as_bool) == Some(true);
+            beyond |= far;
+            let base = full.and_then(|f| lengths(f).into_iter().find(|x| length(x) == length(l))).and_then(|x| tps(&x));
+            t.push(vec![
+                label.clone(),
+                format!("{}{}", cell(l.get("length")), if far { " †" } else { "" }),
+                tps(l).map(|x| format!("{x:.0}")).unwrap_or_else(|| "—".into()),
+                match (tps(l), base) {
+                    (Some(x), Some(b)) if b > 0.0 && !p.is_base() => format!("{:.2}×", x / b),
+                    _ => "—".into(),
+                },
+                l.get("seconds").and_then(Json::as_f64).map(sig).unwrap_or_else(|| "—".into()),
+                mib(l.get("forward_memory_mb")),
+                mib(l.get("peak_memory_mb")),
+            ]);
+        }
+    }
+    t.notes = loads.iter().map(|&l| model_note(s, l)).collect();
+    t.notes.push(format!("timed on {}", if devices.is_empty() { "?".to_string() } else { devices.join("; ") }));
+    t.footnotes = vec![
+        "tokens/s: one forward of the model's body (no LM head) over batch × length random tokens, the median of the repeats; vs full: tokens/s over full attention's on the same load at the same length; seconds: that forward's median time.".into(),
+        "forward memory: how far the process's resident memory rose above its level just before the timed forwards (what the forward needed, as far as the allocator asked the system for it); peak memory: the high-water mark itself (the loaded model and whatever earlier stages left included); not measured (—) on CUDA.".into(),
+    ];
+    if beyond {
+        let ctx: Vec<String> = s
+            .of_role(Role::Speed)
+            .filter_map(|(_, inst)| inst.metric("max_position_embeddings").map(|v| cell(Some(v))))
+            .fold(Vec::new(), |mut v, c| {
+                if !v.contains(&c) {
+                    v.push(c);
+                }
+                v
+            });
+        t.footnotes.push(format!(
+            "†: beyond the model's trained context (max_position_embeddings = {}): RoPE is extended for timing only, the outputs mean nothing.",
+            ctx.join(", ")
+        ));
+    }
+    (!t.rows.is_empty()).then_some(t)
 }

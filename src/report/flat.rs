@@ -48,6 +48,7 @@ pub fn rows(s: &Session, label: Option<&str>) -> Vec<Map<String, Json>> {
         r.insert("model.load".into(), name(p.load));
         r.insert("model.prune".into(), name(p.prune));
         r.insert("model.finetune".into(), name(p.tuned));
+        r.insert("model.swap".into(), name(p.swap));
         let sp = if inst.has_role(Role::Source) || inst.has_role(Role::Prune) { None } else { sparsity_of(s, &p) };
         r.insert("model.sparsity".into(), sp.map(Json::from).unwrap_or(Json::Null));
         if let Some(sw) = &inst.sweep {

@@ -1,6 +1,6 @@
 //! Where a measurement sits in the graph: which model it measured, that model's root `load`, the
-//! nearest `prune` above it and whether a `finetune` came after that prune. Rows of the tables
-//! and "the baseline" are decided from these positions (docs/report.md).
+//! nearest `prune` and attention swap above it and whether a `finetune` came after that prune.
+//! Rows of the tables and "the baseline" are decided from these positions (docs/report.md).
 
 use serde_json::Value as Json;
 
@@ -17,12 +17,15 @@ pub struct Position {
     pub prune: Option<usize>,
     /// The nearest `finetune` between the measured model and that prune (or the load).
     pub tuned: Option<usize>,
+    /// The nearest attention swap above the measured model: its attention is no longer the
+    /// load's, whatever came after.
+    pub swap: Option<usize>,
 }
 
 impl Position {
-    /// Unmodified: neither pruned nor fine-tuned (a baseline candidate).
+    /// Unmodified: not pruned, fine-tuned or swapped (a baseline candidate).
     pub fn is_base(&self) -> bool {
-        self.prune.is_none() && self.tuned.is_none()
+        self.prune.is_none() && self.tuned.is_none() && self.swap.is_none()
     }
 }
 
@@ -70,6 +73,8 @@ pub fn position_of_model(s: &Session, m: usize) -> Position {
             p.tuned = Some(j);
         } else if inst.has_role(Role::Prune) && p.prune.is_none() {
             p.prune = Some(j);
+        } else if inst.has_role(Role::Swap) && p.swap.is_none() {
+            p.swap = Some(j);
         } else if inst.has_role(Role::Source) {
             p.load = Some(j);
         }
@@ -176,7 +181,7 @@ impl Protocol {
 }
 
 /// The baseline of a perplexity measured at `pos` under `proto`: the first `eval-ppl` with the
-/// same protocol whose model is the same `load` with no prune or fine-tune in between.
+/// same protocol whose model is the same `load` with no prune, fine-tune or swap in between.
 pub fn baseline(s: &Session, pos: &Position, proto: &Protocol) -> Option<usize> {
     s.of_role(Role::Perplexity).map(|(i, _)| i).find(|&i| {
         let p = position(s, i);

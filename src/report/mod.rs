@@ -20,8 +20,9 @@ pub fn tables(s: &Session) -> Vec<Table> {
     build::tables(s)
 }
 
-/// The pipeline's main table: the most specific shape present (progressive, pruning sweep,
-/// interventions, residuals, perturbation, perplexity list, fine-tune, text, models).
+/// The pipeline's main table: the most specific shape present (attention swaps, progressive,
+/// pruning sweep, interventions, residuals, perturbation, perplexity list, fine-tune, text,
+/// models).
 pub fn main_table(s: &Session) -> Option<Table> {
     tables(s).into_iter().next()
 }

@@ -1,7 +1,8 @@
 //! Plots (plotters): perplexity vs sparsity, per-layer correction/branching ratios, perturbation
-//! growth δ per layer, fine-tune loss curves. Each is written as SVG and PNG. Text needs a
-//! TrueType font found at run time (`RPT_FONT`, else common system paths): without one the SVG is
-//! drawn without text and the PNG is skipped, and the report says why.
+//! growth δ per layer, fine-tune loss curves, forward speed vs sequence length (log-log). Each is
+//! written as SVG and PNG. Text needs a TrueType font found at run time (`RPT_FONT`, else common
+//! system paths): without one the SVG is drawn without text and the PNG is skipped, and the
+//! report says why.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde_json::Value as Json;
 
-use super::build::{ppl_groups, shape_of, Shape};
+use super::build::{attention_label, ppl_groups, shape_of, Shape};
 use super::lineage::{baseline, finetunes_above, position, sparsity_of};
 use super::session::{Role, Session};
 use super::table::pct;
@@ -44,6 +45,8 @@ pub struct Plot {
     pub title: String,
     pub x_label: String,
     pub y_label: String,
+    /// Log x axis with ticks at powers of two (sequence lengths).
+    pub log_x: bool,
     pub log_y: bool,
     /// Legend in the upper left (else upper right) corner: where the data usually is not.
     pub legend_left: bool,
@@ -125,6 +128,11 @@ fn bounds(points: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
 fn x_range(plot: &Plot) -> Range<f64> {
     let data = plot.series.iter().filter(|s| s.style != Style::Reference).flat_map(|s| s.points.iter().map(|p| p.0));
     let (lo, hi) = bounds(data).unwrap_or((0.0, 1.0));
+    if plot.log_x {
+        // The same 4% margin, as a factor: a log axis cannot pad into zero or below.
+        let pad = if hi > lo { (hi / lo).powf(0.04) } else { 1.5 };
+        return (lo / pad)..(hi * pad);
+    }
     let pad = if hi > lo { (hi - lo) * 0.04 } else { 1.0 };
     (lo - pad)..(hi + pad)
 }
@@ -146,8 +154,16 @@ macro_rules! t {
     };
 }
 
-fn draw<DB: DrawingBackend, Y>(root: &DrawingArea<DB, Shift>, plot: &Plot, text: bool, y: Y) -> Result<(), String>
+fn draw<DB: DrawingBackend, X, Y>(
+    root: &DrawingArea<DB, Shift>,
+    plot: &Plot,
+    text: bool,
+    x: X,
+    y: Y,
+) -> Result<(), String>
 where
+    X: AsRangedCoord<Value = f64>,
+    X::CoordDescType: ValueFormatter<f64>,
     Y: AsRangedCoord<Value = f64>,
     Y::CoordDescType: ValueFormatter<f64>,
 {
@@ -158,7 +174,7 @@ where
     if text {
         builder.caption(&plot.title, ("sans-serif", 24)).x_label_area_size(56).y_label_area_size(84);
     }
-    let mut chart = t!(builder.build_cartesian_2d(xr.clone(), y));
+    let mut chart = t!(builder.build_cartesian_2d(x, y));
     if text {
         let integer_x = plot.series.iter().all(|s| s.points.iter().all(|p| p.0.fract() == 0.0));
         let x_fmt = move |v: &f64| {
@@ -188,7 +204,7 @@ where
             .label_style(("sans-serif", 16))
             .axis_desc_style(("sans-serif", 18))
             // plotters crowds a log axis with light lines near each decade: leave them out there.
-            .light_line_style(if plot.log_y { WHITE } else { RGBColor(235, 235, 235) })
+            .light_line_style(if plot.log_x || plot.log_y { WHITE } else { RGBColor(235, 235, 235) })
             .draw());
     } else {
         t!(chart.configure_mesh().x_labels(0).y_labels(0).light_line_style(RGBColor(235, 235, 235)).draw());
@@ -238,10 +254,12 @@ where
 
 fn draw_any<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, plot: &Plot, text: bool) -> Result<(), String> {
     let (lo, hi) = y_bounds(plot);
-    if plot.log_y {
-        draw(root, plot, text, (lo..hi).log_scale())
-    } else {
-        draw(root, plot, text, lo..hi)
+    let x = x_range(plot);
+    match (plot.log_x, plot.log_y) {
+        (false, false) => draw(root, plot, text, x, lo..hi),
+        (false, true) => draw(root, plot, text, x, (lo..hi).log_scale()),
+        (true, false) => draw(root, plot, text, x.log_scale().base(2.0), lo..hi),
+        (true, true) => draw(root, plot, text, x.log_scale().base(2.0), (lo..hi).log_scale()),
     }
 }
 
@@ -309,12 +327,13 @@ pub fn plots(s: &Session) -> Vec<Plot> {
     out.extend(residual_plot(s));
     out.extend(delta_plot(s));
     out.extend(loss_plot(s));
+    out.extend(speed_plot(s));
     out
 }
 
 fn ppl_plot(s: &Session) -> Option<Plot> {
     let groups = ppl_groups(s);
-    let g = groups.iter().find(|g| shape_of(s, g) != Shape::List)?;
+    let g = groups.iter().find(|g| matches!(shape_of(s, g), Shape::Sweep | Shape::Progressive))?;
     let progressive = shape_of(s, g) == Shape::Progressive;
     let base = baseline(s, &position(s, g.evals[0]), &g.protocol).filter(|b| g.evals.contains(b));
     let base_ppl = base.and_then(|b| s.instances[b].metric_f64("ppl"));
@@ -372,6 +391,7 @@ fn ppl_plot(s: &Session) -> Option<Plot> {
         title: format!("Perplexity vs sparsity ({}, {})", p.data, s.device),
         x_label: "sparsity (% of weights pruned)".into(),
         y_label: format!("perplexity ({}, seq_len {})", p.name, p.seq_len),
+        log_x: false,
         log_y: spread_is_wide(&all),
         legend_left: true,
         series,
@@ -419,6 +439,7 @@ fn residual_plot(s: &Session) -> Option<Plot> {
         title: format!("Residual stream per layer ({})", s.device),
         x_label: "layer".into(),
         y_label: "ratio (dimensionless)".into(),
+        log_x: false,
         log_y: false,
         legend_left: false,
         series,
@@ -444,6 +465,7 @@ fn delta_plot(s: &Session) -> Option<Plot> {
         title: format!("Perturbation growth through the layers ({})", s.device),
         x_label: "layer output (−1 = embedding output)".into(),
         y_label: "relative deviation δ (log scale)".replace(" (log scale)", if positive { " (log scale)" } else { "" }),
+        log_x: false,
         log_y: positive,
         legend_left: true,
         series,
@@ -466,11 +488,14 @@ fn loss_plot(s: &Session) -> Option<Plot> {
             })
             .collect();
         let p = position(s, i);
-        let label = match p.prune {
-            Some(_) => format!("{} sparsity", sparsity_of(s, &p).map(pct).unwrap_or_else(|| inst.name.clone())),
-            None => "0% (control)".into(),
+        // An adaptation of a swapped model is its own curve, not part of the 0% control chain.
+        let control = p.prune.is_none() && p.swap.is_none();
+        let label = match (p.prune, p.swap) {
+            (Some(_), _) => format!("{} sparsity", sparsity_of(s, &p).map(pct).unwrap_or_else(|| inst.name.clone())),
+            (None, Some(w)) => attention_label(s, w),
+            (None, None) => "0% (control)".into(),
         };
-        match series.iter_mut().find(|x| x.label == label && p.prune.is_none()) {
+        match series.iter_mut().find(|x| x.label == label && control) {
             Some(control) => {
                 control.points.extend(points);
                 control.points.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
@@ -486,7 +511,50 @@ fn loss_plot(s: &Session) -> Option<Plot> {
         title: format!("Fine-tune loss per level ({})", s.device),
         x_label: "step (of the chain's batch stream)".into(),
         y_label: "training loss (cross-entropy, nats/token)".into(),
+        log_x: false,
         log_y: false,
+        legend_left: false,
+        series,
+    })
+}
+
+fn speed_plot(s: &Session) -> Option<Plot> {
+    let mut timed = Vec::new();
+    let mut devices: Vec<&str> = Vec::new();
+    for (_, inst) in s.of_role(Role::Speed) {
+        let Some(l) = inst.metric("lengths").and_then(Json::as_array) else { continue };
+        let points: Vec<(f64, f64)> = l
+            .iter()
+            .filter_map(|r| Some((r.get("length")?.as_f64()?, r.get("tokens_per_second")?.as_f64()?)))
+            .filter(|p| p.0 > 0.0 && p.1 > 0.0)
+            .collect();
+        if points.is_empty() {
+            continue;
+        }
+        if let Some(d) = inst.metric_str("device").filter(|d| !devices.contains(d)) {
+            devices.push(d);
+        }
+        timed.push((inst.metric_str("attention").unwrap_or(&inst.name), inst.name.as_str(), points));
+    }
+    if timed.is_empty() {
+        return None;
+    }
+    // Two timings of the same attention (e.g. on two loads) are told apart by instance name.
+    let series = timed
+        .iter()
+        .map(|(attention, name, points)| {
+            let twice = timed.iter().filter(|t| t.0 == *attention).count() > 1;
+            let label = if twice { format!("{attention} — {name}") } else { attention.to_string() };
+            Series { label, points: points.clone(), style: Style::Line }
+        })
+        .collect();
+    Some(Plot {
+        name: "speed-vs-length".into(),
+        title: format!("Forward speed vs sequence length ({})", devices.join("; ")),
+        x_label: "sequence length (tokens, log scale)".into(),
+        y_label: "tokens/s (log scale)".into(),
+        log_x: true,
+        log_y: true,
         legend_left: false,
         series,
     })

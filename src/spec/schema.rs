@@ -286,7 +286,7 @@ impl Role {
             ],
             Role::Tasks => &["task", "items", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "num_fewshot"],
             Role::Swap => &["attention", "window", "regions", "boundary_dim", "layers", "reach"],
-            Role::Speed => &["attention", "device", "batch", "lengths"],
+            Role::Speed => &["attention", "device", "batch", "lengths", "max_position_embeddings"],
             Role::Unknown => &[],
         }
     }

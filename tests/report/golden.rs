@@ -12,7 +12,7 @@ pub fn session(name: &str) -> Session {
     Session::read(&dir().join(format!("{name}.json"))).unwrap()
 }
 
-fn check(expected_file: &str, actual: &str) {
+pub fn check(expected_file: &str, actual: &str) {
     let path = dir().join(expected_file);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, actual).unwrap();

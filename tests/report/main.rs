@@ -9,4 +9,5 @@ mod support;
 
 mod end_to_end;
 mod golden;
+mod holographic;
 mod plots;

@@ -99,3 +99,9 @@ fn without_text_the_svg_still_has_the_series() {
     assert!(!svg.contains("<text"));
     assert_eq!(series_in_svg(&svg), 2);
 }
+
+#[test]
+fn holographic_plots() {
+    // One loss curve per adaptation; one speed curve per timed model, on log-log axes.
+    check_written("holographic.tiny", &[("finetune-loss", 4), ("speed-vs-length", 5)]);
+}

@@ -634,3 +634,86 @@ fn eval_tasks_bad_input_is_located_and_explained() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("baber/piqa") && err.contains("piqa_validation.parquet") && err.contains("142f6d73"), "{err}");
 }
+
+/// holographic.toml under `tiny`: every layer swapped at each (R, w), perplexity before and after
+/// an adaptation that trains only the new tensors, generations, and forward timings of the full
+/// and swapped models.
+#[test]
+fn holographic_tiny_swaps_adapts_and_times() {
+    let (_sb, s) = run_tiny("pipelines/holographic.toml", "holographic-attention.tiny.json");
+    let st = &s["stages"];
+    let full = f(&st["full"]["metrics"]["ppl"]);
+    assert!(full.is_finite() && full > 1.0);
+    // tiny-bitnet: 4 layers, 4 heads over 2 kv heads of 32 dims; boundary_dim defaults to 32.
+    let per_layer = 2 * 32 * 32 + 2 * 4;
+    for (r, w) in [(2, 4), (2, 8), (4, 4), (4, 8)] {
+        let point = format!("holo[regions={r},window={w}]");
+        let swap = &st[format!("{point}.swapped")]["metrics"];
+        assert_eq!(swap["layers"], serde_json::json!([0, 1, 2, 3]), "{point}");
+        assert_eq!(swap["reach"], (r + 1) * w, "{point}");
+        assert_eq!(swap["new_parameters"], 4 * per_layer, "{point}");
+        assert_eq!(swap["attention"], format!("holographic w={w} R={r}"));
+        let before = f(&st[format!("{point}.before")]["metrics"]["ppl"]);
+        assert!(before.is_finite() && before != full, "{point}: {before} vs full {full}");
+        let tuned = &st[format!("{point}.adapted")]["metrics"];
+        assert_eq!(tuned["trainable"], 4 * per_layer, "{point}: only the holographic tensors train");
+        assert!(f(&st[format!("{point}.after")]["metrics"]["ppl"]).is_finite());
+        check_text(&st[format!("{point}.text")]["metrics"]);
+        let speed = &st[format!("{point}.speed")]["metrics"];
+        assert_eq!(speed["attention"], format!("holographic w={w} R={r}"));
+    }
+    let speed = &st["full-speed"]["metrics"];
+    assert_eq!(speed["attention"], "full");
+    let rows = speed["lengths"].as_array().unwrap();
+    assert_eq!(rows.iter().map(|r| r["length"].as_u64().unwrap()).collect::<Vec<_>>(), [64, 128, 256]);
+    for r in rows {
+        assert!(f(&r["tokens_per_second"]) > 0.0 && f(&r["seconds"]) > 0.0, "{r}");
+        assert!(r["peak_memory_mb"].is_null() || f(&r["peak_memory_mb"]) > 0.0, "{r}");
+        assert_eq!(r["beyond_context"], false, "tiny-bitnet has 256 positions");
+    }
+    let tables = s["tables"].as_array().unwrap();
+    assert_eq!(tables[0]["id"], "attention#1", "the attention table is the main table");
+    assert_eq!(tables[0]["rows"].as_array().unwrap().len(), 5, "full and four swaps");
+    assert!(tables.iter().any(|t| t["id"] == "speed"));
+}
+
+/// swap-attention's mistakes: an odd boundary dimension is located in the file; a layer the
+/// model lacks, swapping a swapped model, and training holographic tensors a model lacks are
+/// clear errors at run time.
+#[test]
+fn swap_attention_bad_input_is_located_and_explained() {
+    let sb = Sandbox::real();
+    let head = "[stages.base]\nkind = \"load\"\nmodel = \"builtin:tiny-bitnet\"\n";
+    let p = sb.write(
+        "odd.toml",
+        &format!("{head}[stages.s]\nkind = \"swap-attention\"\ninput = \"base\"\nwindow = 4\nregions = 2\nboundary_dim = 5\n"),
+    );
+    let err = sb.run(&["validate", p.to_str().unwrap()]).expect(2).stderr();
+    assert!(err.contains("odd.toml:9:16") && err.contains("boundary_dim: 5 is odd"), "{err}");
+    let p = sb.write(
+        "layer.toml",
+        &format!(
+            "{head}[stages.s]\nkind = \"swap-attention\"\ninput = \"base\"\nwindow = 4\nregions = 2\nlayers = [1, 9]\n"
+        ),
+    );
+    let err = sb.run(&["run", p.to_str().unwrap()]).expect(1).stderr();
+    assert!(err.contains("layer 9 does not exist: the model has layers 0..3"), "{err}");
+    let p = sb.write(
+        "twice.toml",
+        &format!(
+            "{head}[stages.s]\nkind = \"swap-attention\"\ninput = \"base\"\nwindow = 4\nregions = 2\n\
+             [stages.t]\nkind = \"swap-attention\"\ninput = \"s\"\nwindow = 8\nregions = 2\n"
+        ),
+    );
+    let err = sb.run(&["run", p.to_str().unwrap()]).expect(1).stderr();
+    assert!(err.contains("already has holographic attention in layers [0, 1, 2, 3]"), "{err}");
+    let p = sb.write(
+        "train.toml",
+        &format!(
+            "{head}[stages.t]\nkind = \"finetune\"\ninput = \"base\"\ndata = \"synthetic:facts:train\"\n\
+             steps = 1\nbatch = 1\nseq_len = 16\ntrainable = \"holographic\"\n"
+        ),
+    );
+    let err = sb.run(&["run", p.to_str().unwrap()]).expect(1).stderr();
+    assert!(err.contains("no trainable parameters") && err.contains("holographic"), "{err}");
+}

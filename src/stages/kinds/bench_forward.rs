@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 use serde_json::{json, Map, Value as Json};
 
-use crate::exec::memory::{peak_rss_mb, reset_peak};
+use crate::exec::memory::{peak_rss_mb, reset_peak, rss_mb};
 use crate::exec::{
     typed_params, ArtifactType, InputDef, KindSchema, MetricDef, ParamDefault, ParamType, ReportContract, Role, Stage,
     StageContext,
@@ -21,7 +21,7 @@ use crate::stages::common::model_artifact as artifact;
 pub static SCHEMA: KindSchema = KindSchema {
     kind: "bench-forward",
     version: 1,
-    help: "Times one forward of the model's body (no LM head) at each sequence length: tokens/s (median of `repeats` after `warmup`) and peak memory (CPU: resident high-water mark of the forward; CUDA: not measured). Lengths beyond max_position_embeddings extend RoPE for timing only.",
+    help: "Times one forward of the model's body (no LM head) at each sequence length: tokens/s (median of `repeats` after `warmup`) and peak memory (CPU: the resident high-water mark during the forwards, and how far it rose above the resting process; CUDA: not measured). Lengths beyond max_position_embeddings extend RoPE for timing only.",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to time" }],
     params: Params::PARAMS,
     output: ArtifactType::Metrics,
@@ -66,7 +66,7 @@ pub static REPORT: ReportContract = ReportContract {
         MetricDef {
             name: "lengths",
             always: true,
-            help: "per length: tokens_per_second, seconds (median), peak_memory_mb (null where not measured), beyond_context",
+            help: "per length: tokens_per_second, seconds (median), peak_memory_mb (the process's resident high-water mark during the timed forwards) and forward_memory_mb (that peak above the resident memory just before them: what the forward needed), null where not measured; beyond_context",
         },
         MetricDef { name: "max_position_embeddings", always: true, help: "the model's trained context" },
     ],
@@ -122,8 +122,11 @@ impl Stage for BenchForward {
             }
             let cpu = device.is_cpu();
             let measured = cpu && reset_peak();
+            let resting = if measured { rss_mb() } else { None };
             let mut times = (0..p.repeats).map(|_| forward()).collect::<Result<Vec<f64>>>()?;
             let peak = if measured { peak_rss_mb() } else { None };
+            // What the forward itself added on top of the resting process (model, earlier stages).
+            let forward_mb = peak.zip(resting).map(|(p, r)| (p - r).max(0.0));
             times.sort_by(f64::total_cmp);
             let median = times[times.len() / 2];
             if median.is_nan() || median <= 0.0 {
@@ -135,6 +138,7 @@ impl Stage for BenchForward {
                 "tokens_per_second": (p.batch * n) as f64 / median,
                 "seconds": median,
                 "peak_memory_mb": peak,
+                "forward_memory_mb": forward_mb,
                 "beyond_context": n > cfg.max_position_embeddings,
             }));
         }

@@ -106,7 +106,7 @@ impl Stage for SwapAttention {
         if let Some(r) = p.boundary_dim {
             if r % 2 != 0 {
                 return Err(format!(
-                    "boundary_dim = {r} must be even: it keeps whole RoPE planes (pairs of dimensions)"
+                    "boundary_dim: {r} is odd; it must be even, since it keeps whole RoPE planes (pairs of dimensions)"
                 ));
             }
         }
