@@ -40,8 +40,10 @@ pub enum Shape {
 
 pub fn shape_of(s: &Session, g: &PplGroup) -> Shape {
     let pos: Vec<Position> = g.evals.iter().map(|&i| position(s, i)).collect();
-    // A swapped model's fine-tune is an adaptation, not a 0% control: swaps win over prunes.
-    if pos.iter().any(|p| p.swap.is_some()) {
+    // A swapped model's fine-tune is an adaptation, not a 0% control; with prunes in the group
+    // the pruning shapes win (their tables name each model's attention).
+    let pruned = pos.iter().any(|p| p.prune.is_some());
+    if pos.iter().any(|p| p.swap.is_some()) && !pruned {
         Shape::Attention
     } else if pos.iter().any(|p| p.tuned.is_some()) && pos.iter().any(|p| p.prune.is_some()) {
         Shape::Progressive
@@ -568,6 +570,65 @@ pub fn intervention_tables(s: &Session, n0: usize) -> Vec<Table> {
     out
 }
 
+/// One row per perturbed model when there are several: its perplexity, Lyapunov exponent,
+/// amplification and branching ratios, with the criticality regulariser its last fine-tune ran
+/// under (λ and the mean ratio the fine-tune ended on) — how the regularised chains compare.
+pub fn criticality_table(s: &Session) -> Option<Table> {
+    let perturbs: Vec<usize> = s.of_role(Role::Perturbation).map(|(i, _)| i).collect();
+    if perturbs.len() < 2 {
+        return None;
+    }
+    let mut t = Table::new(
+        "criticality",
+        "Criticality by model",
+        &[
+            ("model", false),
+            ("regulariser λ", true),
+            ("ppl", true),
+            ("Lyapunov", true),
+            ("amplification", true),
+            ("mean BR (layers 1…)", true),
+            ("BR per layer", false),
+            ("BR at end of fine-tune", true),
+        ],
+    );
+    let mut loads = Vec::new();
+    for i in perturbs {
+        let inst = &s.instances[i];
+        let p = position(s, i);
+        if !loads.contains(&p.load) {
+            loads.push(p.load);
+        }
+        let tuned = p.tuned.map(|j| &s.instances[j]);
+        let lambda = tuned.and_then(|f| f.params.get("criticality_lambda")).map(|v| cell(Some(v)));
+        let trained = tuned.and_then(|f| f.metric_f64("criticality.final_mean_branching"));
+        let ppl = sibling(s, Role::Perplexity, p.model).and_then(|e| ppl_of(&s.instances[e]));
+        let per_layer = inst
+            .metric("branching.per_layer")
+            .and_then(Json::as_array)
+            .map(|a| a.iter().filter_map(Json::as_f64).map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| inst.absent());
+        let g = |k: &str| inst.metric_f64(k).map(sig).unwrap_or_else(|| "—".into());
+        t.push(vec![
+            p.model.map(|m| describe_model(s, m)).unwrap_or_else(|| "—".into()),
+            lambda.unwrap_or_else(|| if tuned.is_some() { "off".into() } else { "—".into() }),
+            ppl.map(super::table::ppl).unwrap_or_else(|| "—".into()),
+            g("lyapunov"),
+            g("amplification"),
+            g("branching.mean_without_first"),
+            per_layer,
+            trained.map(sig).unwrap_or_else(|| "—".into()),
+        ]);
+    }
+    t.notes = loads.iter().map(|&l| model_note(s, l)).collect();
+    t.footnotes = vec![
+        "Lyapunov, amplification and BR as in the perturbation tables (the notebook's conventions: from layer 0's output; BR = mean token norm out / in per layer, averaged over texts).".into(),
+        "regulariser λ: the criticality_lambda of the model's last fine-tune (off: fine-tuned without it); BR at end of fine-tune: the mean branching ratio over the regulariser's layers on the fine-tune's last batch.".into(),
+        "ppl: the eval-ppl on the same model, if any.".into(),
+    ];
+    Some(t)
+}
+
 pub fn perturbation_table(s: &Session, i: usize) -> Table {
     let inst = &s.instances[i];
     let mut t = Table::new(
@@ -826,6 +887,7 @@ pub fn tables(s: &Session) -> Vec<Table> {
             out.push(residual_table(s, i));
         }
     }
+    out.extend(criticality_table(s));
     for (i, _) in s.of_role(Role::Perturbation) {
         out.push(perturbation_table(s, i));
     }

@@ -265,6 +265,7 @@ impl Role {
                 "ternary_zero_after",
                 "loss",
                 "first_batch",
+                "criticality",
             ],
             Role::Perplexity => &["ppl", "bits_per_byte", "tokens", "windows", "protocol"],
             Role::Generation => &["label", "outputs", "counts", "accuracy"],

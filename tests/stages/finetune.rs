@@ -208,3 +208,65 @@ fn a_chained_finetune_continues_the_batch_stream_unless_told_to_restart() {
     assert_eq!(m("again")["first_batch"], 0);
     assert_ne!(m("again")["loss"], continued, "other batches, another loss curve");
 }
+
+/// The criticality regulariser: λ = 0 measures the branching ratios and trains bit-identically to
+/// a fine-tune without it; a large λ pulls the mean ratio towards the target; a killed
+/// regularised fine-tune resumes to the same weights and the same logged ratios.
+#[test]
+fn the_criticality_regulariser_measures_at_zero_and_pulls_towards_the_target() {
+    let sb = Sandbox::real();
+    let body = "[pipeline]\nname = \"ft\"\n[stages.base]\nkind = \"load\"\nmodel = \"builtin:tiny-bitnet\"\n";
+    let tune = |name: &str, extra: &str| {
+        format!(
+            "[stages.{name}]\nkind = \"finetune\"\ninput = \"base\"\ndata = \"synthetic:facts:train\"\n\
+             steps = 10\nbatch = 4\nmicro_batch = 2\nseq_len = 32\nlr = 3e-3\n{extra}\n"
+        )
+    };
+    let text = [
+        body.to_string(),
+        tune("plain", ""),
+        tune("zero", "criticality_lambda = 0"),
+        tune("pulled", "criticality_lambda = 10\ncriticality_target = 1.0"),
+    ]
+    .concat();
+    let p = sb.write("ft.toml", &text);
+    sb.run(&["run", p.to_str().unwrap(), "-q"]).expect(0);
+    let hash = |stage: &str| {
+        blake3::hash(&std::fs::read(entry(&sb, stage).join("model.safetensors")).unwrap()).to_hex().to_string()
+    };
+    assert_eq!(hash("zero"), hash("plain"), "λ = 0 must train exactly as without the regulariser");
+    let s = sb.session("ft.json");
+    let m = |stage: &str| s["stages"][stage]["metrics"].clone();
+    assert_eq!(m("zero")["loss"], m("plain")["loss"]);
+    assert!(m("plain").get("criticality").is_none());
+    let zero = &m("zero")["criticality"];
+    assert_eq!(zero["layers"], serde_json::json!([1, 2, 3]), "all but the first layer by default");
+    assert_eq!(zero["branching"].as_array().unwrap().len(), 10, "one entry per step");
+    assert_eq!(zero["branching"][0][1].as_array().unwrap().len(), 3);
+    let pulled = &m("pulled")["criticality"];
+    assert_eq!(pulled["branching"][0], zero["branching"][0], "the same first forward");
+    let dist = |c: &serde_json::Value| (c["final_mean_branching"].as_f64().unwrap() - 1.0).abs();
+    assert!(
+        dist(pulled) < 0.6 * dist(zero),
+        "λ = 10 left the mean BR at {} (λ = 0: {})",
+        pulled["final_mean_branching"],
+        zero["final_mean_branching"]
+    );
+
+    // Resuming a regularised run gives the uninterrupted run's weights and logged ratios.
+    let body =
+        pipeline("steps = 30\ncheckpoint_every = 3\nlr = 0.01\ncriticality_lambda = 1\ncriticality_layers = \"all\"");
+    let sb = resumes_to_the_identical_result(&body);
+    let c = &sb.session("ft.json")["stages"]["tuned"]["metrics"]["criticality"];
+    let steps: Vec<u64> = c["branching"].as_array().unwrap().iter().map(|b| b[0].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=30).collect::<Vec<u64>>(), "every step logged once across the kill");
+
+    // The regulariser's settings without its weight are refused where they are written.
+    let sb = Sandbox::real();
+    let p = sb.write("bad.toml", &pipeline("steps = 2\ncriticality_target = 1.2"));
+    let err = sb.run(&["validate", p.to_str().unwrap()]).expect(2).stderr();
+    assert!(err.contains("bad.toml:") && err.contains("without criticality_lambda"), "{err}");
+    let p = sb.write("bad2.toml", &pipeline("steps = 2\ncriticality_lambda = 1\ncriticality_layers = [0, 7]"));
+    let err = sb.run(&["run", p.to_str().unwrap()]).expect(1).stderr();
+    assert!(err.contains("layer 7 does not exist (the model has 2 layers)"), "{err}");
+}

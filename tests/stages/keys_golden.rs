@@ -74,3 +74,29 @@ fn shipped_pipelines_keep_their_keys() {
         changed.join("\n")
     );
 }
+
+/// criticality-regularised.toml's unregularised chain is progressive.toml's: a cached progressive
+/// run is reused, and only the regularised and combined chains are new work.
+#[test]
+fn the_unregularised_chain_shares_the_progressive_keys() {
+    let sb = Sandbox::real();
+    let hub = fake_hub(&sb);
+    let path = |f: &str| repo().join(f).display().to_string();
+    let prog: std::collections::BTreeMap<_, _> =
+        keys_of(&sb, &hub, &[&path("pipelines/progressive.toml")]).into_iter().collect();
+    let crit = keys_of(&sb, &hub, &[&path("pipelines/criticality-regularised.toml")]);
+    let mut shared = 0;
+    for (name, key) in &crit {
+        let in_chain = name.starts_with("level[") && [".pruned", ".tuned", ".after"].iter().any(|s| name.ends_with(s));
+        if in_chain || name == "base" || name == "baseline" {
+            assert_eq!(prog.get(name), Some(key), "{name}");
+            shared += 1;
+        } else if name.starts_with("lambda-") && name.ends_with("[sparsity=0.05].pruned") {
+            // Every chain's first prune is the same prune of the base.
+            assert_eq!(prog.get("level[sparsity=0.05].pruned"), Some(key), "{name}");
+        } else {
+            assert!(!prog.values().any(|k| k == key), "{name} is not progressive.toml's");
+        }
+    }
+    assert_eq!(shared, 2 + 8 * 3);
+}

@@ -717,3 +717,34 @@ fn swap_attention_bad_input_is_located_and_explained() {
     let err = sb.run(&["run", p.to_str().unwrap()]).expect(1).stderr();
     assert!(err.contains("no trainable parameters") && err.contains("holographic"), "{err}");
 }
+
+/// criticality-regularised.toml under `tiny`: the regularised fine-tunes log their branching
+/// ratios and end nearer criticality the larger λ; the combined chain is holographic, pruned and
+/// regularised; the criticality table compares every perturbed model.
+#[test]
+fn criticality_regularised_tiny_pulls_towards_criticality() {
+    let (_sb, s) = run_tiny("pipelines/criticality-regularised.toml", "criticality-regularised.tiny.json");
+    let st = &s["stages"];
+    let br = |name: &str| f(&st[name]["metrics"]["branching"]["mean_without_first"]);
+    for level in ["0.1", "0.3"] {
+        assert!(st[format!("level[sparsity={level}].tuned")]["metrics"].get("criticality").is_none());
+        for lambda in ["0_1", "1", "10"] {
+            let c = &st[format!("lambda-{lambda}[sparsity={level}].tuned")]["metrics"]["criticality"];
+            assert_eq!(c["layers"], serde_json::json!([1, 2, 3]));
+            assert_eq!(c["branching"].as_array().unwrap().len(), 8, "one entry per step");
+        }
+        let (plain, strong) =
+            (br(&format!("level[sparsity={level}].growth")), br(&format!("lambda-10[sparsity={level}].growth")));
+        assert!(strong < plain, "level {level}: λ = 10 left the mean BR at {strong}, unregularised {plain}");
+        let combined = &st[format!("combined[sparsity={level}].tuned")]["metrics"];
+        assert_eq!(combined["criticality"]["lambda"], 1.0);
+        assert!(f(&st[format!("combined[sparsity={level}].after")]["metrics"]["ppl"]).is_finite());
+    }
+    assert_eq!(st["holo"]["metrics"]["attention"], "holographic w=8 R=2");
+    let tables = s["tables"].as_array().unwrap();
+    assert_eq!(tables[0]["id"], "progressive#1", "pruning chains, not the attention table, lead");
+    let crit = tables.iter().find(|t| t["id"] == "criticality").expect("a criticality table");
+    let rows = crit["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1 + 5 * 2, "the base and every level of every chain");
+    assert!(rows.iter().any(|r| r[0].as_str().unwrap().contains("holographic w=8 R=2")), "{crit}");
+}

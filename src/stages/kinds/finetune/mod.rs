@@ -6,6 +6,7 @@
 //! The learning-rate schedule and the clipping factor are `analysis::optim`.
 
 mod adamw;
+mod criticality;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -26,6 +27,7 @@ use crate::model::Model;
 use crate::stages::common::model_artifact as artifact;
 use crate::stages::common::text_param;
 use adamw::{AdamW, Hyper};
+use criticality::Criticality;
 
 pub static SCHEMA: KindSchema = KindSchema {
     kind: "finetune",
@@ -147,6 +149,21 @@ crate::stage_params! {
             default: ParamDefault::Json("10.0"),
             help: "also checkpoint when this much time passed since the last one",
         },
+        criticality_lambda: Option<f64> {
+            ty: ParamType::Float { min: Some(0.0), max: None },
+            default: ParamDefault::Optional,
+            help: "criticality regulariser: adds λ · mean_l (BR_l − target)² to the loss, BR_l the branching ratio of layer l in the training forward (mean token norm out / in); 0 = only log the per-layer BR; absent = off",
+        },
+        criticality_target: Option<f64> {
+            ty: ParamType::Float { min: Some(0.0), max: None },
+            default: ParamDefault::Optional,
+            help: "the branching ratio the regulariser pulls towards (default 1, criticality)",
+        },
+        criticality_layers: Option<Json> {
+            ty: ParamType::Either(&[ParamType::Enum(&["all", "all-but-first"]), ParamType::List(&ParamType::UINT)]),
+            default: ParamDefault::Optional,
+            help: "layers in the regulariser: \"all-but-first\" (default; layer 0's ratio reflects the embedding scale, the report excludes it), \"all\" or a list",
+        },
     }
 }
 
@@ -156,6 +173,12 @@ struct Progress {
     step: u64,
     /// (step, loss) of every step so far.
     loss: Vec<(u64, f64)>,
+    /// With the criticality regulariser: (step, branching ratio per chosen layer) …
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    branching: Vec<(u64, Vec<f64>)>,
+    /// … and (step, mean_l (BR_l − target)²).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    criticality_term: Vec<(u64, f64)>,
 }
 
 /// Its role for reports and every top-level metric `run` writes.
@@ -187,6 +210,11 @@ pub static REPORT: ReportContract = ReportContract {
         MetricDef { name: "final_loss", always: true, help: "training loss of the last step" },
         MetricDef { name: "loss", always: true, help: "the loss curve: [step, loss] pairs" },
         MetricDef { name: "trainable", always: true, help: "number of parameters trained" },
+        MetricDef {
+            name: "criticality",
+            always: false,
+            help: "with criticality_lambda: lambda, target, layers, the per-step branching ratio of each layer and term, and the final per-layer and mean BR",
+        },
         MetricDef { name: "tokens_per_second", always: true, help: "training throughput" },
         MetricDef { name: "seconds", always: true, help: "training time" },
         MetricDef { name: "peak_rss_mb", always: true, help: "peak resident memory while training (MiB)" },
@@ -216,6 +244,7 @@ impl Stage for Finetune {
         }
         text_param::encoding(&p.encode, p.min_row_chars)?;
         text_param::source(&p.data)?;
+        Criticality::from_params(p.criticality_lambda, p.criticality_target, p.criticality_layers.as_ref(), None)?;
         Ok(())
     }
 
@@ -250,7 +279,14 @@ impl Stage for Finetune {
         let sparsity_before = projection_sparsity(model)?;
         let hyper = Hyper { beta1: p.beta1, beta2: p.beta2, eps: p.eps, weight_decay: p.weight_decay };
         let mut opt = AdamW::new(params.clone(), hyper, p.optimizer_precision == "model")?;
-        let mut progress = Progress { step: 0, loss: vec![] };
+        let reg = Criticality::from_params(
+            p.criticality_lambda,
+            p.criticality_target,
+            p.criticality_layers.as_ref(),
+            Some(model.num_layers()),
+        )
+        .map_err(anyhow::Error::msg)?;
+        let mut progress = Progress { step: 0, loss: vec![], branching: vec![], criticality_term: vec![] };
         if let Some(ck) = ctx.partial.latest()? {
             progress = restore(&ck.dir, &params, &mut opt)?;
             ctx.progress.line(&format!("finetune: resumed at step {} of {}", progress.step, p.steps));
@@ -268,16 +304,37 @@ impl Stage for Finetune {
             let len = batch.seq_len;
             let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
             let mut loss_sum = 0f64;
+            let (mut term_sum, mut ratio_sums) = (0f64, vec![0f64; reg.as_ref().map_or(0, |r| r.layers.len())]);
             for r in (0..p.batch).step_by(micro) {
                 let rows = micro.min(p.batch - r);
                 let span = r * len..(r + rows) * len;
                 let ids = Tensor::from_vec(batch.input_ids[span.clone()].to_vec(), (rows, len), &device)?;
                 let targets = Tensor::from_vec(batch.targets[span].to_vec(), rows * len, &device)?;
-                let logits = model.forward_train(&ids)?.reshape((rows * len, ()))?.to_dtype(DType::F32)?;
+                let (logits, taps) = match &reg {
+                    None => (model.forward_train(&ids)?, vec![]),
+                    Some(c) => c.forward(model, &ids)?,
+                };
+                let logits = logits.reshape((rows * len, ()))?.to_dtype(DType::F32)?;
                 let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
                 let weight = rows as f64 / p.batch as f64;
                 loss_sum += loss.to_scalar::<f32>()? as f64 * weight;
-                let store = (loss * weight)?.backward()?;
+                let objective = match &reg {
+                    None => loss,
+                    Some(c) => {
+                        let (ratios, term) = c.term(&taps)?;
+                        term_sum += term.to_scalar::<f32>()? as f64 * weight;
+                        for (sum, ratio) in ratio_sums.iter_mut().zip(&ratios) {
+                            *sum += ratio.to_scalar::<f32>()? as f64 * weight;
+                        }
+                        // λ = 0 measures only: the objective is exactly the loss.
+                        if c.lambda > 0.0 {
+                            (loss + (term * c.lambda)?)?
+                        } else {
+                            loss
+                        }
+                    }
+                };
+                let store = (objective * weight)?.backward()?;
                 for (i, (_, var)) in params.iter().enumerate() {
                     if let Some(g) = store.get(var.as_tensor()) {
                         grads[i] = Some(match grads[i].take() {
@@ -312,6 +369,10 @@ impl Stage for Finetune {
             opt.step(&grads, lr)?;
             progress.step += 1;
             progress.loss.push((progress.step, loss_sum));
+            if reg.is_some() {
+                progress.branching.push((progress.step, ratio_sums));
+                progress.criticality_term.push((progress.step, term_sum));
+            }
             let rate = ((progress.step - start_step) as usize * p.batch * len) as f64 / started.elapsed().as_secs_f64();
             ctx.progress.set_detail(&format!("loss {loss_sum:.4} · {rate:.0} tok/s"));
             ctx.progress.set_position(progress.step);
@@ -339,7 +400,20 @@ impl Stage for Finetune {
         let tokens_per_step = p.batch * batches.get(0).seq_len; // seq_len − 1 per chunk
         let ternary_zero_after =
             if model.config().is_bitnet() { json!(artifact::ternary_zero_fractions(model)?.1) } else { Json::Null };
-        Ok(json!({
+        let criticality = reg.as_ref().map(|c| {
+            let last = progress.branching.last().map(|b| b.1.clone()).unwrap_or_default();
+            let mean = if last.is_empty() { Json::Null } else { json!(last.iter().sum::<f64>() / last.len() as f64) };
+            json!({
+                "lambda": c.lambda,
+                "target": c.target,
+                "layers": c.layers,
+                "branching": progress.branching,
+                "term": progress.criticality_term,
+                "final_branching": last,
+                "final_mean_branching": mean,
+            })
+        });
+        let mut metrics = json!({
             "masks": p.masks,
             "sparsity_before": sparsity_before,
             "sparsity_after": projection_sparsity(model)?,
@@ -356,7 +430,11 @@ impl Stage for Finetune {
             "tokens_per_second": (trained_steps as usize * tokens_per_step) as f64 / seconds.max(1e-9),
             "seconds": seconds,
             "peak_rss_mb": crate::exec::memory::peak_rss_mb(),
-        }))
+        });
+        if let Some(c) = criticality {
+            metrics["criticality"] = c;
+        }
+        Ok(metrics)
     }
 }
 
