@@ -4,6 +4,7 @@
 //! gradient clipping. Activations are row-major `[tokens, hidden]` slices. Knows nothing of the
 //! engine or the model.
 
+pub mod equilibrium;
 pub mod glob;
 pub mod magnitude;
 pub mod multiple_choice;

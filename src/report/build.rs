@@ -879,6 +879,7 @@ pub fn tables(s: &Session) -> Vec<Table> {
     }
     let mut out = attention;
     out.extend(speed_table(s));
+    out.extend(super::equilibrium::table(s));
     out.extend(progressive);
     out.extend(sweeps);
     out.extend(intervention_tables(s, 1));

@@ -3,6 +3,7 @@
 //! The rules (table shapes, the baseline, rows, flattening) are in docs/report.md.
 
 pub mod build;
+pub mod equilibrium;
 pub mod flat;
 pub mod lineage;
 pub mod plots;

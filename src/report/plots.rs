@@ -328,6 +328,7 @@ pub fn plots(s: &Session) -> Vec<Plot> {
     out.extend(delta_plot(s));
     out.extend(loss_plot(s));
     out.extend(speed_plot(s));
+    out.extend(super::equilibrium::loss_plot(s));
     out
 }
 

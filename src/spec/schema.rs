@@ -229,13 +229,17 @@ pub enum Role {
     /// Forward speed and memory of its input model over sequence lengths: the speed table and
     /// its log-log plot.
     Speed,
+    /// A network trained by equilibrium propagation or by its true gradient: the equilibrium
+    /// table (loss, held-out perplexity, wall time, EP's cosine to the true gradient) and the
+    /// loss curves of its methods.
+    Equilibrium,
     /// A role this version does not know (a newer writer's).
     #[serde(other)]
     Unknown,
 }
 
 impl Role {
-    pub const ALL: [Role; 10] = [
+    pub const ALL: [Role; 11] = [
         Role::Source,
         Role::Prune,
         Role::Train,
@@ -246,6 +250,7 @@ impl Role {
         Role::Tasks,
         Role::Swap,
         Role::Speed,
+        Role::Equilibrium,
     ];
 
     /// The top-level metrics the report reads from an instance in this role: a kind declaring
@@ -288,6 +293,18 @@ impl Role {
             Role::Tasks => &["task", "items", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "num_fewshot"],
             Role::Swap => &["attention", "window", "regions", "boundary_dim", "layers", "reach"],
             Role::Speed => &["attention", "device", "batch", "lengths", "max_position_embeddings"],
+            Role::Equilibrium => &[
+                "method",
+                "data",
+                "eval_data",
+                "steps",
+                "loss",
+                "final_loss",
+                "ppl",
+                "unigram_ppl",
+                "seconds",
+                "cosine_mean",
+            ],
             Role::Unknown => &[],
         }
     }
@@ -304,6 +321,7 @@ impl Role {
             Role::Tasks => "tasks",
             Role::Swap => "swap",
             Role::Speed => "speed",
+            Role::Equilibrium => "equilibrium",
             Role::Unknown => "unknown",
         }
     }

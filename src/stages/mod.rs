@@ -21,7 +21,8 @@ pub fn registry() -> Registry {
         .register(kinds::perturb::Perturb)
         .register(kinds::eval_tasks::EvalTasks)
         .register(kinds::swap_attention::SwapAttention)
-        .register(kinds::bench_forward::BenchForward);
+        .register(kinds::bench_forward::BenchForward)
+        .register(kinds::train_ep::TrainEp);
     r
 }
 

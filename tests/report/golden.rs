@@ -86,6 +86,7 @@ fn residuals_perturbation_and_interventions() {
         [
             "interventions#1",
             "residuals:hooks",
+            "criticality",
             "perturbation:perturb",
             "perturbation:pruned-perturb",
             "perplexity",

@@ -8,6 +8,7 @@
 mod support;
 
 mod end_to_end;
+mod equilibrium;
 mod golden;
 mod holographic;
 mod plots;

@@ -105,3 +105,9 @@ fn holographic_plots() {
     // One loss curve per adaptation; one speed curve per timed model, on log-log axes.
     check_written("holographic.tiny", &[("finetune-loss", 4), ("speed-vs-length", 5)]);
 }
+
+#[test]
+fn equilibrium_plots() {
+    // One loss curve per trained network.
+    check_written("equilibrium.tiny", &[("equilibrium-loss", 6)]);
+}

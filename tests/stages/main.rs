@@ -5,6 +5,7 @@
 mod support;
 
 mod builtin;
+mod equilibrium;
 mod finetune;
 mod hub;
 mod keys_golden;

@@ -748,3 +748,51 @@ fn criticality_regularised_tiny_pulls_towards_criticality() {
     assert_eq!(rows.len(), 1 + 5 * 2, "the base and every level of every chain");
     assert!(rows.iter().any(|r| r[0].as_str().unwrap().contains("holographic w=8 R=2")), "{crit}");
 }
+
+/// equilibrium.toml under `tiny`: every method learns (the loss falls, the held-out perplexity
+/// beats the unigram bar), EP's update agrees with the true gradient at small β, and the three
+/// methods end close together (same initialisation and batches).
+#[test]
+fn equilibrium_tiny_trains_every_method_and_ep_follows_the_true_gradient() {
+    let (_sb, s) = run_tiny("pipelines/equilibrium.toml", "equilibrium.tiny.json");
+    let st = &s["stages"];
+    for data in ["facts", "wiki"] {
+        let mut ppls = Vec::new();
+        for method in ["ep", "ep-symmetric", "backprop"] {
+            let name = format!("{data}[method={method}].train");
+            let m = &st[&name]["metrics"];
+            assert_eq!(m["method"], method);
+            let loss: Vec<f64> = m["loss"].as_array().unwrap().iter().map(|p| f(&p[1])).collect();
+            assert_eq!(loss.len(), 200, "{name}: one loss per step");
+            let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+            let (first, last) = (mean(&loss[..10]), mean(&loss[loss.len() - 20..]));
+            assert!(last < first - 1.0, "{name}: the loss fell from {first} to only {last}");
+            assert!((f(&m["final_loss"]) - mean(&loss[loss.len() - 20..])).abs() < 1e-9, "{name}: the last 10%");
+            let ppl = f(&m["ppl"]);
+            assert!(ppl < f(&m["unigram_ppl"]) && ppl < 256.0, "{name}: ppl {ppl} vs unigram {}", m["unigram_ppl"]);
+            ppls.push(ppl);
+            let cosines = m["cosine"].as_array().unwrap();
+            if method == "backprop" {
+                assert!(cosines.is_empty() && m["cosine_mean"].is_null(), "{name}");
+            } else {
+                assert_eq!(cosines.len(), 20, "{name}: every 10 steps");
+                for c in cosines {
+                    let (cos, ratio) = (f(&c["cosine"]), f(&c["norm_ratio"]));
+                    assert!((-1.0..=1.0).contains(&cos), "{name}: {c}");
+                    // β = 0.01: the estimate is the gradient up to O(β) (O(β²) symmetric).
+                    assert!(cos > 0.99 && (ratio - 1.0).abs() < 0.05, "{name}: {c}");
+                }
+                assert!(f(&m["cosine_mean"]) > 0.995, "{name}");
+            }
+            let free = &m["relaxation"]["free"];
+            assert_eq!(free["relaxations"], 200 * 8, "{name}: one free phase per example");
+            assert!(f(&free["unconverged"]) < 0.05 * 1600.0, "{name}: {free}");
+            assert_eq!(m["adjoint"]["failed"], 0, "{name}");
+        }
+        let (lo, hi) = ppls.iter().fold((f64::MAX, 0f64), |(a, b), &p| (a.min(p), b.max(p)));
+        assert!(hi / lo < 1.1, "{data}: the methods end apart: {ppls:?}");
+    }
+    let table = s["tables"].as_array().unwrap().iter().find(|t| t["id"] == "equilibrium").expect("the table");
+    assert_eq!(table["rows"].as_array().unwrap().len(), 6);
+    assert_eq!(s["tables"][0]["id"], "equilibrium", "the main table");
+}

@@ -10,3 +10,4 @@ pub mod load;
 pub mod perturb;
 pub mod prune;
 pub mod swap_attention;
+pub mod train_ep;

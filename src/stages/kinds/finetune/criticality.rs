@@ -5,9 +5,17 @@
 //! regulariser never had one).
 
 use candle_core::{DType, Result, Tensor, D};
-use serde_json::Value as Json;
+use serde::Deserialize;
 
 use crate::model::{HookPoint, Hooks, Model};
+
+/// `criticality_layers`: a named choice or a list of layer indices.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum LayerChoice {
+    Named(String),
+    List(Vec<usize>),
+}
 
 /// A regulariser as the fine-tune's parameters set it.
 #[derive(Clone, Debug)]
@@ -24,7 +32,7 @@ impl Criticality {
     pub fn from_params(
         lambda: Option<f64>,
         target: Option<f64>,
-        layers: Option<&Json>,
+        layers: Option<&LayerChoice>,
         num_layers: Option<usize>,
     ) -> std::result::Result<Option<Criticality>, String> {
         let Some(lambda) = lambda else {
@@ -38,14 +46,10 @@ impl Criticality {
         let n = num_layers.unwrap_or(usize::MAX);
         let layers = match layers {
             None => (1..num_layers.unwrap_or(1)).collect(),
-            Some(Json::String(s)) if s == "all-but-first" => (1..num_layers.unwrap_or(1)).collect(),
-            Some(Json::String(s)) if s == "all" => (0..num_layers.unwrap_or(0)).collect(),
-            Some(Json::Array(a)) => {
-                let mut v: Vec<usize> = a
-                    .iter()
-                    .map(|x| x.as_u64().map(|n| n as usize))
-                    .collect::<Option<_>>()
-                    .ok_or("criticality_layers: a list of layer indices (integers ≥ 0)")?;
+            Some(LayerChoice::Named(s)) if s == "all-but-first" => (1..num_layers.unwrap_or(1)).collect(),
+            Some(LayerChoice::Named(s)) if s == "all" => (0..num_layers.unwrap_or(0)).collect(),
+            Some(LayerChoice::List(a)) => {
+                let mut v = a.clone();
                 v.sort_unstable();
                 v.dedup();
                 if v.is_empty() {
@@ -58,7 +62,9 @@ impl Criticality {
                 }
                 v
             }
-            Some(_) => return Err("criticality_layers: \"all\", \"all-but-first\" or a list of layer indices".into()),
+            Some(LayerChoice::Named(other)) => {
+                return Err(format!("criticality_layers: \"{other}\" is not \"all\", \"all-but-first\" or a list"))
+            }
         };
         if num_layers.is_some() && layers.is_empty() {
             return Err(
@@ -172,7 +178,10 @@ mod tests {
 
     #[test]
     fn layer_choices_and_their_errors() {
-        let pick = |l: Option<Json>| Criticality::from_params(Some(0.5), None, l.as_ref(), Some(4));
+        let pick = |l: Option<serde_json::Value>| {
+            let l: Option<LayerChoice> = l.map(|v| serde_json::from_value(v).unwrap());
+            Criticality::from_params(Some(0.5), None, l.as_ref(), Some(4))
+        };
         assert_eq!(pick(None).unwrap().unwrap().layers, [1, 2, 3]);
         assert_eq!(pick(Some("all".into())).unwrap().unwrap().layers, [0, 1, 2, 3]);
         assert_eq!(pick(Some(serde_json::json!([3, 1, 3]))).unwrap().unwrap().layers, [1, 3]);

@@ -159,7 +159,7 @@ crate::stage_params! {
             default: ParamDefault::Optional,
             help: "the branching ratio the regulariser pulls towards (default 1, criticality)",
         },
-        criticality_layers: Option<Json> {
+        criticality_layers: Option<criticality::LayerChoice> {
             ty: ParamType::Either(&[ParamType::Enum(&["all", "all-but-first"]), ParamType::List(&ParamType::UINT)]),
             default: ParamDefault::Optional,
             help: "layers in the regulariser: \"all-but-first\" (default; layer 0's ratio reflects the embedding scale, the report excludes it), \"all\" or a list",
