@@ -138,6 +138,7 @@ impl Holo {
         let scale = (d as f64).powf(-0.5);
         let boundary = Self::tensor(&self.boundary, mode); // [nkv, d, r]
         let r = boundary.dim(2)?;
+        let boundary = boundary.unsqueeze(0)?.broadcast_as((b, nkv, d, r))?;
 
         // Exact attention within each region (causal inside it).
         let qb = q.reshape((b, nh, nr, w, d))?;
@@ -148,7 +149,7 @@ impl Holo {
 
         // Region summaries in the boundary space: mean and variance of the projected keys, mean
         // value. The last region may be partial (zero padding); no query ever sees it.
-        let kp = bmm(&k, &boundary.unsqueeze(0)?.broadcast_as((b, nkv, d, r))?)?;
+        let kp = bmm(&k, &boundary)?;
         let kp = kp.reshape((b, nkv, nr, w, r))?;
         let mean = kp.mean_keepdim(3)?;
         let var = kp.broadcast_sub(&mean)?.sqr()?.mean(3)?; // [b, nkv, nr, r]
@@ -165,7 +166,7 @@ impl Holo {
         let (mean, var, vmean) = (unfold(&mean)?, unfold(&var)?, unfold(&vmean)?);
 
         // Query in the boundary space, per kv group: [b, nh, nr, w, r].
-        let qp = bmm(&q.reshape((b, nkv, rep * padded, d))?, &boundary.unsqueeze(0)?.broadcast_as((b, nkv, d, r))?)?;
+        let qp = bmm(&q.reshape((b, nkv, rep * padded, d))?, &boundary)?;
         let qp = qp.reshape((b, nh, nr, w, r))?;
         let s_mean = bmm(&qp, &mean.transpose(3, 4)?)?;
         let s_var = bmm(&qp.sqr()?, &var.transpose(3, 4)?)?;

@@ -126,10 +126,9 @@ impl Stage for SwapAttention {
             regions: p.regions,
             boundary_dim: p.boundary_dim.unwrap_or(cfg.head_dim),
         };
-        let before = open.model.named_parameters().iter().map(|(_, v)| v.elem_count()).sum::<usize>();
         open.model.swap_attention(hc.clone())?;
-        let after = open.model.named_parameters().iter().map(|(_, v)| v.elem_count()).sum::<usize>();
-        open.model.refresh();
+        // Per layer: B [kv_heads, head_dim, r], γ and b [heads].
+        let new_parameters = layers.len() * (cfg.num_kv_heads * cfg.head_dim * hc.boundary_dim + 2 * cfg.num_heads);
         ctx.check_cancelled()?;
         let mut settings = open.settings.clone();
         settings.source = None;
@@ -144,7 +143,7 @@ impl Stage for SwapAttention {
             "boundary_dim": hc.boundary_dim,
             "layers": layers,
             "reach": (hc.regions + 1) * hc.window,
-            "new_parameters": after - before,
+            "new_parameters": new_parameters,
         }))
     }
 }
