@@ -4,7 +4,7 @@
 //! after one warm-up.
 //!
 //! Environment: `BENCH_REPS`, `BENCH_BATCH`, `BENCH_SEQ`, `BENCH_DTYPES` (e.g. `f32,bf16`),
-//! `BENCH_TRAIN` (0 to skip training), `BENCH_TORCH_JSON` (output of scripts/bench_torch.py, to
+//! `BENCH_TRAIN` (0 to skip training), `BENCH_F32PATH` (0 to skip the kernel-off forward), `BENCH_TORCH_JSON` (output of scripts/bench_torch.py, to
 //! print the candle/torch ratio). Set `CANDLE_NUM_THREADS=1 RAYON_NUM_THREADS=1` on a one-core
 //! machine, and the same thread count in the torch script.
 
@@ -34,7 +34,8 @@ fn time<F: FnMut() -> anyhow::Result<()>>(reps: usize, mut f: F) -> anyhow::Resu
 }
 
 fn main() -> anyhow::Result<()> {
-    // `cargo bench` passes `--bench`; ignore arguments.
+    rpt_flow::exec::memory::keep_freed_memory(); // as the shipped binary does
+                                                 // `cargo bench` passes `--bench`; ignore arguments.
     let reps = env("BENCH_REPS", 5);
     let (b, t) = (env("BENCH_BATCH", 4), env("BENCH_SEQ", 256));
     let train = env("BENCH_TRAIN", 1) != 0;
@@ -63,8 +64,29 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         })?;
         let tok_s = (b * t) as f64 / fwd;
-        let mut line = format!("{d:>5}  forward {fwd:8.3} s  {tok_s:9.1} tok/s");
-        let mut r = serde_json::json!({"forward_s": fwd, "forward_tok_s": tok_s});
+        // The same forward on the f32 fake-quant path (the ternary kernel off), for comparison.
+        model.set_ternary_kernel(false);
+        let fwd_f32 = if env("BENCH_F32PATH", 1) != 0 {
+            time(reps, || {
+                model.forward(&ids)?;
+                Ok(())
+            })?
+        } else {
+            f64::NAN
+        };
+        model.set_ternary_kernel(true);
+        // The body alone (final-norm hidden states, no LM head): forward − body = the LM head.
+        let body = time(reps, || {
+            model.forward_hidden(&ids, None)?;
+            Ok(())
+        })?;
+        let mut line = format!(
+            "{d:>5}  forward {fwd:8.3} s  {tok_s:9.1} tok/s  (body {body:.3} s + LM head {:.3} s; f32 fake-quant path {fwd_f32:.3} s, {:.1} tok/s)",
+            fwd - body,
+            (b * t) as f64 / fwd_f32
+        );
+        let mut r =
+            serde_json::json!({"forward_s": fwd, "forward_tok_s": tok_s, "forward_f32path_s": fwd_f32, "body_s": body});
         if train {
             let mut opt = AdamW::new(model.parameters(), ParamsAdamW { lr: 1e-4, ..Default::default() })?;
             let mut parts: Vec<[f64; 3]> = vec![];

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod cli;
 pub mod data;
 pub mod exec;
+pub mod export;
 pub mod hub;
 pub mod model;
 pub mod plan;

@@ -13,7 +13,11 @@ use crate::exec::Registry;
 #[derive(Subcommand)]
 pub enum CacheCommand {
     /// List entries: key, kind, size, age, the pipeline that last used it.
-    Ls,
+    Ls {
+        /// Output format.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
     /// Re-hash every file against its manifest; exit 1 if any entry is damaged.
     Verify {
         /// Move damaged entries, and every entry computed from them, to <cache>/quarantine/; the
@@ -44,7 +48,8 @@ pub enum CacheCommand {
 pub fn run(cmd: &CacheCommand, registry: &Registry, root: &Path) -> CliResult {
     let cache = open_cache(root)?;
     match cmd {
-        CacheCommand::Ls => ls(&cache),
+        CacheCommand::Ls { format } if format == "json" => ls_json(&cache),
+        CacheCommand::Ls { .. } => ls(&cache),
         CacheCommand::Verify { fix } => {
             let entries = cache.entries()?;
             let problems = cache.verify()?;
@@ -157,6 +162,43 @@ fn ls(cache: &crate::cache::Cache) -> CliResult {
         String::new()
     };
     println!("{} entries, {} on disk{shared}", entries.len(), human_bytes(disk));
+    Ok(())
+}
+
+/// `cache ls --format json`: `{cache, entries: [...], count, bytes_listed, bytes_on_disk}`, entries
+/// in the text listing's order.
+fn ls_json(cache: &crate::cache::Cache) -> CliResult {
+    let entries = cache.entries()?;
+    let list: Vec<_> = entries
+        .iter()
+        .map(|e| {
+            let m = &e.manifest;
+            serde_json::json!({
+                "key": m.key.to_hex(),
+                "kind": m.kind,
+                "version": m.version,
+                "bytes": e.bytes,
+                "created": m.created,
+                "last_used": e.last_used,
+                "last_pipeline": e.last_pipeline,
+                "pipeline": m.pipeline,
+                "instance": m.instance,
+                "seconds": m.seconds,
+                "rpt_flow_version": m.rpt_flow_version,
+                "files": m.files.len(),
+                "inputs": m.inputs.iter().map(|i| i.key.to_hex()).collect::<Vec<_>>(),
+                "entry": cache.entry_dir(&m.key).display().to_string(),
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "cache": cache.root().display().to_string(),
+        "count": entries.len(),
+        "bytes_listed": entries.iter().map(|e| e.bytes).sum::<u64>(),
+        "bytes_on_disk": crate::cache::disk_bytes(&entries),
+        "entries": list,
+    });
+    println!("{}", serde_json::to_string_pretty(&doc).map_err(anyhow::Error::from)?);
     Ok(())
 }
 

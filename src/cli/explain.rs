@@ -2,6 +2,7 @@
 //! cached entry of the same kind.
 
 use clap::Args;
+use serde_json::json;
 
 use super::{load_plan, open_cache, CliError, CliResult, PipelineArgs};
 use crate::exec::Registry;
@@ -14,6 +15,9 @@ pub struct ExplainArgs {
     pub pipeline: PipelineArgs,
     /// Instance name, e.g. `level[sparsity=0.1].tuned`.
     pub instance: String,
+    /// Output format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub format: String,
 }
 
 pub fn run(args: &ExplainArgs, registry: &Registry, cache_root: &std::path::Path) -> CliResult {
@@ -32,6 +36,33 @@ pub fn run(args: &ExplainArgs, registry: &Registry, cache_root: &std::path::Path
     let statuses = status_of(&plan, &cache, &entries);
     let inst = &p.instances[i];
     let m = &plan.material[i];
+    if args.format == "json" {
+        let cached = cache.contains(&plan.keys[i]);
+        let nearest = if cached { None } else { nearest_entry(&plan, i, &entries) };
+        let doc = json!({
+            "instance": inst.name,
+            "kind": inst.kind,
+            "version": m["version"],
+            "key": plan.keys[i].to_hex(),
+            "status": statuses[i].label(),
+            "reasons": statuses[i].reasons(),
+            "entry": cached.then(|| cache.entry_dir(&plan.keys[i]).display().to_string()),
+            "params": serde_json::Value::Object(inst.params.clone()),
+            "inputs": inst.inputs.iter().map(|r| json!({
+                "slot": r.slot, "instance": p.instances[r.target].name, "key": plan.keys[r.target].to_hex(),
+            })).collect::<Vec<_>>(),
+            "key_material": m,
+            "nearest": nearest.map(|near| json!({
+                "key": near.key.to_hex(),
+                "pipeline": near.pipeline,
+                "instance": near.instance,
+                "differences": diff_material(&near.key_material, m),
+                "key_material": near.key_material,
+            })),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc).map_err(anyhow::Error::from)?);
+        return Ok(());
+    }
     println!("instance  {}", inst.name);
     println!("kind      {} (version {})", inst.kind, m["version"]);
     println!("key       {}", plan.keys[i]);

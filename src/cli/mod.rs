@@ -2,11 +2,14 @@
 //! shipped binary and test harnesses share every line of it.
 
 mod cache_cmd;
+mod completions;
 mod explain;
+mod export;
 mod graph;
 mod plan_cmd;
 mod report_cmd;
 mod run_cmd;
+mod schema;
 mod slurm_args;
 mod stages_cmd;
 mod validate;
@@ -43,7 +46,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Check a pipeline; print every problem with file:line:col. Writes nothing.
-    Validate(PipelineArgs),
+    Validate(validate::ValidateArgs),
     /// Show the expanded instances in execution order with keys and cache status.
     Plan(plan_cmd::PlanArgs),
     /// Draw the DAG (Graphviz dot or Mermaid).
@@ -54,8 +57,14 @@ enum Command {
     Report(report_cmd::ReportArgs),
     /// Show what went into an instance's key, and how it differs from the nearest cached entry.
     Explain(explain::ExplainArgs),
+    /// Write an instance's model as a Hugging Face directory (model card, provenance, recipe).
+    Export(export::ExportArgs),
     /// List stage kinds with their parameters.
     Stages(stages_cmd::StagesArgs),
+    /// Print a JSON Schema of the pipeline format (for editors: Taplo / Even Better TOML).
+    Schema(schema::SchemaArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(completions::CompletionsArgs),
     /// Inspect and maintain the cache.
     #[command(subcommand)]
     Cache(cache_cmd::CacheCommand),
@@ -87,6 +96,8 @@ pub enum CliError {
     /// Something failed while running: exit 1.
     Failed(String),
     Interrupted,
+    /// Already reported (as JSON on stdout, by a `--format json` command): exit with this code.
+    Exit(u8),
 }
 
 impl From<anyhow::Error> for CliError {
@@ -111,7 +122,10 @@ pub fn main(registry: Registry) -> ExitCode {
         Command::Run(a) => run_cmd::run(a, &registry, &cli.cache, cli.quiet),
         Command::Report(a) => report_cmd::run(a, &registry, &cli.cache),
         Command::Explain(a) => explain::run(a, &registry, &cli.cache),
+        Command::Export(a) => export::run(a, &registry, &cli.cache),
         Command::Stages(a) => stages_cmd::run(a, &registry),
+        Command::Schema(a) => schema::run(a, &registry),
+        Command::Completions(a) => completions::run(a),
         Command::Cache(c) => cache_cmd::run(c, &registry, &cli.cache),
     };
     match result {
@@ -129,6 +143,7 @@ pub fn main(registry: Registry) -> ExitCode {
             ExitCode::from(EXIT_FAILED)
         }
         Err(CliError::Interrupted) => ExitCode::from(EXIT_INTERRUPTED),
+        Err(CliError::Exit(code)) => ExitCode::from(code),
     }
 }
 
@@ -145,7 +160,11 @@ fn default_sigpipe() {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(crate::exec::log_writer)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
 }
 
 /// Checks `--device` and returns its class (`cpu` or `cuda`). Any build can plan for either

@@ -38,7 +38,7 @@ pub use error::DataError;
 pub use hub::{HubOptions, WikiText, WIKITEXT_REPO, WIKITEXT_REVISION};
 pub use lines::{hf_text_rows, join_rows, py_strip};
 pub use parquet_io::{read_rows, read_text_column, write_rows, write_text_column};
-pub use source::{RowMode, Source, DEFAULT_JOIN};
+pub use source::{is_wikitext_file_name, RowMode, Source, DEFAULT_JOIN};
 pub use text::Text;
 pub use tokens::{encoded_stream, long_rows, stripped_rows, token_stream, tokens, Encoding, TokenStream};
 pub use train::{Batch, ChunkBatches, TrainBatches};

@@ -19,25 +19,59 @@ use super::{
 };
 
 /// How WikiText rows are joined by default: the Wanda/SparseGPT protocol's `"\n\n".join(rows)`.
+/// Local files are joined with it too (it only matters for a directory or the WikiText rule).
 pub const DEFAULT_JOIN: &str = "\n\n";
 
-/// How a local file becomes rows.
+/// How a local file becomes rows (`rows = ...`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowMode {
-    /// One row per line, exactly as the HF `wikitext` dataset reads its files (see
-    /// [`hf_text_rows`]): a WikiText file read this way equals the hub split.
-    Lines,
-    /// The whole file is one row (its content unchanged).
+    /// `rows = "wikitext"`: one row per line, exactly as the HF `wikitext` dataset reads its
+    /// files (see [`hf_text_rows`]), so that a WikiText file read this way, joined with
+    /// `"\n\n"`, equals the hub split. The default for WikiText's own file names
+    /// ([`is_wikitext_file_name`]); opt-in for any other file.
+    WikiText,
+    /// `rows = "file"`: the whole file is one row, its content unchanged. The default.
     File,
 }
 
 impl RowMode {
+    /// The values `rows` accepts.
+    pub const NAMES: [&'static str; 3] = ["file", "wikitext", "lines"];
+
+    /// `"lines"` is the WikiText rule's first name, still accepted.
+    pub fn parse(s: &str) -> Option<RowMode> {
+        match s {
+            "file" => Some(RowMode::File),
+            "wikitext" | "lines" => Some(RowMode::WikiText),
+            _ => None,
+        }
+    }
+
+    /// The name in the source's identity. The WikiText rule keeps its first name, `"lines"`, so
+    /// the keys of stages reading a WikiText file did not change when it was renamed.
     fn as_str(self) -> &'static str {
         match self {
-            RowMode::Lines => "lines",
+            RowMode::WikiText => "lines",
             RowMode::File => "file",
         }
     }
+
+    /// The default for a local path: the WikiText rule for WikiText's own files, else as-is.
+    pub fn default_for(path: &Path) -> RowMode {
+        match path.file_name().and_then(|n| n.to_str()) {
+            Some(name) if is_wikitext_file_name(name) => RowMode::WikiText,
+            _ => RowMode::File,
+        }
+    }
+}
+
+/// The file names of the WikiText releases (`wiki.train.raw`, `wiki.valid.raw`, `wiki.test.raw`
+/// and their `.tokens` twins, in WikiText-2 and WikiText-103 alike): `wiki.<anything>.raw` or
+/// `wiki.<anything>.tokens`.
+pub fn is_wikitext_file_name(name: &str) -> bool {
+    name.strip_prefix("wiki.")
+        .and_then(|rest| rest.strip_suffix(".raw").or_else(|| rest.strip_suffix(".tokens")))
+        .is_some_and(|middle| !middle.is_empty())
 }
 
 /// A text source.
@@ -100,7 +134,8 @@ impl Source {
     }
 
     /// A pipeline's `data = ...` value: a name (string), or a table
-    /// `{ path = "...", rows = "lines" | "file", join = "\n\n" }`,
+    /// `{ path = "...", rows = "file" | "wikitext", join = "\n\n" }` (`rows` defaults to
+    /// [`RowMode::default_for`] the path),
     /// `{ name = "wikitext-2-raw-v1:train", join = " " }` or
     /// `{ name = "synthetic:facts:test", seed = 1, sentences = 500 }`.
     pub fn from_value(value: &Value) -> Result<Self> {
@@ -143,11 +178,17 @@ impl Source {
             (Some(path), None) => {
                 only(&["path", "rows", "join"], "a local file")?;
                 let rows = match string("rows")?.as_deref() {
-                    None | Some("lines") => RowMode::Lines,
-                    Some("file") => RowMode::File,
-                    Some(other) => {
-                        return Err(invalid(format!("`rows` is \"lines\" or \"file\", not \"{other}\"")).into())
-                    }
+                    None => RowMode::default_for(Path::new(&path)),
+                    Some(name) => RowMode::parse(name).ok_or_else(|| {
+                        let hint = nearest(name, RowMode::NAMES)
+                            .map(|s| format!(" (did you mean \"{s}\"?)"))
+                            .unwrap_or_default();
+                        invalid(format!(
+                            "`rows` is \"file\" (each file as it is, the default) or \"wikitext\" (one row per \
+                             line by the WikiText dataset's rule, the default for wiki.*.raw files), not \
+                             \"{name}\"{hint}"
+                        ))
+                    })?,
                 };
                 Ok(Source::File {
                     path: PathBuf::from(path),
@@ -227,7 +268,7 @@ impl Source {
                 for f in file::list_files(path)? {
                     let content = file::read_text(&f)?;
                     match rows {
-                        RowMode::Lines => out.extend(hf_text_rows(&content)),
+                        RowMode::WikiText => out.extend(hf_text_rows(&content)),
                         RowMode::File => out.push(content),
                     }
                 }
@@ -262,6 +303,7 @@ impl Source {
         }
         let rows = self.rows_with(hub).with_context(|| format!("reading data `{}`", self.display_name()))?;
         let text = Arc::new(Text { text: join_rows(&rows, self.join()), rows: rows.len() });
+        tracing::debug!(data = %self.display_name(), rows = text.rows, bytes = text.bytes(), "data read");
         memo.lock().unwrap().insert(key, text.clone());
         Ok(text)
     }

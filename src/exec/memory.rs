@@ -23,3 +23,20 @@ fn status_mb(field: &str) -> Option<f64> {
     let kb: f64 = status.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }
+
+/// Keeps large freed buffers in the process heap instead of returning them to the kernel (glibc:
+/// `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD` raised to 1 GiB). Tensor work frees and reallocates
+/// buffers of the same sizes on every forward; by default every buffer over 32 MiB (e.g. the
+/// logits, 131 MB for 1024 positions × 32000) is a fresh `mmap` whose pages the kernel zeroes on
+/// first touch, and freed heap tops are trimmed and faulted in again — ~12 % of a CPU forward
+/// here was page faults (docs/benchmarks.md). Resident memory then stays at its high-water mark
+/// (up to 1 GiB of free heap kept), which is what peak measurements report anyway. Call once,
+/// before any allocation of note; no effect off glibc.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before threads allocate.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}

@@ -21,7 +21,7 @@ pub use crate::spec::schema::{
     ParamType, ReportContract, Role,
 };
 pub use identity::FileHasher;
-pub use progress::{Progress, StageProgress};
+pub use progress::{log_writer, LogWriter, Progress, StageProgress};
 pub use run::{run, run_only, OnlyOutcome, RunOptions, RunOutcome};
 pub use session::{session_path, Session};
 

@@ -1,7 +1,7 @@
 //! Progress for people: indicatif bars on a terminal, plain log lines otherwise, nothing with
 //! `--quiet`.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,33 @@ struct PlainState {
 
 const LINE_EVERY: Duration = Duration::from_secs(10);
 
+/// The bars being drawn now, if any: log lines are printed above them, not through them.
+static BARS: Mutex<Option<MultiProgress>> = Mutex::new(None);
+
+/// Where the `tracing` subscriber writes (`RUST_LOG=info`): stderr, with the progress bars
+/// cleared while a line is written and drawn again below it.
+pub fn log_writer() -> LogWriter {
+    LogWriter
+}
+
+/// See [`log_writer`]. The subscriber writes each event with one `write_all`.
+pub struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let bars = BARS.lock().ok().and_then(|b| b.clone());
+        match bars {
+            Some(m) => m.suspend(|| std::io::stderr().write_all(buf))?,
+            None => std::io::stderr().write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 impl Progress {
     pub fn new(total: usize, quiet: bool) -> Progress {
         let mode = if quiet {
@@ -58,6 +85,9 @@ impl Progress {
                     .progress_chars("=> "),
             );
             bar.set_prefix("pipeline");
+            if let Ok(mut bars) = BARS.lock() {
+                *bars = Some(multi.clone());
+            }
             (Some(multi), Some(bar))
         } else {
             (None, None)
@@ -113,6 +143,11 @@ impl Progress {
     pub(crate) fn finish(&self) {
         if let Some(b) = &self.overall {
             b.finish_and_clear();
+        }
+        if self.multi.is_some() {
+            if let Ok(mut bars) = BARS.lock() {
+                *bars = None;
+            }
         }
     }
 }

@@ -280,6 +280,7 @@ fn record(
     match result {
         Ok(Done::Cached(m)) => {
             progress.line(&format!("{label}: cached {}", plan.keys[i].short()));
+            tracing::info!(instance = %inst.name, kind = %inst.kind, key = %plan.keys[i].short(), "stage cached");
             s.status = StageStatus::Cached;
             s.cached = true;
             s.seconds = 0.0;
@@ -291,6 +292,10 @@ fn record(
         Ok(Done::Computed(m, secs)) => {
             let mem = peak_rss_mb.map(|mb| format!(", peak memory {:.2} GiB", mb / 1024.0)).unwrap_or_default();
             progress.line(&format!("{label}: done in {secs:.1}s{mem}"));
+            tracing::info!(
+                instance = %inst.name, kind = %inst.kind, key = %plan.keys[i].short(), seconds = secs,
+                peak_rss_mb = peak_rss_mb.unwrap_or(f64::NAN), "stage done"
+            );
             s.status = StageStatus::Done;
             s.seconds = secs;
             s.peak_rss_mb = peak_rss_mb;
@@ -311,6 +316,9 @@ fn record(
         Err(e) => {
             let msg = format!("{e:#}");
             progress.line(&format!("{label}: FAILED: {msg}"));
+            tracing::info!(
+                instance = %inst.name, kind = %inst.kind, key = %plan.keys[i].short(), error = %msg, "stage failed"
+            );
             s.status = StageStatus::Failed;
             s.error = Some(msg.clone());
             s.seconds = started.elapsed().as_secs_f64();
@@ -464,6 +472,11 @@ impl RunOne<'_> {
         let partial = cache.partial(&key);
         let resumed = partial.exists();
         progress.line(&format!("{label}: {}", if resumed { "resuming from partial state" } else { "running" }));
+        tracing::info!(
+            instance = %inst.name, kind = %inst.kind, key = %key.short(), device = %self.device, resumed,
+            inputs = inst.inputs.len(), "stage start"
+        );
+        tracing::debug!(instance = %inst.name, params = %Json::Object(inst.params.clone()), "stage parameters");
         let stage_progress = progress.stage(&inst.name);
         let started = Instant::now();
         let base_dir = p.base_dir();

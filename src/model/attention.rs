@@ -1,7 +1,7 @@
 //! Grouped-query self-attention with RoPE, an optional KV cache and (BitNet) `attn_sub_norm`
 //! before `o_proj`.
 
-use super::bitlinear::Projection;
+use super::bitlinear::{ProjOpts, Projection};
 use super::config::{ModelConfig, Quantization, WeightFormat};
 use super::holographic::Holo;
 use super::mode::Mode;
@@ -82,14 +82,14 @@ impl Attention {
         offset: usize,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
         mode: Mode,
-        cache_w: bool,
+        proj: ProjOpts,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let xq = self.q_proj.prepare_input(x, mode)?; // shared by q, k, v
-        let q = self.q_proj.apply(&xq, mode, cache_w)?;
-        let k = self.k_proj.apply(&xq, mode, cache_w)?;
-        let v = self.v_proj.apply(&xq, mode, cache_w)?;
+        let xq = self.q_proj.prepare_input(x, mode, proj)?; // shared by q, k, v
+        let q = self.q_proj.apply(&xq, mode, proj)?;
+        let k = self.k_proj.apply(&xq, mode, proj)?;
+        let v = self.v_proj.apply(&xq, mode, proj)?;
         let q = q.reshape((b, t, nh, d))?.transpose(1, 2)?;
         let k = k.reshape((b, t, nkv, d))?.transpose(1, 2)?;
         let v = v.reshape((b, t, nkv, d))?.transpose(1, 2)?.contiguous()?;
@@ -115,7 +115,7 @@ impl Attention {
             Some(n) => n.forward(&o, mode)?,
             None => o,
         };
-        self.o_proj.forward(&o, mode, cache_w)
+        self.o_proj.forward(&o, mode, proj)
     }
 
     /// Standard causal softmax attention `[b, nh, t, d]` of queries at `offset..offset+t`.

@@ -5,12 +5,18 @@
 //!   latent weight, fake-quantised on every forward (transformers' online `AutoBitLinear`).
 //! - [`ProjWeight::Packed`]: the unpacked ternary codes `T ∈ {-1,0,1}` `[out, in]` and the
 //!   per-tensor `weight_scale`; `y = (x̂ · Tᵀ) · weight_scale` (offline `AutoBitLinear`).
+//!
+//! Ternary inference of an f32 model on CPU runs the int8 × 2-bit kernel (`ternary_kernel.rs`): the activation is
+//! quantised to int8 once per shared input, the weight packed once (kept while the weights do
+//! not change), the sums exact in integers. Training, other devices and unquantised models use
+//! the f32 fake-quant path.
 
 use super::config::Quantization;
 use super::mode::Mode;
-use super::quant::{act_fake_quant, ste, weight_fake_quant};
+use super::quant::{act_fake_quant, ste, weight_fake_quant, weight_inv_scale};
+use super::ternary_kernel::{self as kernel, OutScale, PackedTernary, QuantRows};
 use super::vb::{Param, Role, Vb};
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use std::sync::{Arc, RwLock};
 
 /// The stored weight of a projection.
@@ -27,6 +33,30 @@ pub struct Projection {
     pub(crate) quant: Quantization,
     /// Inference-only cache of the effective (fake-quantised) weight; cleared on every write.
     cache: Arc<RwLock<Option<Tensor>>>,
+    /// Inference-only cache of the packed ternary weight for the CPU kernel; cleared likewise.
+    packed: Arc<RwLock<Option<Arc<PackedTernary>>>>,
+}
+
+/// How the inference forward may treat the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProjOpts {
+    /// Reuse the quantised / packed weight between calls (off while the weights are trained).
+    pub cache: bool,
+    /// Ternary projections on CPU use the int8 × 2-bit kernel.
+    pub kernel: bool,
+}
+
+impl ProjOpts {
+    /// Neither cache nor kernel: the f32 fake-quant path on freshly quantised weights.
+    pub const PLAIN: ProjOpts = ProjOpts { cache: false, kernel: false };
+}
+
+/// A projection input as [`Projection::prepare_input`] leaves it: the (fake-quantised) tensor,
+/// or int8 rows for the kernel.
+#[derive(Debug)]
+pub enum Prepared {
+    Float(Tensor),
+    Int8 { rows: QuantRows, dims: Vec<usize>, dtype: DType, device: Device },
 }
 
 impl Projection {
@@ -39,7 +69,7 @@ impl Projection {
         } else {
             ProjWeight::Dense(w)
         };
-        Ok(Self { weight, quant, cache: Arc::new(RwLock::new(None)) })
+        Ok(Self { weight, quant, cache: Arc::new(RwLock::new(None)), packed: Arc::new(RwLock::new(None)) })
     }
 
     /// The stored weight (latent matrix or ternary codes) and its checkpoint name.
@@ -58,6 +88,51 @@ impl Projection {
     /// Drop the cached quantised weight (call after the weight was changed).
     pub fn invalidate(&self) {
         *self.cache.write().expect("projection cache lock") = None;
+        *self.packed.write().expect("projection cache lock") = None;
+    }
+
+    /// The weight in the kernel's packed layout with its output scaling (cached if `cache`).
+    fn packed_weight(&self, cache: bool) -> anyhow::Result<Arc<PackedTernary>> {
+        if cache {
+            if let Some(w) = self.packed.read().expect("projection cache lock").as_ref() {
+                return Ok(w.clone());
+            }
+        }
+        let (codes, scale) = match &self.weight {
+            ProjWeight::Dense(p) => {
+                let w = p.var.as_tensor();
+                let s = weight_inv_scale(w)?.flatten_all()?.to_vec1::<f32>()?[0];
+                let (out, k) = w.dims2()?;
+                let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let packed = Arc::new(PackedTernary::from_latent(&values, out, k, s)?);
+                if cache {
+                    *self.packed.write().expect("projection cache lock") = Some(packed.clone());
+                }
+                return Ok(packed);
+            }
+            ProjWeight::Packed { codes, scale } => {
+                let ws = scale.var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?[0];
+                (codes.var.as_detached_tensor(), OutScale::MulBy(ws))
+            }
+        };
+        let (out, k) = codes.dims2()?;
+        let values = codes.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let w = Arc::new(PackedTernary::pack(&values, out, k, scale)?);
+        if cache {
+            *self.packed.write().expect("projection cache lock") = Some(w.clone());
+        }
+        Ok(w)
+    }
+
+    /// Whether the inference forward of `x` runs the int8 kernel: ternary, CPU, f32. A bf16
+    /// model keeps transformers' bf16 numerics (`bf16(q/s) · bf16(T/s_w)` does not factor into
+    /// an integer sum), so its parity with transformers in bf16 holds; load in f32 on CPU.
+    fn uses_kernel(&self, x: &Tensor, mode: Mode, opts: ProjOpts) -> bool {
+        opts.kernel
+            && mode == Mode::Infer
+            && self.quant == Quantization::Ternary
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
     }
 
     /// The weight the inference forward multiplies by (quantised if ternary; a packed
@@ -85,24 +160,43 @@ impl Projection {
     }
 
     /// The input as this projection multiplies it: activation fake-quant for ternary (under a
-    /// straight-through estimator in training), unchanged otherwise. Projections that read the
-    /// same tensor (q/k/v, gate/up) share one call.
-    pub fn prepare_input(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        match (self.quant, mode) {
-            (Quantization::None, _) => Ok(x.clone()),
-            (Quantization::Ternary, Mode::Infer) => act_fake_quant(x),
-            (Quantization::Ternary, Mode::Train) => ste(x, &act_fake_quant(x)?),
+    /// straight-through estimator in training), int8 rows for the CPU kernel, unchanged
+    /// otherwise. Projections that read the same tensor (q/k/v, gate/up) share one call.
+    pub fn prepare_input(&self, x: &Tensor, mode: Mode, opts: ProjOpts) -> Result<Prepared> {
+        if self.uses_kernel(x, mode, opts) {
+            let dims = x.dims().to_vec();
+            let k = *dims.last().unwrap_or(&1);
+            let flat = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let rows = QuantRows::new(&flat, flat.len() / k.max(1), k);
+            return Ok(Prepared::Int8 { rows, dims, dtype: x.dtype(), device: x.device().clone() });
+        }
+        Ok(Prepared::Float(match (self.quant, mode) {
+            (Quantization::None, _) => x.clone(),
+            (Quantization::Ternary, Mode::Infer) => act_fake_quant(x)?,
+            (Quantization::Ternary, Mode::Train) => ste(x, &act_fake_quant(x)?)?,
+        }))
+    }
+
+    /// `x [.., in] → [.., out]`.
+    pub fn forward(&self, x: &Tensor, mode: Mode, opts: ProjOpts) -> Result<Tensor> {
+        self.apply(&self.prepare_input(x, mode, opts)?, mode, opts)
+    }
+
+    /// Multiply an input prepared by [`Projection::prepare_input`].
+    pub fn apply(&self, x: &Prepared, mode: Mode, opts: ProjOpts) -> Result<Tensor> {
+        match x {
+            Prepared::Float(x) => self.apply_float(x, mode, opts.cache),
+            Prepared::Int8 { rows, dims, dtype, device } => {
+                let w = self.packed_weight(opts.cache).map_err(candle_core::Error::wrap)?;
+                let y = kernel::matmul(rows, &w);
+                let mut shape = dims.clone();
+                *shape.last_mut().expect("non-scalar input") = w.out;
+                Tensor::from_vec(y, shape, device)?.to_dtype(*dtype)
+            }
         }
     }
 
-    /// `x [.., in] → [.., out]`. `cache` allows reusing the quantised weight between calls
-    /// (inference only; the model turns it off while its parameters are being trained).
-    pub fn forward(&self, x: &Tensor, mode: Mode, cache: bool) -> Result<Tensor> {
-        self.apply(&self.prepare_input(x, mode)?, mode, cache)
-    }
-
-    /// Multiply an input already passed through [`Projection::prepare_input`].
-    pub fn apply(&self, x: &Tensor, mode: Mode, cache: bool) -> Result<Tensor> {
+    fn apply_float(&self, x: &Tensor, mode: Mode, cache: bool) -> Result<Tensor> {
         let ternary = self.quant == Quantization::Ternary;
         let w = match mode {
             Mode::Infer => self.infer_weight(cache)?,

@@ -1,7 +1,7 @@
 //! One pre-norm decoder layer with its residual hook points.
 
 use super::attention::Attention;
-use super::bitlinear::{ProjWeight, Projection};
+use super::bitlinear::{ProjOpts, ProjWeight, Projection};
 use super::config::{ModelConfig, Quantization};
 use super::hooks::{apply, HookPoint, Hooks};
 use super::mlp::Mlp;
@@ -25,7 +25,7 @@ pub(crate) struct BlockCtx<'r> {
     pub rope: &'r Rope,
     pub offset: usize,
     pub mode: Mode,
-    pub cache_w: bool,
+    pub proj: ProjOpts,
 }
 
 impl Block {
@@ -81,11 +81,11 @@ impl Block {
     ) -> Result<Tensor> {
         let h = apply(hooks, HookPoint::ResidPre(layer), h)?;
         let a = self.input_layernorm.forward(&h, ctx.mode)?;
-        let a = self.self_attn.forward(&a, ctx.rope, ctx.offset, kv, ctx.mode, ctx.cache_w)?;
+        let a = self.self_attn.forward(&a, ctx.rope, ctx.offset, kv, ctx.mode, ctx.proj)?;
         let h = (h + a)?;
         let h = apply(hooks, HookPoint::ResidMid(layer), h)?;
         let m = self.post_attention_layernorm.forward(&h, ctx.mode)?;
-        let m = self.mlp.forward(&m, ctx.mode, ctx.cache_w)?;
+        let m = self.mlp.forward(&m, ctx.mode, ctx.proj)?;
         let h = (h + m)?;
         apply(hooks, HookPoint::ResidPost(layer), h)
     }

@@ -4,7 +4,7 @@
 //! `lm_head`) and hands each layer its prefix. Loading, random initialisation and the expected
 //! checkpoint layout (io.rs) all come from it.
 
-use super::bitlinear::{ProjWeight, Projection};
+use super::bitlinear::{ProjOpts, ProjWeight, Projection};
 use super::block::{Block, BlockCtx};
 use super::config::{ModelConfig, Quantization, WeightFormat};
 use super::embedding::Embedding;
@@ -42,6 +42,8 @@ pub struct Model {
     pub(crate) rope: Rope,
     /// Whether inference may cache quantised weights (off once parameters were handed out).
     pub(crate) weight_cache: Arc<AtomicBool>,
+    /// Whether ternary inference on CPU runs the int8 × 2-bit kernel (default; see bitlinear.rs).
+    pub(crate) ternary_kernel: Arc<AtomicBool>,
     /// Directory the model was loaded from (tokenizer files are copied from there on save).
     pub(crate) source_dir: Option<PathBuf>,
 }
@@ -78,6 +80,7 @@ impl Model {
             norm,
             rope,
             weight_cache: Arc::new(AtomicBool::new(true)),
+            ternary_kernel: Arc::new(AtomicBool::new(true)),
             source_dir: None,
         })
     }
@@ -171,7 +174,10 @@ impl Model {
             rope: &self.rope,
             offset,
             mode,
-            cache_w: mode == Mode::Infer && self.weight_cache.load(Ordering::Relaxed),
+            proj: ProjOpts {
+                cache: mode == Mode::Infer && self.weight_cache.load(Ordering::Relaxed),
+                kernel: self.ternary_kernel.load(Ordering::Relaxed),
+            },
         };
         for (l, block) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| c.slot(l));
@@ -189,7 +195,12 @@ impl Model {
         let mut dims = h.dims().to_vec();
         let hidden = dims.pop().unwrap_or(0);
         let rows: usize = dims.iter().product();
-        let logits = h.reshape((rows, hidden))?.matmul(&head.t()?)?;
+        let h = h.reshape((rows, hidden))?;
+        let logits = if mode == Mode::Infer && super::head_kernel::applies(&h, rows) {
+            super::head_kernel::logits(&h, &head)?
+        } else {
+            h.matmul(&head.t()?)?
+        };
         dims.push(self.cfg.vocab_size);
         logits.reshape(dims)?.to_dtype(DType::F32)
     }
@@ -304,6 +315,13 @@ impl Model {
     pub fn set_weight_cache(&self, enabled: bool) {
         self.invalidate_all();
         self.weight_cache.store(enabled, Ordering::Relaxed);
+    }
+
+    /// Turn the CPU int8 × 2-bit kernel for ternary inference on (the default) or off (the f32
+    /// fake-quant path, as on other devices). The two agree to float rounding: the kernel's
+    /// integer sums are exact and it rounds once, when scaling.
+    pub fn set_ternary_kernel(&self, enabled: bool) {
+        self.ternary_kernel.store(enabled, Ordering::Relaxed);
     }
 
     /// Re-enable the inference weight cache after parameters were changed behind the model's back.

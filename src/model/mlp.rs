@@ -1,7 +1,7 @@
 //! The gated MLP: `down(sub_norm(act(gate(x)) ⊙ up(x)))`; relu² + `ffn_sub_norm` for BitNet,
 //! SiLU without sub-norm for Llama.
 
-use super::bitlinear::Projection;
+use super::bitlinear::{ProjOpts, Projection};
 use super::config::{Activation, ModelConfig, Quantization, WeightFormat};
 use super::mode::Mode;
 use super::norm::RmsNorm;
@@ -32,10 +32,10 @@ impl Mlp {
         Ok(Self { gate_proj, up_proj, down_proj, sub_norm, activation: cfg.activation })
     }
 
-    pub fn forward(&self, x: &Tensor, mode: Mode, cache_w: bool) -> Result<Tensor> {
-        let xq = self.gate_proj.prepare_input(x, mode)?; // shared by gate and up
-        let g = self.gate_proj.apply(&xq, mode, cache_w)?;
-        let u = self.up_proj.apply(&xq, mode, cache_w)?;
+    pub fn forward(&self, x: &Tensor, mode: Mode, proj: ProjOpts) -> Result<Tensor> {
+        let xq = self.gate_proj.prepare_input(x, mode, proj)?; // shared by gate and up
+        let g = self.gate_proj.apply(&xq, mode, proj)?;
+        let u = self.up_proj.apply(&xq, mode, proj)?;
         let g = match self.activation {
             Activation::Relu2 => g.relu()?.sqr()?,
             // torch evaluates SiLU of bf16 in f32 and rounds once.
@@ -46,6 +46,6 @@ impl Mlp {
             Some(n) => n.forward(&h, mode)?,
             None => h,
         };
-        self.down_proj.forward(&h, mode, cache_w)
+        self.down_proj.forward(&h, mode, proj)
     }
 }

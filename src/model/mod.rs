@@ -15,6 +15,7 @@ pub mod causal_lm;
 pub mod config;
 mod embedding;
 pub mod generate;
+mod head_kernel;
 pub mod holographic;
 pub mod hooks;
 pub mod hub;
@@ -27,6 +28,7 @@ pub mod norm;
 pub mod pack;
 pub mod quant;
 pub mod rope;
+pub mod ternary_kernel;
 pub mod tokenizer;
 mod vb;
 

@@ -73,15 +73,36 @@ pub fn act_fake_quant_composed(x: &Tensor) -> Result<Tensor> {
 /// Fused CPU activation fake-quant, row by row over the last dimension.
 pub struct ActQuantCpu;
 
+/// The activation quantiser's scale of one row: `s = (1 / max(max|x|, 1e-5)) · 127` (torch's two
+/// roundings). Shared with the int8 kernel (`ternary_kernel.rs`), so both quantise identically.
+#[inline]
+pub(crate) fn act_scale(row: &[f32]) -> f32 {
+    act_scale_iter(row.iter().copied())
+}
+
+fn act_scale_iter(src: impl Iterator<Item = f32>) -> f32 {
+    let g = src.fold(0f32, |m, v| m.max(v.abs())).max(EPS as f32);
+    (1.0 / g) * 127.0
+}
+
+/// Round half to even of one f32 with |x| ≤ 2²² (the identity of [`round_half_even`]).
+#[inline]
+pub(crate) fn rne(x: f32) -> f32 {
+    (x + RNE_MAGIC as f32) - RNE_MAGIC as f32
+}
+
+/// The integer code `clamp(round_half_even(v·s), −128, 127)` (as f32).
+#[inline]
+pub(crate) fn act_code(v: f32, s: f32) -> f32 {
+    // Same identity as `round_half_even` (vectorises; `round_ties_even` is a libm call without
+    // SSE4.1).
+    rne((v * s).clamp(-129.0, 128.0)).clamp(-128.0, 127.0)
+}
+
 fn act_quant_row(src: impl Iterator<Item = f32> + Clone, mut put: impl FnMut(usize, f32)) {
-    let g = src.clone().fold(0f32, |m, v| m.max(v.abs())).max(EPS as f32);
-    let s = (1.0 / g) * 127.0;
+    let s = act_scale_iter(src.clone());
     for (i, v) in src.enumerate() {
-        // Same identity as `round_half_even` (vectorises; `round_ties_even` is a libm call
-        // without SSE4.1).
-        let q = (v * s).clamp(-129.0, 128.0);
-        let r = (q + RNE_MAGIC as f32) - RNE_MAGIC as f32;
-        put(i, r.clamp(-128.0, 127.0) / s);
+        put(i, act_code(v, s) / s);
     }
 }
 

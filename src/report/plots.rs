@@ -1,8 +1,7 @@
 //! Plots (plotters): perplexity vs sparsity, per-layer correction/branching ratios, perturbation
 //! growth δ per layer, fine-tune loss curves, forward speed vs sequence length (log-log). Each is
-//! written as SVG and PNG. Text needs a TrueType font found at run time (`RPT_FONT`, else common
-//! system paths): without one the SVG is drawn without text and the PNG is skipped, and the
-//! report says why.
+//! written as SVG and PNG. Text is set in a font built into the binary (or the one `RPT_FONT`
+//! names), never one looked up on the machine: the same plot gives the same PNG everywhere.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -60,7 +59,7 @@ pub struct Written {
     pub title: String,
     pub svg: PathBuf,
     pub png: Option<PathBuf>,
-    /// Why the PNG (or the text) is missing.
+    /// Something the reader should know about the files (an unusable `RPT_FONT`).
     pub note: Option<String>,
 }
 
@@ -81,41 +80,49 @@ const COLORS: [RGBColor; 10] = [
 const REFERENCE: [RGBColor; 4] =
     [RGBColor(110, 110, 110), RGBColor(165, 165, 165), RGBColor(60, 60, 60), RGBColor(195, 195, 195)];
 
-/// Registers a TrueType font for plot text once; Err says why there is none.
-pub fn font() -> Result<&'static str, &'static str> {
-    static FONT: OnceLock<Result<String, String>> = OnceLock::new();
-    let r = FONT.get_or_init(|| {
-        let mut candidates: Vec<PathBuf> = Vec::new();
-        if let Some(p) = std::env::var_os("RPT_FONT") {
-            candidates.push(p.into());
-        }
-        for p in [
-            "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-            "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-            "/usr/share/fonts/TTF/DejaVuSans.ttf",
-            "/usr/share/fonts/dejavu-sans-fonts/DejaVuSans.ttf",
-            "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-            "/usr/share/fonts/liberation-sans/LiberationSans-Regular.ttf",
-            "/System/Library/Fonts/Supplemental/Arial.ttf",
-            "/Library/Fonts/Arial.ttf",
-            "C:\\Windows\\Fonts\\arial.ttf",
-        ] {
-            candidates.push(p.into());
-        }
-        for p in &candidates {
-            if let Ok(bytes) = std::fs::read(p) {
-                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
-                    return Ok(p.display().to_string());
+/// The font of plot text, registered once per process (see [`font`]).
+#[derive(Clone, Debug)]
+pub struct Font {
+    /// What is used: `built-in Hack Regular` or the path in `RPT_FONT`.
+    pub name: String,
+    /// Why `RPT_FONT` was not used, when it was set and could not be.
+    pub warning: Option<String>,
+}
+
+/// The built-in face: Hack Regular (MIT and Bitstream Vera licences), as the
+/// `epaint_default_fonts` crate ships it.
+pub const BUILT_IN: &str = "built-in Hack Regular";
+
+/// Registers the font of plot text once: the TrueType/OpenType file named by `RPT_FONT` when it
+/// is set and loads, else the font built into the binary. Never the fonts installed on the
+/// machine, so a PNG comes out the same everywhere.
+pub fn font() -> &'static Font {
+    static FONT: OnceLock<Font> = OnceLock::new();
+    FONT.get_or_init(|| {
+        let mut warning = None;
+        if let Some(path) = std::env::var_os("RPT_FONT").filter(|p| !p.is_empty()) {
+            let path = PathBuf::from(path);
+            match std::fs::read(&path) {
+                Ok(bytes) => {
+                    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                    match plotters::style::register_font("sans-serif", FontStyle::Normal, bytes) {
+                        Ok(()) => return Font { name: path.display().to_string(), warning: None },
+                        Err(_) => {
+                            warning = Some(format!("RPT_FONT={} is not a TrueType or OpenType font", path.display()))
+                        }
+                    }
                 }
+                Err(e) => warning = Some(format!("RPT_FONT={} cannot be read ({e})", path.display())),
             }
         }
-        Err("no TrueType font found (set RPT_FONT=/path/to/font.ttf, e.g. DejaVuSans.ttf)".to_string())
-    });
-    match r {
-        Ok(p) => Ok(p.as_str()),
-        Err(e) => Err(e.as_str()),
-    }
+        let registered =
+            plotters::style::register_font("sans-serif", FontStyle::Normal, epaint_default_fonts::HACK_REGULAR);
+        assert!(registered.is_ok(), "the built-in font parses");
+        if let Some(w) = &warning {
+            tracing::warn!("{w}; plots use the {BUILT_IN} font");
+        }
+        Font { name: BUILT_IN.to_string(), warning: warning.map(|w| format!("{w}; the {BUILT_IN} font was used")) }
+    })
 }
 
 fn bounds(points: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
@@ -263,9 +270,11 @@ fn draw_any<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, plot: &Plot, text
     }
 }
 
-/// The SVG document of a plot (`text: false`, or no font, draws lines and markers only).
+/// The SVG document of a plot (`text: false` draws lines and markers only).
 pub fn svg(plot: &Plot, text: bool) -> Result<String, String> {
-    let text = text && font().is_ok();
+    if text {
+        font();
+    }
     let mut out = String::new();
     {
         let root = SVGBackend::with_string(&mut out, (WIDTH, HEIGHT)).into_drawing_area();
@@ -274,9 +283,9 @@ pub fn svg(plot: &Plot, text: bool) -> Result<String, String> {
     Ok(out)
 }
 
-/// PNG bytes of a plot (needs the font).
+/// PNG bytes of a plot.
 pub fn png(plot: &Plot) -> Result<Vec<u8>, String> {
-    font()?;
+    font();
     let mut rgb = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut rgb, (WIDTH, HEIGHT)).into_drawing_area();
@@ -297,20 +306,15 @@ pub fn png(plot: &Plot) -> Result<Vec<u8>, String> {
 pub fn write(plot: &Plot, dir: &Path, stem: &str) -> anyhow::Result<Written> {
     let svg_path = dir.join(format!("{stem}.{}.svg", plot.name));
     let png_path = dir.join(format!("{stem}.{}.png", plot.name));
-    let mut written =
-        Written { plot: plot.name.clone(), title: plot.title.clone(), svg: svg_path.clone(), png: None, note: None };
-    match font() {
-        Ok(_) => {
-            std::fs::write(&svg_path, svg(plot, true).map_err(anyhow::Error::msg)?)?;
-            std::fs::write(&png_path, png(plot).map_err(anyhow::Error::msg)?)?;
-            written.png = Some(png_path);
-        }
-        Err(why) => {
-            std::fs::write(&svg_path, svg(plot, false).map_err(anyhow::Error::msg)?)?;
-            written.note = Some(format!("PNG not written and SVG without text: {why}"));
-        }
-    }
-    Ok(written)
+    std::fs::write(&svg_path, svg(plot, true).map_err(anyhow::Error::msg)?)?;
+    std::fs::write(&png_path, png(plot).map_err(anyhow::Error::msg)?)?;
+    Ok(Written {
+        plot: plot.name.clone(),
+        title: plot.title.clone(),
+        svg: svg_path,
+        png: Some(png_path),
+        note: font().warning.clone(),
+    })
 }
 
 fn spread_is_wide(points: &[(f64, f64)]) -> bool {

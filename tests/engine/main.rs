@@ -4,8 +4,10 @@
 mod support;
 
 mod cache_cmds;
+mod cli_json;
 mod concurrency;
 mod devices;
+mod export;
 mod faults;
 mod integrity;
 mod keys;

@@ -3,6 +3,7 @@
 
 mod common;
 mod generate;
+mod gguf;
 mod holographic;
 mod io;
 mod parity;

@@ -9,6 +9,7 @@ mod support;
 
 mod end_to_end;
 mod equilibrium;
+mod font;
 mod golden;
 mod holographic;
 mod plots;

@@ -9,6 +9,7 @@ mod equilibrium;
 mod finetune;
 mod hub;
 mod keys_golden;
+mod logs;
 mod mock_hub;
 mod notebook_parity;
 mod perturb;

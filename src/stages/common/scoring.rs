@@ -74,6 +74,10 @@ pub fn select_windows(
                 prep.insert("min_row_chars".into(), json!(min_chars));
             }
             let windows = data::windows(protocol, &stream.ids, &opts)?;
+            tracing::info!(
+                data = %source.display_name(), tokens = stream.ids.len(), bytes = stream.bytes, windows = windows.len(),
+                seq_len, protocol = ?protocol, encode = %encoding.name(), "data ready"
+            );
             return Ok(EvalWindows { source, stream, windows, protocol, opts, prep });
         }
         TextSelection::Rows { longer_than, chars, count } => {
@@ -89,6 +93,10 @@ pub fn select_windows(
     let windows = data::text_windows(&encoded, &opts)?;
     let ids: Vec<u32> = windows.iter().flat_map(|w| w.input_ids.iter().copied()).collect();
     let stream = TokenStream { ids: ids.into(), bytes: texts.iter().map(String::len).sum() };
+    tracing::info!(
+        data = %source.display_name(), texts = texts.len(), tokens = stream.ids.len(), windows = windows.len(), seq_len,
+        "data ready (one window per text)"
+    );
     Ok(EvalWindows { source, stream, windows, protocol, opts, prep })
 }
 

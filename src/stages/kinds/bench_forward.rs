@@ -133,6 +133,10 @@ impl Stage for BenchForward {
                 bail!("a forward of {n} tokens took no measurable time");
             }
             ctx.progress.set_detail(&format!("{n} tokens: {:.0} tokens/s", (p.batch * n) as f64 / median));
+            tracing::info!(
+                instance = %ctx.instance, length = n, tok_per_s = (p.batch * n) as f64 / median, seconds = median,
+                forward_memory_mb = ?forward_mb, "bench-forward"
+            );
             rows.push(json!({
                 "length": n,
                 "tokens_per_second": (p.batch * n) as f64 / median,

@@ -111,16 +111,41 @@ impl Stage for EvalPpl {
         let started = Instant::now();
         let mut per_window = Vec::with_capacity(windows.len());
         let mut fed = 0usize;
+        let (mut last_log, mut nll_sum, mut scored) = (Instant::now(), 0.0f64, 0u64);
         for (b, batch) in windows.chunks(p.batch).enumerate() {
             ctx.check_cancelled()?;
+            let done_before = per_window.len();
             per_window.extend(scoring::window_nlls(&open.model, batch)?);
+            for (nll, n) in &per_window[done_before..] {
+                (nll_sum, scored) = (nll_sum + nll, scored + n);
+            }
             fed += batch.iter().map(|w| w.input_ids.len()).sum::<usize>();
             ctx.progress.set_detail(&format!("{:.0} tok/s", fed as f64 / started.elapsed().as_secs_f64()));
             ctx.progress.set_position(((b + 1) * p.batch).min(windows.len()) as u64);
+            let (done, running_nll) = (per_window.len(), nll_sum / scored.max(1) as f64);
+            tracing::debug!(
+                instance = %ctx.instance, windows = done, of = windows.len(), running_nll, "eval-ppl batch"
+            );
+            if last_log.elapsed().as_secs() >= 10 {
+                last_log = Instant::now();
+                let tok_per_s = fed as f64 / started.elapsed().as_secs_f64();
+                tracing::info!(
+                    instance = %ctx.instance,
+                    windows = done,
+                    of = windows.len(),
+                    running_nll,
+                    tok_per_s,
+                    "eval-ppl progress"
+                );
+            }
         }
         let seconds = started.elapsed().as_secs_f64();
         let mut metrics = eval.ppl_metrics(&open, &per_window)?;
         metrics["tokens_per_second"] = json!(fed as f64 / seconds.max(1e-9));
+        tracing::info!(
+            instance = %ctx.instance, ppl = %metrics["ppl"], nll = %metrics["nll"], tokens = %metrics["tokens"],
+            windows = windows.len(), seconds, "eval-ppl done"
+        );
         Ok(metrics)
     }
 }

@@ -192,6 +192,10 @@ impl Stage for EvalTasks {
             metrics["subjects"] = by_group(&scored, |i| subjects[i].clone());
             metrics["categories"] = by_group(&scored, |i| mmlu_category(&subjects[i]).to_string());
         }
+        tracing::info!(
+            instance = %ctx.instance, task = %task.name, items = summary.items, acc = summary.acc.acc,
+            acc_norm = summary.acc_norm.acc, "eval-tasks done"
+        );
         Ok(metrics)
     }
 }

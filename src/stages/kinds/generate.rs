@@ -97,6 +97,13 @@ impl Stage for Generate {
         let opts = GenerateOptions { max_new_tokens: p.max_new_tokens, sampling, stop_tokens: tok.stop_ids() };
         let bos = if p.bos == "add" { Bos::Add } else { Bos::None };
         ctx.progress.set_length(prompts.len() as u64);
+        tracing::info!(
+            instance = %ctx.instance,
+            prompts = prompts.len(),
+            max_new_tokens = p.max_new_tokens,
+            temperature = p.temperature,
+            "generating"
+        );
         let labelled = generate_labelled(
             &open,
             &prompts,
@@ -107,9 +114,14 @@ impl Stage for Generate {
             |i| {
                 ctx.check_cancelled()?;
                 ctx.progress.set_position(i as u64);
+                tracing::debug!(instance = %ctx.instance, prompt = i, of = prompts.len(), "generating: prompt");
                 Ok(())
             },
         )?;
+        tracing::info!(
+            instance = %ctx.instance, counts = %labelled["counts"], accuracy = %labelled["accuracy"],
+            label = %labelled["label"].as_str().unwrap_or_default(), "generated"
+        );
         std::fs::write(ctx.out_dir.join("generations.json"), serde_json::to_string_pretty(&labelled["outputs"])?)?;
         Ok(labelled)
     }

@@ -298,6 +298,16 @@ impl Stage for HookResiduals {
                 m.insert(k.into(), labelled[k].clone());
             }
         }
+        let intervention = metrics.get("intervention").map_or(
+            Json::Null,
+            |i| json!({ "mode": i["mode"], "value": i["value"], "zeroed_fraction": i["zeroed_fraction"] }),
+        );
+        tracing::info!(
+            instance = %ctx.instance, ppl = %metrics["ppl"], layers = n_layers, windows = eval.windows.len(),
+            intervention = %intervention,
+            label = %metrics.get("label").and_then(Json::as_str).unwrap_or_default(), "hook-residuals done"
+        );
+        tracing::debug!(instance = %ctx.instance, layers = %metrics["layers"], "hook-residuals per layer");
         Ok(metrics)
     }
 }

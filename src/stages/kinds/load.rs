@@ -207,6 +207,10 @@ impl Stage for Load {
         };
         let opts = LoadOptions { dtype, device: device.clone(), quantization };
         let source = parse_source(&p.model).map_err(anyhow::Error::msg)?;
+        tracing::info!(
+            instance = %ctx.instance, model = %p.model, dtype = %p.dtype, quantization = %p.quantization,
+            "loading model"
+        );
         let out = ctx.out_dir;
         let (model, origin) = match source {
             ModelSource::Hub(spec) => {
@@ -247,7 +251,14 @@ impl Stage for Load {
                 (model, json!({ "random": config, "seed": seed }))
             }
         };
-        describe(&model, origin)
+        let m = describe(&model, origin)?;
+        tracing::info!(
+            instance = %ctx.instance, arch = %m["arch"].as_str().unwrap_or_default(), parameters = %m["parameters"],
+            layers = %m["layers"],
+            dtype = %m["dtype"].as_str().unwrap_or_default(),
+            quantization = %m["quantization"].as_str().unwrap_or_default(), "model loaded"
+        );
+        Ok(m)
     }
 }
 

@@ -203,6 +203,12 @@ impl Stage for Perturb {
         let ratios: Vec<f64> =
             tap.stats.as_ref().expect("statistics").iter().map(|a| a.finish().branching_ratio).collect();
         let b = branching_summary(&ratios);
+        tracing::info!(
+            instance = %ctx.instance, windows = eval.windows.len(), lyapunov = ?g.lyapunov,
+            amplification = ?g.amplification,
+            peak_layer = ?g.peak_layer, mean_branching = ?b.mean, "perturb done"
+        );
+        tracing::debug!(instance = %ctx.instance, delta = ?g.delta, branching = ?ratios, "perturb per layer");
         Ok(json!({
             "delta": g.delta,
             "delta_token_mean": mean(&token_sum, &token_n),

@@ -159,6 +159,10 @@ impl Stage for Prune {
             Ok(Target { values: w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, keep, rows, cols })
         };
         let already: u64 = names.iter().filter_map(|n| masks.get(n)).map(Mask::pruned).sum();
+        tracing::info!(
+            instance = %ctx.instance, target = p.sparsity, rule = %p.rule, scope = %p.scope, tensors = names.len(),
+            already_pruned = already, "pruning"
+        );
 
         // What decides each weight: one global cut, the notebook's threshold, or per tensor/row.
         let mut notebook = None;
@@ -247,6 +251,14 @@ impl Stage for Prune {
         if let Some((threshold, considered)) = notebook {
             metrics["notebook"] = json!({ "threshold": threshold, "nonzeros_considered": considered });
         }
+        tracing::info!(
+            instance = %ctx.instance,
+            target = p.sparsity,
+            achieved = zeros as f64 / total as f64,
+            pruned_now = zeros.saturating_sub(already),
+            weights = total,
+            "pruned"
+        );
         metrics["per_tensor"] = Json::Object(per_tensor);
 
         ctx.check_cancelled()?;

@@ -127,6 +127,14 @@ impl Stage for SwapAttention {
             boundary_dim: p.boundary_dim.unwrap_or(cfg.head_dim),
         };
         open.model.swap_attention(hc.clone())?;
+        tracing::info!(
+            instance = %ctx.instance,
+            layers = hc.layers.len(),
+            window = hc.window,
+            regions = hc.regions,
+            boundary_dim = hc.boundary_dim,
+            "attention swapped"
+        );
         // Per layer: B [kv_heads, head_dim, r], γ and b [heads].
         let new_parameters = layers.len() * (cfg.num_kv_heads * cfg.head_dim * hc.boundary_dim + 2 * cfg.num_heads);
         ctx.check_cancelled()?;

@@ -297,6 +297,11 @@ impl Stage for TrainEp {
             check_seconds += out.check_seconds;
             ctx.progress.set_position(step + 1);
             ctx.progress.set_detail(&format!("loss {:.3}", out.loss));
+            if step == 0 || (step + 1).is_multiple_of((p.steps / 20).max(1)) {
+                tracing::info!(instance = %ctx.instance, step = step + 1, of = p.steps, loss = out.loss, "train-ep");
+            } else {
+                tracing::debug!(instance = %ctx.instance, step = step + 1, of = p.steps, loss = out.loss, "train-ep");
+            }
         }
         let seconds = started.elapsed().as_secs_f64() - check_seconds;
 
@@ -310,6 +315,10 @@ impl Stage for TrainEp {
             loss[loss.len() - tail..].iter().map(|l| l[1].as_f64().unwrap_or(f64::NAN)).sum::<f64>() / tail as f64;
         let cos: Vec<f64> = cosines.iter().filter_map(|c| c["cosine"].as_f64()).collect();
         let cosine_mean = (!cos.is_empty()).then(|| cos.iter().sum::<f64>() / cos.len() as f64);
+        tracing::info!(
+            instance = %ctx.instance, method = %p.method, final_loss, eval_loss, cosine_mean = ?cosine_mean, seconds,
+            "train-ep done"
+        );
         Ok(json!({
             "method": p.method,
             "output": p.output,

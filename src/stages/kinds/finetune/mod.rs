@@ -294,6 +294,13 @@ impl Stage for Finetune {
 
         ctx.progress.set_length(p.steps);
         ctx.progress.set_position(progress.step);
+        // About twenty info lines per fine-tune, at steps fixed by `steps` alone; every step at debug.
+        let log_every = (p.steps / 20).max(1);
+        tracing::info!(
+            instance = %ctx.instance, data = %source.display_name(), tokens = stream.ids.len(), steps = p.steps,
+            from_step = progress.step, batch = p.batch, seq_len = p.seq_len, lr = p.lr, schedule = %p.schedule,
+            trainable_tensors = params.len(), log_every, "finetune start"
+        );
         let started = Instant::now();
         let mut last_save = Instant::now();
         let start_step = progress.step;
@@ -375,6 +382,27 @@ impl Stage for Finetune {
             }
             let rate = ((progress.step - start_step) as usize * p.batch * len) as f64 / started.elapsed().as_secs_f64();
             ctx.progress.set_detail(&format!("loss {loss_sum:.4} · {rate:.0} tok/s"));
+            if progress.step == 1 || progress.step.is_multiple_of(log_every) || progress.step == p.steps {
+                tracing::info!(
+                    instance = %ctx.instance,
+                    step = progress.step,
+                    of = p.steps,
+                    loss = loss_sum,
+                    lr,
+                    tok_per_s = rate,
+                    "finetune"
+                );
+            } else {
+                tracing::debug!(
+                    instance = %ctx.instance,
+                    step = progress.step,
+                    of = p.steps,
+                    loss = loss_sum,
+                    lr,
+                    tok_per_s = rate,
+                    "finetune"
+                );
+            }
             ctx.progress.set_position(progress.step);
             let due = progress.step.is_multiple_of(p.checkpoint_every)
                 || last_save.elapsed().as_secs_f64() >= p.checkpoint_minutes * 60.0;
@@ -384,6 +412,13 @@ impl Stage for Finetune {
             }
         }
         let seconds = started.elapsed().as_secs_f64();
+        tracing::info!(
+            instance = %ctx.instance,
+            steps = progress.step,
+            final_loss = progress.loss.last().map_or(f64::NAN, |l| l.1),
+            seconds,
+            "finetune done"
+        );
 
         verify_masks(&params, &masks)?;
         let regrowth = regrowth(&params, &input_masks)?;
@@ -538,6 +573,7 @@ fn save_checkpoint(ctx: &StageContext, progress: &Progress, params: &[(String, V
     let weights: BTreeMap<String, Tensor> = params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
     let state = serde_json::to_string(&json!({ "progress": progress, "adam_t": opt.t }))?;
     let moments = opt.state();
+    tracing::debug!(instance = %ctx.instance, step = progress.step, "finetune checkpoint");
     ctx.partial.save(progress.step, |dir| {
         save_tensors(&dir.join("params.safetensors"), &weights)?;
         save_tensors(&dir.join("adamw.safetensors"), &moments)?;

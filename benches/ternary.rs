@@ -1,0 +1,71 @@
+//! `cargo bench --bench ternary`: the BitLinear kernel alone (int8 activations × packed ternary
+//! weights) against candle's f32 matmul of the fake-quantised operands, per projection shape of
+//! the mid-size bench model (1024 tokens) and of the 2B model (512 tokens), median of
+//! `BENCH_REPS` (default 5). Threads: `CANDLE_NUM_THREADS` / `RAYON_NUM_THREADS`.
+
+use candle_core::{Device, Tensor};
+use rpt_flow::model::quant::act_fake_quant;
+use rpt_flow::model::ternary_kernel::{self as kernel, OutScale, PackedTernary, QuantRows};
+use std::time::Instant;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time<F: FnMut()>(reps: usize, mut f: F) -> f64 {
+    f();
+    median(
+        (0..reps)
+            .map(|_| {
+                let s = Instant::now();
+                f();
+                s.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+fn main() -> anyhow::Result<()> {
+    rpt_flow::exec::memory::keep_freed_memory(); // as the shipped binary does
+    let reps = std::env::var("BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let shapes: &[(&str, usize, usize, usize)] = &[
+        ("mid q/o", 1024, 512, 512),
+        ("mid gate/up", 1024, 1376, 512),
+        ("mid down", 1024, 512, 1376),
+        ("2B q/o", 512, 2560, 2560),
+        ("2B gate/up", 512, 6912, 2560),
+        ("2B down", 512, 2560, 6912),
+        ("2B gate/up, 1 token", 1, 6912, 2560),
+    ];
+    println!("isa {:?}; threads {}", kernel::best_isa(), rayon::current_num_threads());
+    println!("| shape | m × out × k | int8 kernel (ms) | GMAC/s | f32 matmul (ms) | GMAC/s | speed-up |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for &(name, m, out, k) in shapes {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+        let tv: Vec<f32> = (0..out * k).map(|i| ((i * 2654435761usize) >> 7) % 3).map(|c| c as f32 - 1.0).collect();
+        let t = Tensor::from_vec(tv.clone(), (out, k), &dev)?;
+        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let w = PackedTernary::pack(&tv, out, k, OutScale::DivBy(2.0))?;
+        let tk = time(reps, || {
+            let q = QuantRows::new(&xv, m, k);
+            std::hint::black_box(kernel::matmul(&q, &w));
+        });
+        let tt = t.t()?;
+        let tf = time(reps, || {
+            let xq = act_fake_quant(&x).unwrap();
+            std::hint::black_box(xq.matmul(&tt).unwrap());
+        });
+        let gmac = (m * out * k) as f64 / 1e9;
+        println!(
+            "| {name} | {m} × {out} × {k} | {:.2} | {:.1} | {:.2} | {:.1} | {:.2}× |",
+            tk * 1e3,
+            gmac / tk,
+            tf * 1e3,
+            gmac / tf,
+            tf / tk
+        );
+    }
+    Ok(())
+}

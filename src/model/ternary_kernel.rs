@@ -1,0 +1,518 @@
+//! CPU inference kernel for BitLinear: ternary weights packed 2 bits each times int8 per-token
+//! activations, accumulated exactly in integers, then scaled once.
+//!
+//! The f32 path multiplies the fake-quantised activation `q/s` by the fake-quantised weight
+//! `T/s_w` in floating point. Here the integer sum `Σ q·T` is exact, so the only rounding is the
+//! final scaling `(Σ q·T) · 1/(s·s_w)` (latent weights) or `(Σ q·T) · weight_scale/s` (packed
+//! checkpoints): closer to the exact product than the f32 path, and independent of the order of
+//! summation (so of the thread count).
+//!
+//! Layout ([`PackedTernary`]): each weight row is split into blocks of 128 inputs (the last one
+//! padded with zero weights); a block is 32 bytes, byte `j` holding the codes `w + 1 ∈ {0, 1, 2}`
+//! of inputs `j`, `j + 32`, `j + 64`, `j + 96` in bits 0–1, 2–3, 4–5, 6–7. One 256-bit load and
+//! four shift-and-mask steps give four vectors of 32 codes, each multiplied with 32 int8
+//! activations by one `maddubs` (unsigned codes × signed activations, pairs summed to i16).
+//! `Σ (T+1)·q − Σ q = Σ T·q`. The scaling is one multiply by a per-row factor. AVX2 is detected at run time; elsewhere a portable loop computes
+//! the same integers.
+
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Inputs per packed block.
+pub const BLOCK: usize = 128;
+/// Bytes per packed block.
+const BLOCK_BYTES: usize = BLOCK / 4;
+/// Tokens processed together per weight row (the unpacked block is reused across them).
+const TOKENS: usize = 4;
+
+/// How the integer sums become outputs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OutScale {
+    /// Latent weights quantised by absmean: `y = acc / s_act / s_w` (`s_w = 1 / mean|W|`).
+    DivBy(f32),
+    /// Packed checkpoints: `y = acc / s_act · weight_scale`.
+    MulBy(f32),
+}
+
+/// A ternary weight `[out, k]` in the packed layout above.
+#[derive(Debug, Clone)]
+pub struct PackedTernary {
+    pub out: usize,
+    pub k: usize,
+    blocks: usize,
+    codes: Vec<u8>,
+    pub scale: OutScale,
+}
+
+impl PackedTernary {
+    /// Packs row-major ternary values `t [out, k]` (each −1, 0 or 1, any float type converted to
+    /// f32). Fails on any other value.
+    pub fn pack(t: &[f32], out: usize, k: usize, scale: OutScale) -> anyhow::Result<Self> {
+        anyhow::ensure!(t.len() == out * k, "ternary weight has {} values, expected {out}×{k}", t.len());
+        let blocks = k.div_ceil(BLOCK);
+        let row_bytes = blocks * BLOCK_BYTES;
+        // Code 1 (weight 0) everywhere, so padding contributes nothing.
+        let mut codes = vec![0b0101_0101u8; out * row_bytes];
+        for (row, dst) in t.chunks(k.max(1)).zip(codes.chunks_mut(row_bytes.max(1))) {
+            for (i, &v) in row.iter().enumerate() {
+                let code = match v {
+                    -1.0 => 0u8,
+                    0.0 => 1,
+                    1.0 => 2,
+                    other => anyhow::bail!("weight value {other} is not ternary"),
+                };
+                let (b, j) = (i / BLOCK, i % BLOCK);
+                let (byte, slot) = (b * BLOCK_BYTES + j % BLOCK_BYTES, j / BLOCK_BYTES);
+                let shift = 2 * slot;
+                dst[byte] = (dst[byte] & !(3 << shift)) | (code << shift);
+            }
+        }
+        Ok(Self { out, k, blocks, codes, scale })
+    }
+
+    /// Ternarises and packs latent weights `w [out, k]` in one pass, with the absmean scale `s_w`
+    /// already computed (`quant::weight_inv_scale`): `T = clamp(round_half_even(clamp(w·s_w, −2,
+    /// 2)), −1, 1)`, the same f32 operations as `quant::ternarize` (tested equal), without its
+    /// intermediate tensors (the 2B model's first forward spent most of its time there).
+    pub fn from_latent(w: &[f32], out: usize, k: usize, s_w: f32) -> anyhow::Result<Self> {
+        anyhow::ensure!(w.len() == out * k, "weight has {} values, expected {out}×{k}", w.len());
+        let blocks = k.div_ceil(BLOCK);
+        let row_bytes = blocks * BLOCK_BYTES;
+        let mut codes = vec![0b0101_0101u8; out * row_bytes];
+        codes.par_chunks_mut(row_bytes.max(1)).zip(w.par_chunks(k.max(1))).for_each(|(dst, row)| {
+            for (i, &v) in row.iter().enumerate() {
+                let t = super::quant::rne((v * s_w).clamp(-2.0, 2.0)).clamp(-1.0, 1.0);
+                let code = (t + 1.0) as u8;
+                let (b, j) = (i / BLOCK, i % BLOCK);
+                let (byte, shift) = (b * BLOCK_BYTES + j % BLOCK_BYTES, 2 * (j / BLOCK_BYTES));
+                dst[byte] = (dst[byte] & !(3 << shift)) | (code << shift);
+            }
+        });
+        Ok(Self { out, k, blocks, codes, scale: OutScale::DivBy(s_w) })
+    }
+
+    /// Bytes held (for memory accounting).
+    pub fn bytes(&self) -> usize {
+        self.codes.len()
+    }
+}
+
+/// Activations `[m, k]` quantised per row as BitNet's activation quantiser does: `s = 127 / max|x|`
+/// (computed as `(1 / max|x|) · 127`, like torch), `q = clamp(round_half_even(x·s), −128, 127)`.
+#[derive(Debug, Clone)]
+pub struct QuantRows {
+    pub m: usize,
+    pub k: usize,
+    blocks: usize,
+    /// `[m, blocks · 128]`, zero-padded.
+    q: Vec<i8>,
+    /// `s` per row.
+    pub scale: Vec<f32>,
+    /// `Σ q` per row (the offset of the `T + 1` codes).
+    sum: Vec<i32>,
+}
+
+impl QuantRows {
+    /// Quantises row-major `x [m, k]`.
+    pub fn new(x: &[f32], m: usize, k: usize) -> Self {
+        assert_eq!(x.len(), m * k, "activation shape");
+        let blocks = k.div_ceil(BLOCK);
+        let kp = blocks * BLOCK;
+        let mut q = vec![0i8; m * kp];
+        let mut scale = vec![0f32; m];
+        let mut sum = vec![0i32; m];
+        q.par_chunks_mut(kp.max(1)).zip(scale.par_iter_mut().zip(sum.par_iter_mut())).enumerate().for_each(
+            |(r, (dst, (s, total)))| {
+                let row = &x[r * k..(r + 1) * k];
+                *s = super::quant::act_scale(row);
+                let mut acc = 0i32;
+                for (d, &v) in dst.iter_mut().zip(row) {
+                    let c = super::quant::act_code(v, *s) as i8;
+                    acc += c as i32;
+                    *d = c;
+                }
+                *total = acc;
+            },
+        );
+        Self { m, k, blocks, q, scale, sum }
+    }
+
+    /// The fake-quantised activations `q / s` (exactly what the f32 path multiplies).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let kp = self.blocks * BLOCK;
+        let mut out = Vec::with_capacity(self.m * self.k);
+        for r in 0..self.m {
+            let s = self.scale[r];
+            out.extend(self.q[r * kp..r * kp + self.k].iter().map(|&c| c as f32 / s));
+        }
+        out
+    }
+
+    fn row(&self, r: usize) -> &[i8] {
+        let kp = self.blocks * BLOCK;
+        &self.q[r * kp..(r + 1) * kp]
+    }
+}
+
+/// Which inner loop runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+/// The best inner loop this CPU supports (detected once).
+pub fn best_isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return Isa::Avx2;
+        }
+        Isa::Portable
+    })
+}
+
+/// Exact integer sums `Σ_k q[r,k] · T[n,k]` as `[m, out]` (row-major), with `isa`.
+pub fn int_sums(x: &QuantRows, w: &PackedTernary, isa: Isa) -> Vec<i32> {
+    let mut y = vec![0i32; x.m * w.out];
+    tiled(x, w, isa, &mut y, &x.scale, |acc, _| acc);
+    y
+}
+
+/// `y [m, out] = scale(Σ q·T)`: the BitLinear output in f32.
+pub fn matmul(x: &QuantRows, w: &PackedTernary) -> Vec<f32> {
+    matmul_with(x, w, best_isa())
+}
+
+/// [`matmul`] with a chosen inner loop (tests compare them).
+pub fn matmul_with(x: &QuantRows, w: &PackedTernary, isa: Isa) -> Vec<f32> {
+    let mut y = vec![0f32; x.m * w.out];
+    let scale = w.scale;
+    let factors: Vec<f32> = x.scale.iter().map(|&s| row_factor(s, scale)).collect();
+    tiled(x, w, isa, &mut y, &factors, scale_one);
+    y
+}
+
+/// Token rows per parallel task when there are many tokens.
+const TOKENS_PER_TASK: usize = 32;
+/// Bytes of packed weight rows walked per pass over a task's tokens (stays in L2).
+const ROW_CHUNK_BYTES: usize = 96 * 1024;
+
+/// Runs the kernel over `y [m, out]`, writing `emit(Σ q·T, rowv[r])` at `[r, n]`.
+///
+/// Many tokens (prompts, perplexity windows): a task owns [`TOKENS_PER_TASK`] tokens (its rows
+/// of `y`), walks the weight rows in chunks that stay in L2, and within a chunk takes its tokens
+/// [`TOKENS`] at a time, so each unpacked weight block serves several tokens and each group's
+/// activations (in L1) serve the whole chunk. Few tokens (generation): tasks own weight rows
+/// instead, computed transposed and then placed.
+fn tiled<T: Copy + Default + Send + Sync>(
+    x: &QuantRows,
+    w: &PackedTernary,
+    isa: Isa,
+    y: &mut [T],
+    rowv: &[f32],
+    emit: impl Fn(i32, f32) -> T + Sync,
+) {
+    assert_eq!(x.k, w.k, "inner dimensions differ");
+    let (m, out) = (x.m, w.out);
+    if m == 0 || out == 0 {
+        return;
+    }
+    let row_bytes = w.blocks * BLOCK_BYTES;
+    let chunk_rows = (ROW_CHUNK_BYTES / row_bytes.max(1)).clamp(1, out);
+    let sums = vec![[0i32; TOKENS]; chunk_rows];
+    if m >= 2 * TOKENS_PER_TASK || m >= 4 * rayon::current_num_threads() * TOKENS {
+        y.par_chunks_mut(TOKENS_PER_TASK * out).enumerate().for_each_with(sums, |sums, (task, dst)| {
+            let r0 = task * TOKENS_PER_TASK;
+            let rows = dst.len() / out;
+            for n0 in (0..out).step_by(chunk_rows) {
+                let nrows = chunk_rows.min(out - n0);
+                let wchunk = &w.codes[n0 * row_bytes..(n0 + nrows) * row_bytes];
+                let mut r = r0;
+                while r < r0 + rows {
+                    let g = TOKENS.min(r0 + rows - r);
+                    let toks: [&[i8]; TOKENS] = std::array::from_fn(|i| x.row(r + i.min(g - 1)));
+                    group_sums(wchunk, nrows, w.blocks, &toks[..g], &mut sums[..nrows], isa);
+                    for j in 0..g {
+                        let (s, off) = (rowv[r + j], x.sum[r + j]);
+                        let yrow = &mut dst[(r + j - r0) * out..(r + j - r0 + 1) * out];
+                        for (i, acc) in sums[..nrows].iter().enumerate() {
+                            yrow[n0 + i] = emit(acc[j] - off, s);
+                        }
+                    }
+                    r += g;
+                }
+            }
+        });
+    } else {
+        let rows_per_task = out.div_ceil(4 * rayon::current_num_threads()).clamp(1, chunk_rows);
+        let mut t = vec![T::default(); out * m];
+        t.par_chunks_mut(rows_per_task * m).enumerate().for_each_with(sums, |sums, (task, dst)| {
+            let n0 = task * rows_per_task;
+            let nrows = dst.len() / m;
+            let wchunk = &w.codes[n0 * row_bytes..(n0 + nrows) * row_bytes];
+            let mut r = 0;
+            while r < m {
+                let g = TOKENS.min(m - r);
+                let toks: [&[i8]; TOKENS] = std::array::from_fn(|i| x.row(r + i.min(g - 1)));
+                group_sums(wchunk, nrows, w.blocks, &toks[..g], &mut sums[..nrows], isa);
+                for (i, acc) in sums[..nrows].iter().enumerate() {
+                    for j in 0..g {
+                        dst[i * m + r + j] = emit(acc[j] - x.sum[r + j], rowv[r + j]);
+                    }
+                }
+                r += g;
+            }
+        });
+        for (n, col) in t.chunks(m).enumerate() {
+            for (r, &v) in col.iter().enumerate() {
+                y[r * out + n] = v;
+            }
+        }
+    }
+}
+
+/// `Σ (T + 1)·q` of `nrows` packed weight rows against the (at most [`TOKENS`]) token rows.
+fn group_sums(wblock: &[u8], nrows: usize, blocks: usize, toks: &[&[i8]], out: &mut [[i32; TOKENS]], isa: Isa) {
+    match isa {
+        Isa::Portable => group_sums_portable(wblock, nrows, blocks, toks, out),
+        // SAFETY: `Isa::Avx2` is only produced after runtime detection; bounds are asserted in
+        // the function. One variant per group size: a short last group costs only its rows.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe {
+            match toks.len() {
+                4 => avx2::group_sums::<4>(wblock, nrows, blocks, [toks[0], toks[1], toks[2], toks[3]], out),
+                3 => avx2::group_sums::<3>(wblock, nrows, blocks, [toks[0], toks[1], toks[2]], out),
+                2 => avx2::group_sums::<2>(wblock, nrows, blocks, [toks[0], toks[1]], out),
+                _ => avx2::group_sums::<1>(wblock, nrows, blocks, [toks[0]], out),
+            }
+        },
+    }
+}
+
+/// The factor that turns a row's integer sums into outputs: `1 / (s_act · s_w)` (latent) or
+/// `weight_scale / s_act` (packed), computed once per token row.
+#[inline]
+pub fn row_factor(s_act: f32, scale: OutScale) -> f32 {
+    match scale {
+        OutScale::DivBy(sw) => 1.0 / (s_act * sw),
+        OutScale::MulBy(ws) => ws / s_act,
+    }
+}
+
+/// The final scaling of one integer sum (with the rounding of [`row_factor`], the only rounding
+/// of the kernel): one multiply, no division per output.
+#[inline]
+pub fn scale_one(acc: i32, factor: f32) -> f32 {
+    acc as f32 * factor
+}
+
+/// Portable [`group_sums`].
+fn group_sums_portable(wblock: &[u8], nrows: usize, blocks: usize, toks: &[&[i8]], out: &mut [[i32; TOKENS]]) {
+    let row_bytes = blocks * BLOCK_BYTES;
+    for (n, o) in out.iter_mut().enumerate().take(nrows) {
+        let wrow = &wblock[n * row_bytes..(n + 1) * row_bytes];
+        for (t, tok) in toks.iter().enumerate() {
+            let mut s = 0i32;
+            for b in 0..blocks {
+                let wb = &wrow[b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES];
+                let a = &tok[b * BLOCK..(b + 1) * BLOCK];
+                for (j, &byte) in wb.iter().enumerate() {
+                    for slot in 0..4 {
+                        s += ((byte >> (2 * slot)) & 3) as i32 * a[slot * BLOCK_BYTES + j] as i32;
+                    }
+                }
+            }
+            o[t] = s;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{BLOCK, BLOCK_BYTES};
+
+    /// Blocks summed in i16 before widening: 16 × 2048 = 32768 fits (the extreme case is all
+    /// codes 2 against q = −128, exactly −32768).
+    const I16_BLOCKS: usize = 16;
+    use std::arch::x86_64::*;
+
+    /// AVX2 `Σ (T + 1)·q` for `nrows` weight rows × `T` tokens. Per block and token: 4 `maddubs`
+    /// (codes ≤ 2 × |q| ≤ 128: pairs within ±512 in i16) summed to within ±2048; up to
+    /// [`I16_BLOCKS`] blocks are summed in i16 (within ±32768) before one `madd` widens them to i32.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn group_sums<const T: usize>(
+        wblock: &[u8],
+        nrows: usize,
+        blocks: usize,
+        toks: [&[i8]; T],
+        out: &mut [[i32; super::TOKENS]],
+    ) {
+        let row_bytes = blocks * BLOCK_BYTES;
+        assert!(wblock.len() >= nrows * row_bytes && out.len() >= nrows && T <= super::TOKENS);
+        assert!(toks.iter().all(|r| r.len() >= blocks * BLOCK));
+        let mask = _mm256_set1_epi8(3);
+        let ones = _mm256_set1_epi16(1);
+        for (n, o) in out.iter_mut().enumerate().take(nrows) {
+            let w = wblock.as_ptr().add(n * row_bytes);
+            let mut acc = [_mm256_setzero_si256(); T];
+            let mut b0 = 0;
+            while b0 < blocks {
+                let b1 = (b0 + I16_BLOCKS).min(blocks);
+                let mut s16 = [_mm256_setzero_si256(); T];
+                for b in b0..b1 {
+                    // SAFETY (all loads): in bounds by the asserts above; unaligned loads.
+                    let packed = _mm256_loadu_si256(w.add(b * BLOCK_BYTES) as *const __m256i);
+                    let c0 = _mm256_and_si256(packed, mask);
+                    let c1 = _mm256_and_si256(_mm256_srli_epi16(packed, 2), mask);
+                    let c2 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+                    let c3 = _mm256_and_si256(_mm256_srli_epi16(packed, 6), mask);
+                    for t in 0..T {
+                        let a = toks[t].as_ptr().add(b * BLOCK) as *const __m256i;
+                        let p0 = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(a));
+                        let p1 = _mm256_maddubs_epi16(c1, _mm256_loadu_si256(a.add(1)));
+                        let p2 = _mm256_maddubs_epi16(c2, _mm256_loadu_si256(a.add(2)));
+                        let p3 = _mm256_maddubs_epi16(c3, _mm256_loadu_si256(a.add(3)));
+                        let s = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
+                        s16[t] = _mm256_add_epi16(s16[t], s);
+                    }
+                }
+                for t in 0..T {
+                    acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s16[t], ones));
+                }
+                b0 = b1;
+            }
+            for t in 0..T {
+                let lo = _mm256_castsi256_si128(acc[t]);
+                let hi = _mm256_extracti128_si256(acc[t], 1);
+                let s = _mm_add_epi32(lo, hi);
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+                o[t] = _mm_cvtsi128_si32(s);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    fn random_case(m: usize, out: usize, k: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+        let mut rng = SplitMix64::new(seed);
+        let x: Vec<f32> = (0..m * k).map(|_| (rng.normal() * 2.0) as f32).collect();
+        let t: Vec<f32> = (0..out * k).map(|_| (rng.next_u64() % 3) as f32 - 1.0).collect();
+        (x, t)
+    }
+
+    /// Σ q·T in i64 straight from the definitions.
+    fn naive(q: &QuantRows, t: &[f32], out: usize) -> Vec<i64> {
+        let (m, k) = (q.m, q.k);
+        let deq = q.dequantize();
+        let mut y = vec![0i64; m * out];
+        for r in 0..m {
+            for n in 0..out {
+                y[r * out + n] =
+                    (0..k).map(|i| (deq[r * k + i] * q.scale[r]).round() as i64 * t[n * k + i] as i64).sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn integer_sums_are_exact_on_odd_shapes() {
+        let isas = {
+            let mut v = vec![Isa::Portable];
+            if best_isa() != Isa::Portable {
+                v.push(best_isa());
+            }
+            v
+        };
+        for (i, &(m, out, k)) in [
+            (1, 1, 1),
+            (3, 5, 127),
+            (5, 17, 128),
+            (9, 33, 129),
+            (4, 8, 300),
+            (13, 40, 512),
+            (70, 9, 260),
+            (131, 3, 1000),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (x, t) = random_case(m, out, k, i as u64);
+            let q = QuantRows::new(&x, m, k);
+            let w = PackedTernary::pack(&t, out, k, OutScale::MulBy(1.0)).unwrap();
+            let want: Vec<i32> = naive(&q, &t, out).into_iter().map(|v| v as i32).collect();
+            for &isa in &isas {
+                assert_eq!(int_sums(&q, &w, isa), want, "{isa:?} m={m} out={out} k={k}");
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_activations_do_not_overflow() {
+        // Every activation at ±127 (one row all positive, one alternating) and all weights +1:
+        // the i16 partial sums reach their largest magnitude.
+        let k = 4096; // 32 blocks: crosses the i16 accumulation span twice
+        let x: Vec<f32> = (0..2 * k).map(|i| if i < k || i % 2 == 0 { 1.0 } else { -1.0 }).collect();
+        let q = QuantRows::new(&x, 2, k);
+        let w = PackedTernary::pack(&vec![1.0; 3 * k], 3, k, OutScale::MulBy(1.0)).unwrap();
+        let s = int_sums(&q, &w, best_isa());
+        assert_eq!(s, vec![127 * k as i32, 127 * k as i32, 127 * k as i32, 0, 0, 0]);
+    }
+
+    #[test]
+    fn scaled_output_is_the_scaled_exact_sum() {
+        let (m, out, k) = (67, 11, 200);
+        let (x, t) = random_case(m, out, k, 42);
+        let q = QuantRows::new(&x, m, k);
+        for scale in [OutScale::DivBy(3.7), OutScale::MulBy(0.41)] {
+            let w = PackedTernary::pack(&t, out, k, scale).unwrap();
+            let y = matmul(&q, &w);
+            let sums = naive(&q, &t, out);
+            for (i, (&yv, &a)) in y.iter().zip(&sums).enumerate() {
+                assert_eq!(yv.to_bits(), scale_one(a as i32, row_factor(q.scale[i / out], scale)).to_bits());
+                // Within a few ulps of the exact quotient.
+                let exact = match scale {
+                    OutScale::DivBy(sw) => a as f64 / q.scale[i / out] as f64 / sw as f64,
+                    OutScale::MulBy(ws) => a as f64 / q.scale[i / out] as f64 * ws as f64,
+                };
+                assert!((yv as f64 - exact).abs() <= exact.abs() * 4e-7, "{yv} vs {exact}");
+            }
+        }
+    }
+
+    #[test]
+    fn packing_latent_weights_equals_ternarize_then_pack() -> candle_core::Result<()> {
+        use crate::model::quant::{ternarize, weight_inv_scale};
+        use candle_core::{Device, Tensor};
+        let (out, k) = (9, 300);
+        let mut wv: Vec<f32> = (Tensor::randn(0f32, 1.0, (out, k), &Device::Cpu)? * 0.05)?.flatten_all()?.to_vec1()?;
+        // Values that land exactly on rounding ties after scaling (±0.5, ±1.5 in units of β):
+        // replace four weights by ties of the scale they leave unchanged (their |w| sum is kept).
+        let beta = wv.iter().map(|v| v.abs()).sum::<f32>() / wv.len() as f32;
+        let sum4: f32 = wv[..4].iter().map(|v| v.abs()).sum();
+        if sum4 > 4.0 * beta {
+            wv[..4].copy_from_slice(&[0.5 * beta, -0.5 * beta, 1.5 * beta, -1.5 * beta]);
+        }
+        let w = Tensor::from_vec(wv.clone(), (out, k), &Device::Cpu)?;
+        let s = weight_inv_scale(&w)?.flatten_all()?.to_vec1::<f32>()?[0];
+        let (t, _) = ternarize(&w)?;
+        let want = PackedTernary::pack(&t.flatten_all()?.to_vec1::<f32>()?, out, k, OutScale::DivBy(s)).unwrap();
+        let got = PackedTernary::from_latent(&wv, out, k, s).unwrap();
+        assert_eq!(got.codes, want.codes);
+        assert_eq!(got.scale, want.scale);
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_non_ternary_values() {
+        let err = PackedTernary::pack(&[0.5, 1.0], 1, 2, OutScale::MulBy(1.0)).unwrap_err();
+        assert!(err.to_string().contains("not ternary"), "{err}");
+    }
+}
