@@ -57,7 +57,7 @@ enum Command {
     Report(report_cmd::ReportArgs),
     /// Show what went into an instance's key, and how it differs from the nearest cached entry.
     Explain(explain::ExplainArgs),
-    /// Write an instance's model as a Hugging Face directory (model card, provenance, recipe).
+    /// Write an instance's model as a Hugging Face directory (model card, provenance, recipe) or a GGUF file.
     Export(export::ExportArgs),
     /// List stage kinds with their parameters.
     Stages(stages_cmd::StagesArgs),
