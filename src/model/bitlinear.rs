@@ -98,26 +98,19 @@ impl Projection {
                 return Ok(w.clone());
             }
         }
-        let (codes, scale) = match &self.weight {
+        let f32_values = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        let w = Arc::new(match &self.weight {
             ProjWeight::Dense(p) => {
                 let w = p.var.as_tensor();
-                let s = weight_inv_scale(w)?.flatten_all()?.to_vec1::<f32>()?[0];
                 let (out, k) = w.dims2()?;
-                let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let packed = Arc::new(PackedTernary::from_latent(&values, out, k, s)?);
-                if cache {
-                    *self.packed.write().expect("projection cache lock") = Some(packed.clone());
-                }
-                return Ok(packed);
+                PackedTernary::from_latent(&f32_values(w)?, out, k, f32_values(&weight_inv_scale(w)?)?[0])?
             }
             ProjWeight::Packed { codes, scale } => {
-                let ws = scale.var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?[0];
-                (codes.var.as_detached_tensor(), OutScale::MulBy(ws))
+                let (out, k) = codes.var.dims2()?;
+                let ws = f32_values(scale.var.as_tensor())?[0];
+                PackedTernary::pack(&f32_values(codes.var.as_tensor())?, out, k, OutScale::MulBy(ws))?
             }
-        };
-        let (out, k) = codes.dims2()?;
-        let values = codes.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let w = Arc::new(PackedTernary::pack(&values, out, k, scale)?);
+        });
         if cache {
             *self.packed.write().expect("projection cache lock") = Some(w.clone());
         }

@@ -61,10 +61,7 @@ impl PackedTernary {
                     1.0 => 2,
                     other => anyhow::bail!("weight value {other} is not ternary"),
                 };
-                let (b, j) = (i / BLOCK, i % BLOCK);
-                let (byte, slot) = (b * BLOCK_BYTES + j % BLOCK_BYTES, j / BLOCK_BYTES);
-                let shift = 2 * slot;
-                dst[byte] = (dst[byte] & !(3 << shift)) | (code << shift);
+                put_code(dst, i, code);
             }
         }
         Ok(Self { out, k, blocks, codes, scale })
@@ -82,10 +79,7 @@ impl PackedTernary {
         codes.par_chunks_mut(row_bytes.max(1)).zip(w.par_chunks(k.max(1))).for_each(|(dst, row)| {
             for (i, &v) in row.iter().enumerate() {
                 let t = super::quant::rne((v * s_w).clamp(-2.0, 2.0)).clamp(-1.0, 1.0);
-                let code = (t + 1.0) as u8;
-                let (b, j) = (i / BLOCK, i % BLOCK);
-                let (byte, shift) = (b * BLOCK_BYTES + j % BLOCK_BYTES, 2 * (j / BLOCK_BYTES));
-                dst[byte] = (dst[byte] & !(3 << shift)) | (code << shift);
+                put_code(dst, i, (t + 1.0) as u8);
             }
         });
         Ok(Self { out, k, blocks, codes, scale: OutScale::DivBy(s_w) })
@@ -95,6 +89,14 @@ impl PackedTernary {
     pub fn bytes(&self) -> usize {
         self.codes.len()
     }
+}
+
+/// Stores the code (`w + 1`) of input `i` in a packed row (the layout in the module docs).
+#[inline]
+fn put_code(row: &mut [u8], i: usize, code: u8) {
+    let (b, j) = (i / BLOCK, i % BLOCK);
+    let (byte, shift) = (b * BLOCK_BYTES + j % BLOCK_BYTES, 2 * (j / BLOCK_BYTES));
+    row[byte] = (row[byte] & !(3 << shift)) | (code << shift);
 }
 
 /// Activations `[m, k]` quantised per row as BitNet's activation quantiser does: `s = 127 / max|x|`

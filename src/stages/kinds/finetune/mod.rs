@@ -382,26 +382,25 @@ impl Stage for Finetune {
             }
             let rate = ((progress.step - start_step) as usize * p.batch * len) as f64 / started.elapsed().as_secs_f64();
             ctx.progress.set_detail(&format!("loss {loss_sum:.4} · {rate:.0} tok/s"));
+            // Info at step 1, every `log_every` steps and the last; debug otherwise (a tracing
+            // level must be a constant, hence the macro).
+            macro_rules! step_event {
+                ($level:ident) => {
+                    tracing::$level!(
+                        instance = %ctx.instance,
+                        step = progress.step,
+                        of = p.steps,
+                        loss = loss_sum,
+                        lr,
+                        tok_per_s = rate,
+                        "finetune"
+                    )
+                };
+            }
             if progress.step == 1 || progress.step.is_multiple_of(log_every) || progress.step == p.steps {
-                tracing::info!(
-                    instance = %ctx.instance,
-                    step = progress.step,
-                    of = p.steps,
-                    loss = loss_sum,
-                    lr,
-                    tok_per_s = rate,
-                    "finetune"
-                );
+                step_event!(info);
             } else {
-                tracing::debug!(
-                    instance = %ctx.instance,
-                    step = progress.step,
-                    of = p.steps,
-                    loss = loss_sum,
-                    lr,
-                    tok_per_s = rate,
-                    "finetune"
-                );
+                step_event!(debug);
             }
             ctx.progress.set_position(progress.step);
             let due = progress.step.is_multiple_of(p.checkpoint_every)
