@@ -244,7 +244,7 @@ pub(super) fn parse_tmp_name(name: &str) -> Option<(Key, u32)> {
 }
 
 /// Whether a process with this pid exists; None where that cannot be told.
-pub(super) fn pid_alive(pid: u32) -> Option<bool> {
+pub(crate) fn pid_alive(pid: u32) -> Option<bool> {
     if cfg!(target_os = "linux") && Path::new("/proc/self").exists() {
         Some(Path::new("/proc").join(pid.to_string()).exists())
     } else {

@@ -18,6 +18,7 @@
 
 mod entry;
 mod fsutil;
+pub(crate) use fsutil::pid_alive;
 mod gc;
 mod integrity;
 mod key;

@@ -143,6 +143,11 @@ fn export_gguf(args: &ExportArgs, cache: &Cache, prov: &Provenance, run_hint: St
     if !parent.is_dir() {
         return Err(CliError::Usage(format!("the folder {} does not exist: create it first", parent.display())));
     }
+    // A killed earlier export may have left its scratch folder (or the folder's own hidden
+    // sibling) here.
+    for prefix in [".rpt-flow-gguf-", "..rpt-flow-gguf-"] {
+        crate::export::outdir::remove_abandoned(&parent, prefix);
+    }
     let scratch = parent.join(format!(".rpt-flow-gguf-{}", std::process::id()));
     let req = hf::Request { cache, provenance: prov, dir: &scratch, force: false, with_logits: false, run_hint };
     let target = prov.target();

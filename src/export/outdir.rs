@@ -1,7 +1,8 @@
 //! The export's output directory, written atomically: everything goes into a temporary
 //! directory beside it (`.<name>.rpt-export.<pid>.<nanos>`), which is synced and renamed into
 //! place only when complete. A killed export leaves at most that hidden sibling, never a
-//! half-written directory; nothing is written anywhere else.
+//! half-written directory, and the next export beside it removes such leftovers of processes
+//! that are gone; nothing is written anywhere else.
 
 use std::fs;
 use std::io;
@@ -100,6 +101,7 @@ impl OutDir {
                 ));
             }
         }
+        remove_abandoned(&parent, &format!(".{name}.rpt-export."));
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let tmp = parent.join(format!(".{name}.rpt-export.{}.{nanos}", std::process::id()));
         fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
@@ -141,6 +143,21 @@ impl Drop for OutDir {
     fn drop(&mut self) {
         if !self.done {
             let _ = fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Removes the scratch directories `<prefix><pid>…` in `parent` whose process is gone (a
+/// killed export's leftovers); best effort, never this process's own.
+pub fn remove_abandoned(parent: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix(prefix).and_then(|rest| rest.split('.').next()?.parse::<u32>().ok());
+        if let Some(pid) = pid.filter(|&p| p != std::process::id()) {
+            if crate::cache::pid_alive(pid) == Some(false) {
+                let _ = fs::remove_dir_all(e.path());
+            }
         }
     }
 }

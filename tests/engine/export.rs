@@ -302,3 +302,28 @@ fn gguf_export_writes_one_file_or_names_the_tensors_it_cannot_store() {
     let r = sb.run(&["export", p, "wide", "w.gguf", "--format", "gguf", "--gguf-type", "q4_0"]).expect(2);
     assert!(r.stderr().contains("tq2_0"), "{}", r.stderr());
 }
+
+/// A killed export leaves only its hidden scratch folder beside DIR (never a half-written DIR);
+/// the next export there removes the scratch folders of processes that are gone, and leaves a
+/// live process's (and anything else) alone.
+#[test]
+fn a_killed_exports_scratch_folder_is_removed_by_the_next_export() {
+    let (sb, p, _) = setup();
+    let p = p.to_str().unwrap();
+    // pid 0 is never a process that /proc lists; this test's own pid is alive.
+    let dead = sb.path().join(".out.rpt-export.0.123");
+    let live = sb.path().join(format!(".out.rpt-export.{}.123", std::process::id()));
+    let gguf_dead = sb.path().join(".rpt-flow-gguf-0");
+    for d in [&dead, &live, &gguf_dead] {
+        std::fs::create_dir_all(d.join("partial")).unwrap();
+    }
+    sb.write(".out.notes", "mine");
+    sb.run(&["export", p, "base", "out"]).expect(0);
+    assert!(sb.path().join("out/config.json").is_file());
+    assert!(!dead.exists(), "the dead process's scratch folder was removed");
+    assert!(live.exists(), "a live process's scratch folder is kept");
+    assert!(sb.path().join(".out.notes").exists());
+    // The GGUF path cleans its own scratch name (the tiny model is then refused: 128-wide rows).
+    sb.run(&["export", p, "base", "m.gguf", "--format", "gguf"]).expect(2);
+    assert!(!gguf_dead.exists(), "the dead GGUF scratch folder was removed");
+}
