@@ -9,7 +9,7 @@
 //! machine, and the same thread count in the torch script.
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use rpt_flow::model::adamw::{AdamW, Hyper};
 use rpt_flow::model::{causal_lm_loss, Arch, LoadOptions, Model, ModelConfig};
 use std::time::Instant;
 
@@ -88,7 +88,10 @@ fn main() -> anyhow::Result<()> {
         let mut r =
             serde_json::json!({"forward_s": fwd, "forward_tok_s": tok_s, "forward_f32path_s": fwd_f32, "body_s": body});
         if train {
-            let mut opt = AdamW::new(model.parameters(), ParamsAdamW { lr: 1e-4, ..Default::default() })?;
+            // The fine-tune stage's AdamW, with torch's AdamW defaults (as scripts/bench_torch.py).
+            let hyper = Hyper { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+            let params = model.named_parameters();
+            let mut opt = AdamW::new(params.clone(), hyper, false)?;
             let mut parts: Vec<[f64; 3]> = vec![];
             let step = time(reps, || {
                 let s = Instant::now();
@@ -96,7 +99,11 @@ fn main() -> anyhow::Result<()> {
                 let f = s.elapsed().as_secs_f64();
                 let grads = loss.backward()?;
                 let b = s.elapsed().as_secs_f64();
-                opt.step(&grads)?;
+                let grads: Vec<Tensor> = params
+                    .iter()
+                    .map(|(_, v)| grads.get(v.as_tensor()).cloned().map_or_else(|| v.as_tensor().zeros_like(), Ok))
+                    .collect::<candle_core::Result<_>>()?;
+                opt.step(&grads, 1e-4)?;
                 parts.push([f, b - f, s.elapsed().as_secs_f64() - b]);
                 Ok(())
             })?;

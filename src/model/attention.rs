@@ -7,6 +7,7 @@ use super::holographic::Holo;
 use super::mode::Mode;
 use super::norm::RmsNorm;
 use super::rope::Rope;
+use super::train_ops;
 use super::vb::Vb;
 use candle_core::{DType, Device, Result, Tensor, D};
 
@@ -125,7 +126,12 @@ impl Attention {
         let k = repeat_kv(k, rep)?;
         let v = repeat_kv(v, rep)?;
         let scale = (d as f64).powf(-0.5);
-        let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let att = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+        if mode == Mode::Train && train_ops::fused(&att) {
+            // Scale, mask and softmax in one differentiable pass (the same values as below).
+            return train_ops::causal_softmax(&att, scale as f32, offset)?.matmul(&v.contiguous()?);
+        }
+        let att = (att * scale)?;
         let mask = causal_mask(t, offset, x.device())?;
         let att = att.to_dtype(DType::F32)?.broadcast_add(&mask)?;
         let att = match mode {

@@ -15,6 +15,7 @@ use super::config::Quantization;
 use super::mode::Mode;
 use super::quant::{act_fake_quant, ste, weight_fake_quant, weight_inv_scale};
 use super::ternary_kernel::{self as kernel, OutScale, PackedTernary, QuantRows};
+use super::train_ops;
 use super::vb::{Param, Role, Vb};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::sync::{Arc, RwLock};
@@ -166,6 +167,7 @@ impl Projection {
         Ok(Prepared::Float(match (self.quant, mode) {
             (Quantization::None, _) => x.clone(),
             (Quantization::Ternary, Mode::Infer) => act_fake_quant(x)?,
+            (Quantization::Ternary, Mode::Train) if train_ops::fused(x) => train_ops::act_quant_ste(x)?,
             (Quantization::Ternary, Mode::Train) => ste(x, &act_fake_quant(x)?)?,
         }))
     }
@@ -194,6 +196,10 @@ impl Projection {
         let w = match mode {
             Mode::Infer => self.infer_weight(cache)?,
             Mode::Train => match &self.weight {
+                ProjWeight::Dense(p) if ternary && train_ops::fused(p.var.as_tensor()) => {
+                    let s = weight_inv_scale(&p.var.as_detached_tensor())?.flatten_all()?.to_vec1::<f32>()?[0];
+                    train_ops::weight_quant_ste(p.var.as_tensor(), s)?
+                }
                 ProjWeight::Dense(p) if ternary => ste(p.var.as_tensor(), &weight_fake_quant(p.var.as_tensor())?)?,
                 ProjWeight::Dense(p) => p.var.as_tensor().clone(),
                 ProjWeight::Packed { codes, .. } => codes.var.as_detached_tensor(),

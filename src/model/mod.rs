@@ -2,12 +2,13 @@
 //!
 //! See `docs/model.md` for the public API and the parity contract with transformers.
 //!
-//! Dependencies run one way: `config`, `mode`, `quant`, `pack`, `rope`, `hooks`, `vb` (names)
+//! Dependencies run one way: `config`, `mode`, `quant`, `train_ops`, `pack`, `rope`, `hooks`, `vb` (names)
 //! → the layers (`norm`, `embedding`, `bitlinear` → `attention`, `mlp` → `block`) →
 //! `causal_lm` → `io` (load from a directory, random init, save) → `hub` (`Model::load` from
-//! `hf:` sources); `generate`, `kv_cache`, `loss`, `tokenizer` sit beside `causal_lm`. Each
+//! `hf:` sources); `generate`, `kv_cache`, `loss`, `adamw`, `tokenizer` sit beside `causal_lm`. Each
 //! layer loads itself from a name prefix (`vb.rs`), so every checkpoint name is written once.
 
+pub mod adamw;
 pub mod attention;
 pub mod bitlinear;
 pub mod block;
@@ -30,6 +31,7 @@ pub mod quant;
 pub mod rope;
 pub mod ternary_kernel;
 pub mod tokenizer;
+pub mod train_ops;
 mod vb;
 
 pub use causal_lm::Model;
@@ -39,6 +41,6 @@ pub use holographic::HoloConfig;
 pub use hooks::{HookPoint, Hooks};
 pub use io::LoadOptions;
 pub use kv_cache::KvCache;
-pub use loss::causal_lm_loss;
+pub use loss::{causal_lm_loss, cross_entropy};
 pub use mode::Mode;
 pub use tokenizer::{Bos, TextTokenizer};

@@ -1,6 +1,7 @@
 //! RMSNorm as in transformers: `w ⊙ cast(x_f32 · rsqrt(mean(x_f32²) + eps))`.
 
 use super::mode::Mode;
+use super::train_ops;
 use super::vb::{Param, Role, Vb};
 use candle_core::{DType, Result, Tensor, D};
 
@@ -24,6 +25,9 @@ impl RmsNorm {
             Mode::Infer if x.dtype() == DType::F32 => {
                 let w = self.weight.var.as_detached_tensor();
                 candle_nn::ops::rms_norm(&x.contiguous()?, &w, self.eps as f32)
+            }
+            Mode::Train if train_ops::fused(x) && self.weight.var.dtype() == DType::F32 => {
+                train_ops::rms_norm(x, self.weight.var.as_tensor(), self.eps as f32)
             }
             _ => {
                 let xf = x.to_dtype(DType::F32)?;

@@ -1,6 +1,7 @@
 //! Rotary position embedding, rotate-half layout (HF), plain (no scaling).
 
 use super::mode::Mode;
+use super::train_ops;
 use candle_core::{DType, Device, Result, Tensor};
 
 /// Precomputed `cos`/`sin` tables `[max_pos, head_dim/2]`, computed in f32 and cast to the model
@@ -46,6 +47,7 @@ impl Rope {
         let sin = self.sin.narrow(0, offset, t)?;
         match mode {
             Mode::Infer => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin),
+            Mode::Train if train_ops::fused(x) && train_ops::fused(&cos) => train_ops::rope(x, &cos, &sin),
             Mode::Train => candle_nn::rotary_emb::rope_slow(x, &cos, &sin),
         }
     }

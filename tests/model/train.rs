@@ -51,3 +51,33 @@ fn adamw_steps_lower_the_loss() {
     let b = m.forward_train(&ids).unwrap();
     assert_close("after training", &a, &b, 1e-5);
 }
+
+/// The fused training ops (`train_ops.rs`) give the composed candle ops' loss and gradients for
+/// every parameter of both test models, within float rounding.
+#[test]
+fn fused_training_ops_give_the_composed_gradients() {
+    use rpt_flow::model::train_ops;
+    for name in ["bitnet_tiny", "llama_tiny"] {
+        let m = load(name, DType::F32, None);
+        let ids = Reference::load(name).input_ids();
+        let run = || {
+            let loss = causal_lm_loss(&m.forward_train(&ids).unwrap(), &ids).unwrap();
+            let grads = loss.backward().unwrap();
+            let g: Vec<(String, Vec<f32>)> = m
+                .named_parameters()
+                .into_iter()
+                .map(|(n, v)| (n, grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap()))
+                .collect();
+            (loss.to_scalar::<f32>().unwrap(), g)
+        };
+        let (lf, gf) = run();
+        let (lc, gc) = train_ops::composed(run);
+        assert!((lf - lc).abs() <= 1e-5 * lc.abs(), "{name}: loss {lf} vs {lc}");
+        for ((n, a), (_, b)) in gf.iter().zip(&gc) {
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(worst <= 1e-5 * scale, "{name}: gradient of {n} differs by {worst} (max |g| {scale})");
+        }
+        assert_ne!(gf, gc, "{name}: the two paths should not be the same code");
+    }
+}

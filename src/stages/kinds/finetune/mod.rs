@@ -5,7 +5,6 @@
 //! result. In a chain, each fine-tune continues the data stream where its lineage stopped.
 //! The learning-rate schedule and the clipping factor are `analysis::optim`.
 
-mod adamw;
 mod criticality;
 
 use std::collections::BTreeMap;
@@ -23,15 +22,15 @@ use crate::exec::{
     typed_params, ArtifactType, FileHasher, InputDef, KindSchema, MetricDef, ParamDefault, ParamType, ReportContract,
     Role, Stage, StageContext,
 };
+use crate::model::adamw::{AdamW, Hyper};
 use crate::model::Model;
 use crate::stages::common::model_artifact as artifact;
 use crate::stages::common::text_param;
-use adamw::{AdamW, Hyper};
 use criticality::Criticality;
 
 pub static SCHEMA: KindSchema = KindSchema {
     kind: "finetune",
-    version: 2,
+    version: 3,
     help: "AdamW fine-tuning (quantisation-aware for BitNet), pruned positions kept at zero or free to regrow, resumable mid-stage.",
     inputs: &[InputDef { name: "input", ty: ArtifactType::Model, required: true, help: "the model to train" }],
     params: Params::PARAMS,
@@ -322,7 +321,7 @@ impl Stage for Finetune {
                     Some(c) => c.forward(model, &ids)?,
                 };
                 let logits = logits.reshape((rows * len, ()))?.to_dtype(DType::F32)?;
-                let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
+                let loss = crate::model::cross_entropy(&logits, &targets)?;
                 let weight = rows as f64 / p.batch as f64;
                 loss_sum += loss.to_scalar::<f32>()? as f64 * weight;
                 let objective = match &reg {

@@ -30,6 +30,9 @@ pub struct AdamW {
     pub master: Vec<Option<Tensor>>,
     /// Moments stored in the parameter's dtype, no master weights.
     pub in_model_dtype: bool,
+    /// Update f32 state on CPU in one pass (`fused_step`); off only to test it against the
+    /// composed path.
+    fused: bool,
 }
 
 impl AdamW {
@@ -48,7 +51,7 @@ impl AdamW {
                 }
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(AdamW { hyper, t: 0, params, m, v, master, in_model_dtype })
+        Ok(AdamW { hyper, t: 0, params, m, v, master, in_model_dtype, fused: true })
     }
 
     /// One update with gradients `grads[i]` for `params[i]` (already masked and clipped).
@@ -59,6 +62,19 @@ impl AdamW {
         let bc1 = 1.0 - beta1.powi(self.t as i32);
         let bc2 = 1.0 - beta2.powi(self.t as i32);
         for (i, (_, p)) in self.params.iter().enumerate() {
+            if self.fused && !self.in_model_dtype {
+                let w = self.master[i].clone().unwrap_or_else(|| p.as_tensor().clone());
+                let coef = Coef::new(self.hyper, lr, bc1, bc2);
+                if let Some((m, v, next)) = fused_step(&grads[i], &self.m[i], &self.v[i], &w, &coef)? {
+                    p.set(&next.to_dtype(p.dtype())?)?;
+                    if self.master[i].is_some() {
+                        self.master[i] = Some(next);
+                    }
+                    self.m[i] = m;
+                    self.v[i] = v;
+                    continue;
+                }
+            }
             let g = grads[i].to_dtype(DType::F32)?;
             let m = ((self.m[i].to_dtype(DType::F32)? * beta1)? + (&g * (1.0 - beta1))?)?;
             let v = ((self.v[i].to_dtype(DType::F32)? * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
@@ -113,6 +129,85 @@ impl AdamW {
     }
 }
 
+/// The update's constants as the composed path rounds them to f32 (candle's `affine` takes
+/// `T::from_f64` of its factor and offset).
+struct Coef {
+    beta1: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    decay: f32,
+    inv_bc1: f32,
+    inv_bc2: f32,
+    eps: f32,
+    lr: f32,
+}
+
+impl Coef {
+    fn new(h: Hyper, lr: f64, bc1: f64, bc2: f64) -> Coef {
+        Coef {
+            beta1: h.beta1 as f32,
+            one_minus_beta1: (1.0 - h.beta1) as f32,
+            beta2: h.beta2 as f32,
+            one_minus_beta2: (1.0 - h.beta2) as f32,
+            decay: (1.0 - lr * h.weight_decay) as f32,
+            inv_bc1: (1.0 / bc1) as f32,
+            inv_bc2: (1.0 / bc2) as f32,
+            eps: h.eps as f32,
+            lr: lr as f32,
+        }
+    }
+}
+
+/// The f32 contiguous CPU values of `t`, if it has them.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => Some(f(&v[a..b])),
+        _ => None,
+    }
+}
+
+/// One AdamW update of an f32 weight `w` (a parameter or its master) with f32 moments on CPU
+/// in one pass: the composed path's operations in its order, each rounded as candle rounds it
+/// (`x · c + 0` for an affine map), so both give the same bits (tested). `None` when the
+/// tensors are not f32 contiguous CPU tensors of one size (the composed path serves them).
+fn fused_step(g: &Tensor, m: &Tensor, v: &Tensor, w: &Tensor, c: &Coef) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    use rayon::prelude::*;
+    let n = w.elem_count();
+    if [g, m, v].iter().any(|t| t.elem_count() != n) {
+        return Ok(None);
+    }
+    let (mut m2, mut v2, mut w2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    let done = with_f32(g, |g| {
+        with_f32(m, |m| {
+            with_f32(v, |v| {
+                with_f32(w, |w| {
+                    const CHUNK: usize = 1 << 14;
+                    let outs = m2.par_chunks_mut(CHUNK).zip(v2.par_chunks_mut(CHUNK)).zip(w2.par_chunks_mut(CHUNK));
+                    let ins =
+                        g.par_chunks(CHUNK).zip(m.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK)).zip(w.par_chunks(CHUNK));
+                    outs.zip(ins).for_each(|(((mo, vo), wo), (((g, m), v), w))| {
+                        for i in 0..g.len() {
+                            let g = g[i];
+                            let m = (m[i] * c.beta1 + 0.0) + (g * c.one_minus_beta1 + 0.0);
+                            let v = (v[i] * c.beta2 + 0.0) + (g * g * c.one_minus_beta2 + 0.0);
+                            let decayed = w[i] * c.decay + 0.0;
+                            let update = (m * c.inv_bc1 + 0.0) / ((v * c.inv_bc2 + 0.0).sqrt() + c.eps);
+                            (mo[i], vo[i], wo[i]) = (m, v, decayed - (update * c.lr + 0.0));
+                        }
+                    });
+                })
+            })
+        })
+    });
+    if done.flatten().flatten().flatten().is_none() {
+        return Ok(None);
+    }
+    let t = |x: Vec<f32>| Tensor::from_vec(x, w.shape(), w.device());
+    Ok(Some((t(m2)?, t(v2)?, t(w2)?)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +229,46 @@ mod tests {
         let got = p.as_tensor().to_vec1::<f32>().unwrap();
         assert!((got[0] - (0.999 - 0.1 * (0.5 / (0.5 + 1e-8)))).abs() < 1e-6, "{got:?}");
         assert_eq!(got[1], 0.0, "a zero weight with zero gradient stays exactly zero");
+    }
+
+    /// The fused CPU update gives the composed update's bits: f32 parameters and bf16 ones with
+    /// f32 masters, with weight decay, over several steps (bias corrections change each step).
+    #[test]
+    fn fused_update_equals_the_composed_one_bit_for_bit() {
+        let dev = Device::Cpu;
+        let hyper = Hyper { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+        for dtype in [DType::F32, DType::BF16] {
+            let run = |composed: bool| {
+                let normal = |n: usize, seed: u64| {
+                    let mut rng = crate::rng::SplitMix64::new(seed);
+                    (0..n).map(|_| rng.normal() as f32).collect::<Vec<f32>>()
+                };
+                let w = (Tensor::from_vec(normal(37 * 29, 1), (37, 29), &dev).unwrap() * 0.02).unwrap();
+                let w = Tensor::cat(&[&w, &Tensor::zeros((1, 29), DType::F32, &dev).unwrap()], 0).unwrap();
+                let p = Var::from_tensor(&w.to_dtype(dtype).unwrap()).unwrap();
+                let mut opt = AdamW::new(vec![("p".into(), p.clone())], hyper, false).unwrap();
+                opt.fused = !composed;
+                for step in 0..4u64 {
+                    let g = Tensor::from_vec(normal(38 * 29, 7 + step), (38, 29), &dev).unwrap();
+                    opt.step(&[g], 1e-3).unwrap();
+                }
+                let bits = |t: &Tensor| {
+                    t.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect::<Vec<_>>()
+                };
+                let mut out = vec![bits(p.as_tensor()), bits(&opt.m[0]), bits(&opt.v[0])];
+                out.extend(opt.master[0].as_ref().map(bits));
+                out
+            };
+            assert_eq!(run(false), run(true), "{dtype:?}");
+        }
     }
 
     /// In the model's dtype (bf16) a small update on a weight near 1 is rounded away, as in

@@ -1,0 +1,724 @@
+//! Fused training ops for f32 on CPU, each with a hand-written backward (issue #18).
+//!
+//! candle's autograd runs every composed op as its own pass and, for every gradient it
+//! accumulates, allocates a zero tensor and adds into it; a BitNet layer built from ~100 small
+//! ops spent more time there than in its matrix products. These ops do one pass forward and one
+//! or two backward:
+//!
+//! - [`rms_norm`], [`causal_softmax`] and [`rope`] compute their forward with the same arithmetic
+//!   as candle's inference kernels (`candle_nn::ops::rms_norm`, `softmax_last_dim` after the scale
+//!   and the causal mask, `rotary_emb::rope`), so the training forward equals the inference
+//!   forward bit for bit;
+//! - [`act_quant_ste`] and [`weight_quant_ste`] are the quantisers under the straight-through
+//!   estimator (value quantised, gradient passed unchanged), with the quantisers' exact
+//!   arithmetic (`quant.rs`);
+//! - [`relu2_mul`] is BitNet's `relu(g)² ⊙ u`; [`cross_entropy`] the mean next-token NLL.
+//!
+//! Reductions over rows (the gains' gradients) run in fixed chunks summed in order, so results do
+//! not depend on the thread count. Other devices and dtypes use the composed candle ops
+//! ([`fused`] says which).
+
+use super::quant::{act_code, act_scale, rne};
+use candle_core::cpu::kernels::VecOps;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+thread_local! {
+    static ENABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Whether the fused ops serve `x`: f32 on CPU (unless [`composed`] turned them off).
+pub fn fused(x: &Tensor) -> bool {
+    ENABLED.with(|e| e.get()) && x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// Runs `f` with the composed candle ops in place of the fused ones on this thread: the
+/// reference the tests and the benchmark compare the fused ops with.
+pub fn composed<R>(f: impl FnOnce() -> R) -> R {
+    let was = ENABLED.with(|e| e.replace(false));
+    let out = f();
+    ENABLED.with(|e| e.set(was));
+    out
+}
+
+/// The contiguous f32 slice of a storage (the ops require contiguous f32 inputs).
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else { candle_core::bail!("{what}: f32 only") };
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{what}: input must be contiguous") };
+    Ok(&v[a..b])
+}
+
+/// Rows per task of the row-reductions: fixed, so sums do not depend on the thread count.
+const ROW_CHUNK: usize = 64;
+
+/// Column sums `Σ_rows f(row)` of `rows` rows of length `n`, in fixed chunks summed in order.
+fn column_sums(rows: usize, n: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let parts: Vec<Vec<f32>> = (0..rows.div_ceil(ROW_CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let mut acc = vec![0f32; n];
+            for r in c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(rows) {
+                f(r, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut out = vec![0f32; n];
+    for p in parts {
+        out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+/// `y = x / sqrt(mean(x²) + eps) · w` over the last dimension (f32 CPU, differentiable in x and w).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+/// `sqrt(mean(x²) + eps)` of one row, summed as candle's kernel does (sequentially in f32).
+fn rms(row: &[f32], eps: f32) -> f32 {
+    let sum2 = row.iter().map(|v| v * v).sum::<f32>();
+    (sum2 / row.len() as f32 + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm-train"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (slice(s1, l1, "rms-norm")?, slice(s2, l2, "rms-norm")?);
+        let n = w.len();
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(d, s)| {
+            let m = rms(s, self.eps);
+            for ((d, s), a) in d.iter_mut().zip(s).zip(w) {
+                *d = *s / m * *a;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &dy, &RmsNormBwdX { eps: self.eps })?;
+        let dw = x.apply_op2_no_bwd(&dy, &RmsNormBwdW { eps: self.eps })?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `dx = (w ⊙ dy) / m − x · Σ(w ⊙ dy ⊙ x) / (n · m³)` per row.
+struct RmsNormBwdX {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormBwdX {
+    fn name(&self) -> &'static str {
+        "rms-norm-train-bwd-x"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, dy) = (slice(s1, l1, "rms-norm")?, slice(s2, l2, "rms-norm")?, slice(s3, l3, "rms-norm")?);
+        let n = w.len();
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(n).zip(x.par_chunks(n).zip(dy.par_chunks(n))).for_each(|(d, (x, dy))| {
+            let m = rms(x, self.eps);
+            let dot: f32 = x.iter().zip(dy).zip(w).map(|((x, g), w)| x * g * w).sum();
+            let c = dot / (n as f32 * m * m * m);
+            for (((d, x), g), w) in d.iter_mut().zip(x).zip(dy).zip(w) {
+                *d = g * w / m - x * c;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `dw = Σ_rows dy ⊙ x / m`.
+struct RmsNormBwdW {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNormBwdW {
+    fn name(&self) -> &'static str {
+        "rms-norm-train-bwd-w"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, dy) = (slice(s1, l1, "rms-norm")?, slice(s2, l2, "rms-norm")?);
+        let n = *l1.dims().last().unwrap_or(&1);
+        let rows = x.len() / n.max(1);
+        let dw = column_sums(rows, n, |r, acc| {
+            let (x, dy) = (&x[r * n..(r + 1) * n], &dy[r * n..(r + 1) * n]);
+            let m = rms(x, self.eps);
+            acc.iter_mut().zip(x).zip(dy).for_each(|((a, x), g)| *a += g * x / m);
+        });
+        Ok((CpuStorage::F32(dw), Shape::from(n)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal softmax
+
+/// `softmax(s · scale + mask)` over the last dimension of attention scores `[.., t, T]`, the mask
+/// hiding key `j > offset + i` from query `i` (f32 CPU, differentiable in `s`).
+pub fn causal_softmax(s: &Tensor, scale: f32, offset: usize) -> Result<Tensor> {
+    s.contiguous()?.apply_op1(CausalSoftmax { scale, offset })
+}
+
+struct CausalSoftmax {
+    scale: f32,
+    offset: usize,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax-train"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let src = slice(s, l, "causal-softmax")?;
+        let dims = l.dims();
+        let (t, total) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let mut out = vec![0f32; src.len()];
+        out.par_chunks_mut(total).zip(src.par_chunks(total)).enumerate().for_each(|(r, (d, s))| {
+            let last = self.offset + r % t; // the last key this query sees
+                                            // The inference path's `(s · scale + 0) + mask`, then candle's softmax_last_dim.
+            for (j, (d, s)) in d.iter_mut().zip(s).enumerate() {
+                *d = (*s * self.scale + 0.0) + if j > last { f32::NEG_INFINITY } else { 0.0 };
+            }
+            let mut max = f32::NEG_INFINITY;
+            unsafe { f32::vec_reduce_max(d.as_ptr(), &mut max, total) };
+            d.iter_mut().for_each(|v| *v = (*v - max).exp());
+            let mut sum = 0f32;
+            unsafe { f32::vec_reduce_sum(d.as_ptr(), &mut sum, total) };
+            d.iter_mut().for_each(|v| *v /= sum);
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _s: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxBwd { scale: self.scale })?))
+    }
+}
+
+/// `ds = scale · y ⊙ (dy − Σ dy ⊙ y)` per row.
+struct SoftmaxBwd {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "causal-softmax-train-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (y, dy) = (slice(s1, l1, "causal-softmax")?, slice(s2, l2, "causal-softmax")?);
+        let n = *l1.dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(n).zip(y.par_chunks(n).zip(dy.par_chunks(n))).for_each(|(d, (y, dy))| {
+            let dot: f32 = y.iter().zip(dy).map(|(y, g)| y * g).sum();
+            for ((d, y), g) in d.iter_mut().zip(y).zip(dy) {
+                *d = self.scale * (y * (g - dot));
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE
+
+/// Rotate-half RoPE of `x [b, h, t, d]` with tables `cos`, `sin` `[t, d/2]` (f32 CPU,
+/// differentiable in `x`).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { inverse: false })
+}
+
+/// `inverse` rotates by −θ: the backward of the forward rotation.
+struct Rope {
+    inverse: bool,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "rope-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, cos, sin) = (slice(s1, l1, "rope")?, slice(s2, l2, "rope")?, slice(s3, l3, "rope")?);
+        let (_, _, t, d) = l1.shape().dims4()?;
+        let half = d / 2;
+        if cos.len() < t * half || sin.len() < t * half {
+            candle_core::bail!("rope: tables shorter than {t} positions");
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).for_each(|(dst, src)| {
+            for p in 0..t {
+                for i in 0..half {
+                    let (i1, i2, c) = (p * d + i, p * d + i + half, p * half + i);
+                    let (c, s) = (cos[c], if self.inverse { -sin[c] } else { sin[c] });
+                    // candle's rope kernel, term for term.
+                    dst[i1] = src[i1] * c - src[i2] * s;
+                    dst[i2] = src[i1] * s + src[i2] * c;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = dy.contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { inverse: !self.inverse })?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantisers under the straight-through estimator
+
+/// Per-token absmax int8 fake-quant of `x` (`quant::act_fake_quant`'s value), gradient passed
+/// straight through.
+pub fn act_quant_ste(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(ActQuantSte)
+}
+
+struct ActQuantSte;
+
+impl CustomOp1 for ActQuantSte {
+    fn name(&self) -> &'static str {
+        "act-quant-ste"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "act-quant")?;
+        let n = *l.dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(n.max(1)).zip(x.par_chunks(n.max(1))).for_each(|(d, r)| {
+            let s = act_scale(r);
+            d.iter_mut().zip(r).for_each(|(d, v)| *d = act_code(*v, s) / s);
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(dy.clone()))
+    }
+}
+
+/// Ternary weight fake-quant `clamp(round(W·s), −1, 1) / s` for the scale `s` of
+/// `quant::weight_inv_scale` (`quant::weight_fake_quant`'s value), gradient passed straight
+/// through.
+pub fn weight_quant_ste(w: &Tensor, inv_scale: f32) -> Result<Tensor> {
+    w.contiguous()?.apply_op1(WeightQuantSte { s: inv_scale })
+}
+
+struct WeightQuantSte {
+    s: f32,
+}
+
+impl CustomOp1 for WeightQuantSte {
+    fn name(&self) -> &'static str {
+        "weight-quant-ste"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let w = slice(st, l, "weight-quant")?;
+        let s = self.s;
+        let mut out = vec![0f32; w.len()];
+        out.par_chunks_mut(1 << 16).zip(w.par_chunks(1 << 16)).for_each(|(d, w)| {
+            // quant::ternarize then `/ s`, op for op.
+            d.iter_mut().zip(w).for_each(|(d, w)| *d = rne((w * s).clamp(-2.0, 2.0)).clamp(-1.0, 1.0) / s);
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _w: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(dy.clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// relu² gate
+
+/// BitNet's gated activation `relu(g)² ⊙ u` (f32 CPU, differentiable in both).
+pub fn relu2_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    g.contiguous()?.apply_op2(&u.contiguous()?, Relu2Mul)
+}
+
+struct Relu2Mul;
+
+fn pairs<'a>(
+    s1: &'a CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+    what: &str,
+) -> Result<(&'a [f32], &'a [f32])> {
+    let (a, b) = (slice(s1, l1, what)?, slice(s2, l2, what)?);
+    if a.len() != b.len() {
+        candle_core::bail!("{what}: operands of different sizes");
+    }
+    Ok((a, b))
+}
+
+const ELEM_CHUNK: usize = 1 << 14;
+
+impl CustomOp2 for Relu2Mul {
+    fn name(&self) -> &'static str {
+        "relu2-mul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (g, u) = pairs(s1, l1, s2, l2, "relu2-mul")?;
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(ELEM_CHUNK).zip(g.par_chunks(ELEM_CHUNK).zip(u.par_chunks(ELEM_CHUNK))).for_each(
+            |(d, (g, u))| {
+                for ((d, g), u) in d.iter_mut().zip(g).zip(u) {
+                    let r = g.max(0.0);
+                    *d = r * r * u;
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dg = g.apply_op3_no_bwd(u, &dy, &Relu2MulBwd { wrt_gate: true })?;
+        let du = g.apply_op3_no_bwd(u, &dy, &Relu2MulBwd { wrt_gate: false })?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// `dg = 2 · relu(g) · u · dy` or `du = relu(g)² · dy`.
+struct Relu2MulBwd {
+    wrt_gate: bool,
+}
+
+impl CustomOp3 for Relu2MulBwd {
+    fn name(&self) -> &'static str {
+        "relu2-mul-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, u) = pairs(s1, l1, s2, l2, "relu2-mul")?;
+        let dy = slice(s3, l3, "relu2-mul")?;
+        let mut out = vec![0f32; g.len()];
+        let chunks = g.par_chunks(ELEM_CHUNK).zip(u.par_chunks(ELEM_CHUNK)).zip(dy.par_chunks(ELEM_CHUNK));
+        out.par_chunks_mut(ELEM_CHUNK).zip(chunks).for_each(|(d, ((g, u), dy))| {
+            for (((d, g), u), dy) in d.iter_mut().zip(g).zip(u).zip(dy) {
+                let r = g.max(0.0);
+                *d = if self.wrt_gate { 2.0 * r * u * dy } else { r * r * dy };
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy
+
+/// Mean negative log-likelihood of `targets [n]` (u32) under `logits [n, V]` (f32 CPU): a scalar,
+/// differentiable in the logits.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let targets = targets.to_dtype(DType::U32)?.contiguous()?;
+    logits.contiguous()?.apply_op2(&targets, CrossEntropy { rows: Mutex::new(vec![]) })
+}
+
+/// The forward keeps each row's `(max, Σ exp(x − max))` for the backward.
+struct CrossEntropy {
+    rows: Mutex<Vec<(f32, f32)>>,
+}
+
+fn targets<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
+    let CpuStorage::U32(v) = s else { candle_core::bail!("cross-entropy: targets must be u32") };
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("cross-entropy: targets must be contiguous") };
+    Ok(&v[a..b])
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "cross-entropy")?;
+        let tg = targets(s2, l2)?;
+        let (n, v) = l1.shape().dims2()?;
+        if tg.len() != n {
+            candle_core::bail!("cross-entropy: {n} rows of logits but {} targets", tg.len());
+        }
+        if let Some(bad) = tg.iter().find(|&&t| t as usize >= v) {
+            candle_core::bail!("cross-entropy: target {bad} outside the vocabulary of {v}");
+        }
+        let rows: Vec<(f32, f32, f64)> = x
+            .par_chunks(v)
+            .zip(tg.par_iter())
+            .map(|(row, &t)| {
+                let mut max = f32::NEG_INFINITY;
+                unsafe { f32::vec_reduce_max(row.as_ptr(), &mut max, v) };
+                let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
+                (max, sum, (sum.ln() - (row[t as usize] - max)) as f64)
+            })
+            .collect();
+        let loss = rows.iter().map(|r| r.2).sum::<f64>() / n as f64;
+        *self.rows.lock().expect("cross-entropy state") = rows.iter().map(|r| (r.0, r.1)).collect();
+        Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+    }
+
+    fn bwd(&self, x: &Tensor, t: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let rows = self.rows.lock().expect("cross-entropy state").clone();
+        let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?[0];
+        let dx = x.apply_op2_no_bwd(t, &CrossEntropyBwd { rows, g })?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// `dx = g / n · (softmax(x) − onehot(t))`.
+struct CrossEntropyBwd {
+    rows: Vec<(f32, f32)>,
+    g: f32,
+}
+
+impl CustomOp2 for CrossEntropyBwd {
+    fn name(&self) -> &'static str {
+        "cross-entropy-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "cross-entropy")?;
+        let tg = targets(s2, l2)?;
+        let (n, v) = l1.shape().dims2()?;
+        if self.rows.len() != n {
+            candle_core::bail!("cross-entropy: backward without its forward");
+        }
+        let scale = self.g / n as f32;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(v).zip(x.par_chunks(v)).enumerate().for_each(|(r, (d, x))| {
+            let (max, sum) = self.rows[r];
+            for (d, x) in d.iter_mut().zip(x) {
+                *d = (x - max).exp() / sum * scale;
+            }
+            d[tg[r] as usize] -= scale;
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::quant::{act_fake_quant, ste, weight_fake_quant, weight_inv_scale};
+    use crate::rng::SplitMix64;
+    use candle_core::{Device, Var, D};
+
+    fn normal(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+        let mut rng = SplitMix64::new(seed);
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32 * scale).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// `|a − b| ≤ tol · max|b|` elementwise.
+    fn close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
+        assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+        let (a, b) = (values(a), values(b));
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!((x - y).abs() <= tol * scale, "{what}[{i}]: fused {x} vs composed {y} (scale {scale})");
+        }
+    }
+
+    /// Forward values and input gradients (under `Σ y ⊙ r`, r random) of a fused op against the
+    /// composed candle ops it replaces.
+    fn check(
+        what: &str,
+        inputs: &[Tensor],
+        fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+        composed: impl Fn(&[Tensor]) -> Result<Tensor>,
+        exact_forward: bool,
+    ) {
+        let run = |f: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
+            let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = f(&ts).unwrap();
+            let r = normal(y.dims(), 99, 1.0);
+            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g: Vec<Tensor> = vars.iter().map(|v| grads.get(v.as_tensor()).expect("a gradient").clone()).collect();
+            (y, g)
+        };
+        let (yf, gf) = run(&fused);
+        let (yc, gc) = run(&composed);
+        if exact_forward {
+            assert_eq!(values(&yf), values(&yc), "{what}: forward bits");
+        } else {
+            close(&format!("{what} forward"), &yf, &yc, 1e-6);
+        }
+        for (i, (a, b)) in gf.iter().zip(&gc).enumerate() {
+            close(&format!("{what} grad {i}"), a, b, 2e-5);
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_candle() {
+        let x = normal(&[3, 37, 24], 1, 2.0);
+        let w = normal(&[24], 2, 1.0);
+        // The forward equals candle's inference kernel bit for bit; gradients the composed form's.
+        let infer = candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap();
+        assert_eq!(values(&rms_norm(&x, &w, 1e-6).unwrap()), values(&infer));
+        check(
+            "rms_norm",
+            &[x, w],
+            |t| rms_norm(&t[0], &t[1], 1e-6),
+            |t| {
+                let inv = (t[0].sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?.recip()?;
+                t[0].broadcast_mul(&inv)?.broadcast_mul(&t[1])
+            },
+            false,
+        );
+    }
+
+    #[test]
+    fn causal_softmax_matches_the_masked_softmax() {
+        for (t, offset) in [(7usize, 0usize), (5, 3)] {
+            let total = t + offset;
+            let s = normal(&[2, 3, t, total], 3, 3.0);
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, total), &Device::Cpu).unwrap();
+            let scale = 0.125f64;
+            let infer = candle_nn::ops::softmax_last_dim(&(&s * scale).unwrap().broadcast_add(&mask).unwrap()).unwrap();
+            assert_eq!(values(&causal_softmax(&s, scale as f32, offset).unwrap()), values(&infer), "offset {offset}");
+            check(
+                "causal_softmax",
+                &[s],
+                |x| causal_softmax(&x[0], scale as f32, offset),
+                |x| candle_nn::ops::softmax(&(&x[0] * scale)?.broadcast_add(&mask)?, D::Minus1),
+                false,
+            );
+        }
+    }
+
+    #[test]
+    fn rope_matches_candle() {
+        let x = normal(&[2, 3, 9, 8], 4, 1.0);
+        let cos = normal(&[9, 4], 5, 1.0);
+        let sin = normal(&[9, 4], 6, 1.0);
+        let infer = candle_nn::rotary_emb::rope(&x, &cos, &sin).unwrap();
+        assert_eq!(values(&rope(&x, &cos, &sin).unwrap()), values(&infer));
+        check(
+            "rope",
+            &[x],
+            |t| rope(&t[0], &cos, &sin),
+            |t| candle_nn::rotary_emb::rope_slow(&t[0], &cos, &sin),
+            false,
+        );
+    }
+
+    #[test]
+    fn quantisers_match_the_straight_through_forms() {
+        // Rows with exact .5 ties after scaling, and a zero row.
+        let x =
+            Tensor::cat(&[&normal(&[5, 33], 7, 3.0), &Tensor::zeros((1, 33), DType::F32, &Device::Cpu).unwrap()], 0)
+                .unwrap();
+        check("act_quant_ste", &[x], |t| act_quant_ste(&t[0]), |t| ste(&t[0], &act_fake_quant(&t[0])?), true);
+        let w = normal(&[12, 20], 8, 0.05);
+        let s = values(&weight_inv_scale(&w).unwrap())[0];
+        check(
+            "weight_quant_ste",
+            &[w],
+            |t| weight_quant_ste(&t[0], s),
+            |t| ste(&t[0], &weight_fake_quant(&t[0])?),
+            true,
+        );
+    }
+
+    #[test]
+    fn relu2_mul_matches_the_composed_gate() {
+        let g = normal(&[4, 19], 9, 1.0);
+        let u = normal(&[4, 19], 10, 1.0);
+        check("relu2_mul", &[g, u], |t| relu2_mul(&t[0], &t[1]), |t| t[0].relu()?.sqr()? * &t[1], true);
+    }
+
+    #[test]
+    fn cross_entropy_matches_candle() {
+        let logits = normal(&[6, 50], 11, 4.0);
+        let targets = Tensor::new(&[0u32, 49, 7, 7, 13, 20], &Device::Cpu).unwrap();
+        let run = |fused: bool| {
+            let v = Var::from_tensor(&logits).unwrap();
+            let loss = if fused {
+                cross_entropy(v.as_tensor(), &targets).unwrap()
+            } else {
+                candle_nn::loss::cross_entropy(v.as_tensor(), &targets).unwrap()
+            };
+            let g = (&loss * 3.0).unwrap().backward().unwrap().get(v.as_tensor()).unwrap().clone();
+            (loss, g)
+        };
+        let ((lf, gf), (lc, gc)) = (run(true), run(false));
+        close("cross_entropy loss", &lf, &lc, 1e-6);
+        close("cross_entropy grad", &gf, &gc, 1e-6);
+        let bad = Tensor::new(&[0u32, 50, 0, 0, 0, 0], &Device::Cpu).unwrap();
+        let err = cross_entropy(&logits, &bad).unwrap_err().to_string();
+        assert!(err.contains("outside the vocabulary of 50"), "{err}");
+    }
+
+    /// Gradients of the chunked row-reduction do not depend on the thread count.
+    #[test]
+    fn gain_gradients_are_the_same_on_any_thread_count() {
+        let x = normal(&[300, 16], 12, 1.0);
+        let w = normal(&[16], 13, 1.0);
+        let grad = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let v = Var::from_tensor(&w).unwrap();
+                let y = rms_norm(&x, v.as_tensor(), 1e-6).unwrap();
+                let g = (&y * &x).unwrap().sum_all().unwrap().backward().unwrap();
+                values(g.get(v.as_tensor()).unwrap())
+            })
+        };
+        assert_eq!(grad(1), grad(3));
+    }
+}
