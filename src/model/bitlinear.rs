@@ -8,8 +8,10 @@
 //!
 //! Ternary inference of an f32 model on CPU runs the int8 × 2-bit kernel (`ternary_kernel.rs`): the activation is
 //! quantised to int8 once per shared input, the weight packed once (kept while the weights do
-//! not change), the sums exact in integers. Training, other devices and unquantised models use
-//! the f32 fake-quant path.
+//! not change), the sums exact in integers. Training on CPU in f32 runs the same kernel for the
+//! forward product of a latent ternary weight (`train_ops::ternary_linear`, packed every step)
+//! and float products for the straight-through backward. Other devices, other dtypes and
+//! unquantised models use the f32 fake-quant path.
 
 use super::config::Quantization;
 use super::mode::Mode;
@@ -57,7 +59,15 @@ impl ProjOpts {
 #[derive(Debug)]
 pub enum Prepared {
     Float(Tensor),
-    Int8 { rows: QuantRows, dims: Vec<usize>, dtype: DType, device: Device },
+    /// The raw input of a ternary projection trained on CPU: `train_ops::ternary_linear`
+    /// quantises it inside its kernel product.
+    Raw(Tensor),
+    Int8 {
+        rows: QuantRows,
+        dims: Vec<usize>,
+        dtype: DType,
+        device: Device,
+    },
 }
 
 impl Projection {
@@ -129,6 +139,16 @@ impl Projection {
             && x.dtype() == DType::F32
     }
 
+    /// Whether the training forward of `x` runs the int8 kernel (`train_ops::ternary_linear`):
+    /// a latent ternary weight, f32 on CPU, the kernel on.
+    fn trains_with_kernel(&self, x: &Tensor, mode: Mode, opts: ProjOpts) -> bool {
+        opts.kernel
+            && mode == Mode::Train
+            && self.quant == Quantization::Ternary
+            && matches!(&self.weight, ProjWeight::Dense(p) if train_ops::fused(p.var.as_tensor()))
+            && train_ops::fused(x)
+    }
+
     /// The weight the inference forward multiplies by (quantised if ternary; a packed
     /// projection's codes without its per-tensor scale).
     pub(crate) fn effective_weight(&self) -> Result<Tensor> {
@@ -164,6 +184,9 @@ impl Projection {
             let rows = QuantRows::new(&flat, flat.len() / k.max(1), k);
             return Ok(Prepared::Int8 { rows, dims, dtype: x.dtype(), device: x.device().clone() });
         }
+        if self.trains_with_kernel(x, mode, opts) {
+            return Ok(Prepared::Raw(x.clone()));
+        }
         Ok(Prepared::Float(match (self.quant, mode) {
             (Quantization::None, _) => x.clone(),
             (Quantization::Ternary, Mode::Infer) => act_fake_quant(x)?,
@@ -181,6 +204,14 @@ impl Projection {
     pub fn apply(&self, x: &Prepared, mode: Mode, opts: ProjOpts) -> Result<Tensor> {
         match x {
             Prepared::Float(x) => self.apply_float(x, mode, opts.cache),
+            Prepared::Raw(x) => match &self.weight {
+                ProjWeight::Dense(p) => {
+                    let w = p.var.as_tensor();
+                    let s = weight_inv_scale(&w.detach())?.flatten_all()?.to_vec1::<f32>()?[0];
+                    train_ops::ternary_linear(x, w, s)
+                }
+                ProjWeight::Packed { .. } => self.apply_float(&train_ops::act_quant_ste(x)?, mode, opts.cache),
+            },
             Prepared::Int8 { rows, dims, dtype, device } => {
                 let w = self.packed_weight(opts.cache).map_err(candle_core::Error::wrap)?;
                 let y = kernel::matmul(rows, &w);

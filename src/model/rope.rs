@@ -37,14 +37,17 @@ impl Rope {
         self.max_pos
     }
 
-    /// Rotate `x` `[b, heads, t, head_dim]` for positions `offset..offset+t`.
-    pub fn apply(&self, x: &Tensor, offset: usize, mode: Mode) -> Result<Tensor> {
-        let t = x.dim(2)?;
+    /// The `cos`, `sin` tables `[t, head_dim/2]` of positions `offset..offset+t`.
+    pub fn tables(&self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
         if offset + t > self.max_pos {
             candle_core::bail!("position {} exceeds max_position_embeddings {}", offset + t, self.max_pos);
         }
-        let cos = self.cos.narrow(0, offset, t)?;
-        let sin = self.sin.narrow(0, offset, t)?;
+        Ok((self.cos.narrow(0, offset, t)?, self.sin.narrow(0, offset, t)?))
+    }
+
+    /// Rotate `x` `[b, heads, t, head_dim]` for positions `offset..offset+t`.
+    pub fn apply(&self, x: &Tensor, offset: usize, mode: Mode) -> Result<Tensor> {
+        let (cos, sin) = self.tables(offset, x.dim(2)?)?;
         match mode {
             Mode::Infer => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin),
             Mode::Train if train_ops::fused(x) && train_ops::fused(&cos) => train_ops::rope(x, &cos, &sin),

@@ -19,6 +19,7 @@
 //! ([`fused`] says which).
 
 use super::quant::{act_code, act_scale, rne};
+use super::ternary_kernel::{self as kernel, PackedTernary, QuantRows};
 use candle_core::cpu::kernels::VecOps;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -304,6 +305,193 @@ impl CustomOp3 for Rope {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Attention heads
+
+/// How [`split_heads`] lays out a projection's output.
+#[derive(Clone, Copy)]
+pub struct HeadLayout {
+    /// Heads in the input (`heads · d` features).
+    pub heads: usize,
+    /// Each input head serves this many output heads (grouped-query attention's repeat_kv).
+    pub repeat: usize,
+    /// Rotate by the RoPE tables (queries and keys).
+    pub rope: bool,
+    /// `[b, heads·repeat, d, t]` (keys, ready for `q · kᵀ`) instead of `[b, heads·repeat, t, d]`.
+    pub transposed: bool,
+}
+
+/// A projection's output `y [b, t, heads·d]` as attention heads: split, RoPE-rotated with
+/// `cos`, `sin` `[t, d/2]` (rope only), repeated for grouped queries, and laid out contiguous for
+/// the attention products — the inference path's reshape, transpose, rope, repeat_kv and copies
+/// in one pass, the same values (f32 CPU, differentiable in `y`).
+pub fn split_heads(y: &Tensor, cos: &Tensor, sin: &Tensor, layout: HeadLayout) -> Result<Tensor> {
+    y.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, SplitHeads { layout, backward: false })
+}
+
+/// Forward: `y [b, t, heads·d]` → heads. Backward (`backward`): the heads' gradient →
+/// `dy [b, t, heads·d]`, summed over the repeats and rotated back.
+struct SplitHeads {
+    layout: HeadLayout,
+    backward: bool,
+}
+
+impl SplitHeads {
+    /// `(b, t, d)` from the layout of the tensor in `[b, t, heads·d]` form.
+    fn dims(&self, flat: &[usize]) -> Result<(usize, usize, usize)> {
+        let [b, t, f] = flat else { candle_core::bail!("split-heads: expected [b, t, heads·d], got {flat:?}") };
+        let h = self.layout.heads;
+        if h == 0 || f % h != 0 || (f / h) % 2 != 0 {
+            candle_core::bail!("split-heads: {f} features are not {h} heads of even size");
+        }
+        Ok((*b, *t, f / h))
+    }
+}
+
+impl CustomOp3 for SplitHeads {
+    fn name(&self) -> &'static str {
+        "split-heads-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (src, cos, sin) =
+            (slice(s1, l1, "split-heads")?, slice(s2, l2, "split-heads")?, slice(s3, l3, "split-heads")?);
+        let HeadLayout { heads: h, repeat: rep, rope, transposed } = self.layout;
+        let rep = rep.max(1);
+        // Position p, feature i of head `head` in the output's layout.
+        let at = |t: usize, d: usize, p: usize, i: usize| if transposed { i * t + p } else { p * d + i };
+        // The rotation of one head row (candle's rope kernel, term for term); `back` rotates by −θ.
+        let rotate = |row: &[f32], p: usize, half: usize, out: &mut [f32], back: bool| {
+            if !rope {
+                out.copy_from_slice(row);
+                return;
+            }
+            for i in 0..half {
+                let (c, s) = (cos[p * half + i], if back { -sin[p * half + i] } else { sin[p * half + i] });
+                out[i] = row[i] * c - row[i + half] * s;
+                out[i + half] = row[i] * s + row[i + half] * c;
+            }
+        };
+        if !self.backward {
+            let (b, t, d) = self.dims(l1.dims())?;
+            let half = d / 2;
+            if rope && (cos.len() < t * half || sin.len() < t * half) {
+                candle_core::bail!("split-heads: RoPE tables shorter than {t} positions");
+            }
+            let mut out = vec![0f32; b * h * rep * t * d];
+            out.par_chunks_mut(rep * t * d).enumerate().for_each(|(bh, dst)| {
+                let (bi, hi) = (bh / h, bh % h);
+                let mut row = vec![0f32; d];
+                for p in 0..t {
+                    let start = ((bi * t + p) * h + hi) * d;
+                    rotate(&src[start..start + d], p, half, &mut row, false);
+                    for r in 0..rep {
+                        let head = &mut dst[r * t * d..(r + 1) * t * d];
+                        for (i, v) in row.iter().enumerate() {
+                            head[at(t, d, p, i)] = *v;
+                        }
+                    }
+                }
+            });
+            let shape = if transposed { (b, h * rep, d, t) } else { (b, h * rep, t, d) };
+            return Ok((CpuStorage::F32(out), Shape::from(shape)));
+        }
+        // Backward: src is the heads' gradient in the forward's output layout.
+        let dims = l1.dims();
+        let [b, hr, x, y] = dims else { candle_core::bail!("split-heads: gradient of rank {}", dims.len()) };
+        let (b, (t, d)) = (*b, if transposed { (*y, *x) } else { (*x, *y) });
+        if *hr != h * rep {
+            candle_core::bail!("split-heads: gradient of {hr} heads for {h} × {rep}");
+        }
+        let half = d / 2;
+        let mut out = vec![0f32; b * t * h * d];
+        out.par_chunks_mut(t * h * d).enumerate().for_each(|(bi, dst)| {
+            let (mut sum, mut row) = (vec![0f32; d], vec![0f32; d]);
+            for hi in 0..h {
+                for p in 0..t {
+                    sum.iter_mut().for_each(|v| *v = 0.0);
+                    for r in 0..rep {
+                        let head = &src[((bi * h + hi) * rep + r) * t * d..][..t * d];
+                        sum.iter_mut().enumerate().for_each(|(i, v)| *v += head[at(t, d, p, i)]);
+                    }
+                    rotate(&sum, p, half, &mut row, true);
+                    dst[(p * h + hi) * d..][..d].copy_from_slice(&row);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, t, h * d))))
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let back = SplitHeads { layout: self.layout, backward: true };
+        Ok((Some(dy.contiguous()?.apply_op3_no_bwd(cos, sin, &back)?), None, None))
+    }
+}
+
+/// Attention output heads `o [b, heads, t, d]` back to `[b, t, heads·d]` (the inference path's
+/// transpose and reshape; f32 CPU, differentiable).
+pub fn merge_heads(o: &Tensor) -> Result<Tensor> {
+    o.contiguous()?.apply_op1(MergeHeads { backward: false })
+}
+
+/// Forward `[b, h, t, d] → [b, t, h·d]`; backward (`backward`) the reverse, given `h`.
+struct MergeHeads {
+    backward: bool,
+}
+
+/// Copies `[b, h, t, d]` into `[b, t, h, d]` (`merge`) or back.
+fn permute_heads(src: &[f32], (b, h, t, d): (usize, usize, usize, usize), merge: bool) -> Vec<f32> {
+    let mut out = vec![0f32; src.len()];
+    out.par_chunks_mut(h * t * d).zip(src.par_chunks(h * t * d)).take(b).for_each(|(dst, src)| {
+        for hi in 0..h {
+            for p in 0..t {
+                let (a, z) = ((hi * t + p) * d, (p * h + hi) * d);
+                let (from, to) = if merge { (a, z) } else { (z, a) };
+                dst[to..to + d].copy_from_slice(&src[from..from + d]);
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp1 for MergeHeads {
+    fn name(&self) -> &'static str {
+        "merge-heads-train"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let src = slice(s, l, "merge-heads")?;
+        let (b, h, t, d) = l.shape().dims4()?;
+        if self.backward {
+            // Here the shape is [b, h, t, d] only nominally: the gradient arrives as [b, t, h·d]
+            // reshaped by `bwd`.
+            return Ok((CpuStorage::F32(permute_heads(src, (b, h, t, d), false)), Shape::from((b, h, t, d))));
+        }
+        Ok((CpuStorage::F32(permute_heads(src, (b, h, t, d), true)), Shape::from((b, t, h * d))))
+    }
+
+    fn bwd(&self, o: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        // `dy [b, t, h·d]` viewed with o's dims so the op knows (b, h, t, d).
+        let dy = dy.contiguous()?.reshape(o.dims())?;
+        Ok(Some(dy.apply_op1_no_bwd(&MergeHeads { backward: true })?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Quantisers under the straight-through estimator
 
 /// Per-token absmax int8 fake-quant of `x` (`quant::act_fake_quant`'s value), gradient passed
@@ -364,6 +552,48 @@ impl CustomOp1 for WeightQuantSte {
 
     fn bwd(&self, _w: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(dy.clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ternary projection
+
+/// A ternary projection in training, `x̂ · Ŵᵀ` for `x [.., k]` and the latent `w [out, k]`: the
+/// product by the int8 × 2-bit kernel (`ternary_kernel.rs`: exact integer sums, the inference
+/// forward's numbers), the backward the straight-through estimator's float products
+/// `dx = dy · Ŵ`, `dW = dyᵀ · x̂` with `x̂`, `Ŵ` the fake-quantised operands.
+pub fn ternary_linear(x: &Tensor, w: &Tensor, inv_scale: f32) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, TernaryLinear { s: inv_scale })
+}
+
+struct TernaryLinear {
+    s: f32,
+}
+
+impl CustomOp2 for TernaryLinear {
+    fn name(&self) -> &'static str {
+        "ternary-linear-train"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (slice(s1, l1, "ternary-linear")?, slice(s2, l2, "ternary-linear")?);
+        let (out, k) = l2.shape().dims2()?;
+        if l1.dims().last() != Some(&k) {
+            candle_core::bail!("ternary-linear: input {:?} for a weight of {k} features", l1.dims());
+        }
+        let rows = QuantRows::new(x, x.len() / k.max(1), k);
+        let packed = PackedTernary::from_latent(w, out, k, self.s).map_err(candle_core::Error::wrap)?;
+        let mut shape = l1.dims().to_vec();
+        *shape.last_mut().expect("checked above") = out;
+        Ok((CpuStorage::F32(kernel::matmul(&rows, &packed)), Shape::from(shape)))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (out, k) = w.dims2()?;
+        let xq = x.apply_op1_no_bwd(&ActQuantSte)?.reshape(((), k))?;
+        let wq = w.apply_op1_no_bwd(&WeightQuantSte { s: self.s })?;
+        let dy = dy.reshape(((), out))?;
+        Ok((Some(dy.matmul(&wq)?.reshape(x.dims())?), Some(dy.t()?.matmul(&xq)?)))
     }
 }
 
@@ -456,10 +686,13 @@ impl CustomOp3 for Relu2MulBwd {
 // ---------------------------------------------------------------------------------------------
 // Cross-entropy
 
-/// Mean negative log-likelihood of `targets [n]` (u32) under `logits [n, V]` (f32 CPU): a scalar,
-/// differentiable in the logits.
+/// A target that is not scored (its row adds nothing to the loss and gets no gradient).
+pub const IGNORE: u32 = u32::MAX;
+
+/// Mean negative log-likelihood of `targets [..]` (u32; [`IGNORE`] skips a row) under
+/// `logits [.., V]` (f32 CPU) over the scored rows: a scalar, differentiable in the logits.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let targets = targets.to_dtype(DType::U32)?.contiguous()?;
+    let targets = targets.to_dtype(DType::U32)?.flatten_all()?.contiguous()?;
     logits.contiguous()?.apply_op2(&targets, CrossEntropy { rows: Mutex::new(vec![]) })
 }
 
@@ -468,10 +701,30 @@ struct CrossEntropy {
     rows: Mutex<Vec<(f32, f32)>>,
 }
 
-fn targets<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
-    let CpuStorage::U32(v) = s else { candle_core::bail!("cross-entropy: targets must be u32") };
+fn targets<'a>(s: &'a CpuStorage, l: &Layout, rows: usize, v: usize) -> Result<&'a [u32]> {
+    let CpuStorage::U32(t) = s else { candle_core::bail!("cross-entropy: targets must be u32") };
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("cross-entropy: targets must be contiguous") };
-    Ok(&v[a..b])
+    let t = &t[a..b];
+    if t.len() != rows {
+        candle_core::bail!("cross-entropy: {rows} rows of logits but {} targets", t.len());
+    }
+    if let Some(bad) = t.iter().find(|&&t| t != IGNORE && t as usize >= v) {
+        candle_core::bail!("cross-entropy: target {bad} outside the vocabulary of {v}");
+    }
+    Ok(t)
+}
+
+/// `(rows, V)` of logits `[.., V]`.
+fn rows_of(l: &Layout) -> Result<(usize, usize)> {
+    let v = *l.dims().last().unwrap_or(&0);
+    if l.dims().len() < 2 || v == 0 {
+        candle_core::bail!("cross-entropy: logits must be [.., V] with V > 0, got {:?}", l.dims());
+    }
+    Ok((l.shape().elem_count() / v, v))
+}
+
+fn scored(tg: &[u32]) -> usize {
+    tg.iter().filter(|&&t| t != IGNORE).count()
 }
 
 impl CustomOp2 for CrossEntropy {
@@ -481,25 +734,26 @@ impl CustomOp2 for CrossEntropy {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s1, l1, "cross-entropy")?;
-        let tg = targets(s2, l2)?;
-        let (n, v) = l1.shape().dims2()?;
-        if tg.len() != n {
-            candle_core::bail!("cross-entropy: {n} rows of logits but {} targets", tg.len());
-        }
-        if let Some(bad) = tg.iter().find(|&&t| t as usize >= v) {
-            candle_core::bail!("cross-entropy: target {bad} outside the vocabulary of {v}");
+        let (n, v) = rows_of(l1)?;
+        let tg = targets(s2, l2, n, v)?;
+        let count = scored(tg);
+        if count == 0 {
+            candle_core::bail!("cross-entropy: no position to score");
         }
         let rows: Vec<(f32, f32, f64)> = x
             .par_chunks(v)
             .zip(tg.par_iter())
             .map(|(row, &t)| {
+                if t == IGNORE {
+                    return (0.0, 1.0, 0.0);
+                }
                 let mut max = f32::NEG_INFINITY;
                 unsafe { f32::vec_reduce_max(row.as_ptr(), &mut max, v) };
                 let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
                 (max, sum, (sum.ln() - (row[t as usize] - max)) as f64)
             })
             .collect();
-        let loss = rows.iter().map(|r| r.2).sum::<f64>() / n as f64;
+        let loss = rows.iter().map(|r| r.2).sum::<f64>() / count as f64;
         *self.rows.lock().expect("cross-entropy state") = rows.iter().map(|r| (r.0, r.1)).collect();
         Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
     }
@@ -512,7 +766,6 @@ impl CustomOp2 for CrossEntropy {
     }
 }
 
-/// `dx = g / n · (softmax(x) − onehot(t))`.
 struct CrossEntropyBwd {
     rows: Vec<(f32, f32)>,
     g: f32,
@@ -525,14 +778,17 @@ impl CustomOp2 for CrossEntropyBwd {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s1, l1, "cross-entropy")?;
-        let tg = targets(s2, l2)?;
-        let (n, v) = l1.shape().dims2()?;
+        let (n, v) = rows_of(l1)?;
+        let tg = targets(s2, l2, n, v)?;
         if self.rows.len() != n {
             candle_core::bail!("cross-entropy: backward without its forward");
         }
-        let scale = self.g / n as f32;
+        let scale = self.g / scored(tg) as f32;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(v).zip(x.par_chunks(v)).enumerate().for_each(|(r, (d, x))| {
+            if tg[r] == IGNORE {
+                return;
+            }
             let (max, sum) = self.rows[r];
             for (d, x) in d.iter_mut().zip(x) {
                 *d = (x - max).exp() / sum * scale;
@@ -658,6 +914,50 @@ mod tests {
         );
     }
 
+    /// split_heads / merge_heads against the inference path's reshape, transpose, rope,
+    /// repeat_kv and copies: the same values, the same gradients.
+    #[test]
+    fn head_layouts_match_the_composed_ops() {
+        let (b, t, h, d, rep) = (2usize, 5usize, 3usize, 8usize, 2usize);
+        let y = normal(&[b, t, h * d], 14, 1.0);
+        let cos = normal(&[t, d / 2], 15, 1.0);
+        let sin = normal(&[t, d / 2], 16, 1.0);
+        let composed = |y: &Tensor, rope: bool, transposed: bool| -> Result<Tensor> {
+            let x = y.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
+            let x = if rope { candle_nn::rotary_emb::rope_slow(&x, &cos, &sin)? } else { x };
+            let x = x.unsqueeze(2)?.expand((b, h, rep, t, d))?.reshape((b, h * rep, t, d))?;
+            if transposed {
+                x.t()?.contiguous()
+            } else {
+                Ok(x)
+            }
+        };
+        for (rope, transposed) in [(true, false), (true, true), (false, false)] {
+            let layout = HeadLayout { heads: h, repeat: rep, rope, transposed };
+            let fused = split_heads(&y, &cos, &sin, layout).unwrap();
+            let infer = composed(&y, rope, transposed).unwrap();
+            if rope {
+                // The rotation is candle's rope kernel's arithmetic.
+                let x = y.reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+                let r = candle_nn::rotary_emb::rope(&x, &cos, &sin).unwrap();
+                let r = r.unsqueeze(2).unwrap().expand((b, h, rep, t, d)).unwrap().reshape((b, h * rep, t, d)).unwrap();
+                let r = if transposed { r.t().unwrap().contiguous().unwrap() } else { r };
+                assert_eq!(values(&fused), values(&r), "rope {rope}, transposed {transposed}");
+            } else {
+                assert_eq!(values(&fused), values(&infer));
+            }
+            check(
+                &format!("split_heads rope {rope} transposed {transposed}"),
+                std::slice::from_ref(&y),
+                |x| split_heads(&x[0], &cos, &sin, layout),
+                |x| composed(&x[0], rope, transposed),
+                false,
+            );
+        }
+        let o = normal(&[b, h, t, d], 17, 1.0);
+        check("merge_heads", &[o], |x| merge_heads(&x[0]), |x| x[0].transpose(1, 2)?.reshape((b, t, h * d)), true);
+    }
+
     #[test]
     fn quantisers_match_the_straight_through_forms() {
         // Rows with exact .5 ties after scaling, and a zero row.
@@ -700,6 +1000,23 @@ mod tests {
         let ((lf, gf), (lc, gc)) = (run(true), run(false));
         close("cross_entropy loss", &lf, &lc, 1e-6);
         close("cross_entropy grad", &gf, &gc, 1e-6);
+        // [2, 3, V] logits with the last position of each row unscored: the loss and gradient of
+        // the scored rows alone, zero gradient elsewhere.
+        let t3 = Tensor::new(&[[0u32, 49, IGNORE], [7, 13, IGNORE]], &Device::Cpu).unwrap();
+        let v = Var::from_tensor(&logits.reshape((2, 3, 50)).unwrap()).unwrap();
+        let loss = cross_entropy(v.as_tensor(), &t3).unwrap();
+        let g = loss.backward().unwrap().get(v.as_tensor()).unwrap().reshape((6, 50)).unwrap();
+        let rows = Tensor::new(&[0u32, 1, 3, 4], &Device::Cpu).unwrap();
+        let want = candle_nn::loss::cross_entropy(
+            &logits.index_select(&rows, 0).unwrap(),
+            &t3.flatten_all().unwrap().index_select(&rows, 0).unwrap(),
+        )
+        .unwrap();
+        close("ignored rows: loss", &loss, &want, 1e-6);
+        assert_eq!(values(&g.narrow(0, 2, 1).unwrap()), vec![0f32; 50]);
+        assert!(values(&g.narrow(0, 1, 1).unwrap()).iter().any(|x| *x != 0.0));
+        let none = Tensor::new(&[IGNORE; 6], &Device::Cpu).unwrap();
+        assert!(cross_entropy(&logits, &none).unwrap_err().to_string().contains("no position to score"));
         let bad = Tensor::new(&[0u32, 50, 0, 0, 0, 0], &Device::Cpu).unwrap();
         let err = cross_entropy(&logits, &bad).unwrap_err().to_string();
         assert!(err.contains("outside the vocabulary of 50"), "{err}");

@@ -81,3 +81,16 @@ fn fused_training_ops_give_the_composed_gradients() {
         assert_ne!(gf, gc, "{name}: the two paths should not be the same code");
     }
 }
+
+/// On CPU in f32 the training forward is the inference forward: the same int8 kernel for the
+/// ternary products and the fused ops' inference arithmetic, so the logits agree bit for bit.
+#[test]
+fn the_training_forward_equals_the_inference_forward() {
+    for name in ["bitnet_tiny", "llama_tiny"] {
+        let m = load(name, DType::F32, None);
+        let ids = Reference::load(name).input_ids();
+        let infer = m.forward(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let train = m.forward_train(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(infer == train, "{name}: training and inference logits differ");
+    }
+}

@@ -320,7 +320,7 @@ impl Stage for Finetune {
                     None => (model.forward_train(&ids)?, vec![]),
                     Some(c) => c.forward(model, &ids)?,
                 };
-                let logits = logits.reshape((rows * len, ()))?.to_dtype(DType::F32)?;
+                let logits = logits.to_dtype(DType::F32)?;
                 let loss = crate::model::cross_entropy(&logits, &targets)?;
                 let weight = rows as f64 / p.batch as f64;
                 loss_sum += loss.to_scalar::<f32>()? as f64 * weight;
