@@ -340,7 +340,7 @@ impl SplitHeads {
     fn dims(&self, flat: &[usize]) -> Result<(usize, usize, usize)> {
         let [b, t, f] = flat else { candle_core::bail!("split-heads: expected [b, t, heads·d], got {flat:?}") };
         let h = self.layout.heads;
-        if h == 0 || f % h != 0 || (f / h) % 2 != 0 {
+        if h == 0 || !f.is_multiple_of(h) || !(f / h).is_multiple_of(2) {
             candle_core::bail!("split-heads: {f} features are not {h} heads of even size");
         }
         Ok((*b, *t, f / h))
