@@ -153,8 +153,9 @@ impl Model {
         cache: Option<&mut KvCache>,
         hooks: Option<&mut Hooks<'_>>,
     ) -> Result<Tensor> {
+        let generating = cache.is_some();
         let h = self.hidden(ids, mode, cache, hooks)?;
-        self.head(&h, mode)
+        self.head_of(&h, mode, generating)
     }
 
     fn hidden(
@@ -191,13 +192,29 @@ impl Model {
     }
 
     fn head(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed).matrix(mode);
+        self.head_of(h, mode, false)
+    }
+
+    /// The LM head. `generating` (a KV-cache step): an f32 model on CPU whose head matrix is
+    /// exactly bf16 streams the bf16 copy (half the bytes per token; the same products, summed in
+    /// another order), with the inference weight cache on.
+    fn head_of(&self, h: &Tensor, mode: Mode, generating: bool) -> Result<Tensor> {
+        let matrix = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let head = matrix.matrix(mode);
         let mut dims = h.dims().to_vec();
         let hidden = dims.pop().unwrap_or(0);
         let rows: usize = dims.iter().product();
         let h = h.reshape((rows, hidden))?;
+        let bf16_head = mode == Mode::Infer
+            && generating
+            && rows <= super::head_kernel::MAX_ROWS
+            && h.dtype() == DType::F32
+            && h.device().is_cpu()
+            && self.weight_cache.load(Ordering::Relaxed);
         let logits = if mode == Mode::Infer && super::head_kernel::applies(&h, rows) {
             super::head_kernel::logits(&h, &head)?
+        } else if let Some(e16) = if bf16_head { matrix.exact_bf16()? } else { None } {
+            super::head_kernel::logits(&h, &e16)?
         } else {
             h.matmul(&head.t()?)?
         };
@@ -331,6 +348,10 @@ impl Model {
     }
 
     fn invalidate_all(&self) {
+        self.embed.invalidate();
+        if let Some(h) = &self.lm_head {
+            h.invalidate();
+        }
         for b in &self.layers {
             for p in b.projections() {
                 p.invalidate();

@@ -1,5 +1,6 @@
 //! The vocabulary projection of a few positions of a bf16 model on CPU (token-by-token
-//! generation, scoring the last position).
+//! generation, scoring the last position), and of an f32 model's generation when its embedding
+//! is exactly bf16 (a bf16 checkpoint loaded in f32).
 //!
 //! candle 0.11 has no bf16 gemm on CPU: a bf16 matmul widens both operands to f32 first, so
 //! every generated token of the 2B model converted the whole 128256 × 2560 embedding (656 MB)
@@ -22,9 +23,11 @@ pub fn applies(h: &Tensor, rows: usize) -> bool {
     h.device().is_cpu() && h.dtype() == DType::BF16 && rows <= MAX_ROWS
 }
 
-/// `h [rows, hidden] (bf16) · Eᵀ` for the bf16 matrix `e [vocab, hidden]`, as bf16 values in f32
-/// `[rows, vocab]`.
+/// `h [rows, hidden] · Eᵀ` for the bf16 matrix `e [vocab, hidden]`, `[rows, vocab]` in f32: for a
+/// bf16 `h` rounded to bf16 values (the bf16 matmul's output), for an f32 `h` (an f32 model whose
+/// embedding is exactly bf16, `Embedding::exact_bf16`) the f32 sums themselves.
 pub fn logits(h: &Tensor, e: &Tensor) -> Result<Tensor> {
+    let round = h.dtype() == DType::BF16;
     let (rows, hidden) = h.dims2()?;
     let (vocab, eh) = e.dims2()?;
     if eh != hidden {
@@ -45,7 +48,8 @@ pub fn logits(h: &Tensor, e: &Tensor) -> Result<Tensor> {
             let v = task * VOCAB_PER_TASK + i;
             let erow = &ev[v * hidden..(v + 1) * hidden];
             for (r, o) in out.iter_mut().enumerate() {
-                *o = bf16::from_f32(dot(&hv[r * hidden..(r + 1) * hidden], erow)).to_f32();
+                let x = dot(&hv[r * hidden..(r + 1) * hidden], erow);
+                *o = if round { bf16::from_f32(x).to_f32() } else { x };
             }
         }
     });
@@ -80,6 +84,20 @@ fn dot(x: &[f32], e: &[bf16]) -> f32 {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// f32 hidden states against a bf16-exact matrix: the f32 matmul's values up to summation order.
+    #[test]
+    fn f32_rows_match_the_f32_matmul() -> Result<()> {
+        let dev = Device::Cpu;
+        let h = Tensor::randn(0f32, 1.0, (2, 77), &dev)?;
+        let e = Tensor::randn(0f32, 0.1, (500, 77), &dev)?.to_dtype(DType::BF16)?;
+        let ours = logits(&h, &e)?.to_vec2::<f32>()?;
+        let want = h.matmul(&e.to_dtype(DType::F32)?.t()?)?.to_vec2::<f32>()?;
+        for (a, b) in ours.iter().flatten().zip(want.iter().flatten()) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        Ok(())
+    }
 
     #[test]
     fn matches_the_widened_matmul_to_bf16_rounding() -> Result<()> {

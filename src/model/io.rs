@@ -59,6 +59,8 @@ impl Source for Tensors {
 struct RandomInit {
     rng: SplitMix64,
     std: f64,
+    /// Rounded to bf16 first, as a bf16 checkpoint holds them.
+    via_bf16: bool,
     dtype: DType,
     device: Device,
 }
@@ -75,7 +77,9 @@ impl Source for RandomInit {
                  (the swap-attention stage)"
             ),
         };
-        Ok(Tensor::from_vec(vals, shape, &self.device)?.to_dtype(self.dtype)?)
+        let t = Tensor::from_vec(vals, shape, &self.device)?;
+        let t = if self.via_bf16 { t.to_dtype(DType::BF16)? } else { t };
+        Ok(t.to_dtype(self.dtype)?)
     }
 }
 
@@ -199,6 +203,16 @@ impl Model {
     /// A randomly initialised model (transformers' scheme: normal(0, initializer_range) for
     /// embeddings and projections, ones for norms), reproducible from `seed`. Always latent.
     pub fn random(cfg: &ModelConfig, seed: u64, opts: &LoadOptions) -> Result<Self> {
+        Self::random_init(cfg, seed, opts, false)
+    }
+
+    /// [`Model::random`] with every value rounded to bf16 before the cast to `opts.dtype`: what
+    /// a bf16 hub checkpoint loaded in f32 holds (benchmarks of the real model's shape).
+    pub fn random_bf16_values(cfg: &ModelConfig, seed: u64, opts: &LoadOptions) -> Result<Self> {
+        Self::random_init(cfg, seed, opts, true)
+    }
+
+    fn random_init(cfg: &ModelConfig, seed: u64, opts: &LoadOptions, via_bf16: bool) -> Result<Self> {
         let mut cfg = cfg.clone();
         cfg.weight_format = WeightFormat::Latent;
         if let Some(q) = cfg.raw.get_mut("quantization_config").and_then(|q| q.as_object_mut()) {
@@ -206,7 +220,8 @@ impl Model {
         }
         check_dtype(&cfg, opts.dtype)?;
         let std = cfg.raw.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02);
-        let mut init = RandomInit { rng: SplitMix64::new(seed), std, dtype: opts.dtype, device: opts.device.clone() };
+        let mut init =
+            RandomInit { rng: SplitMix64::new(seed), std, via_bf16, dtype: opts.dtype, device: opts.device.clone() };
         assemble(cfg, &mut init, opts)
     }
 

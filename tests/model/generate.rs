@@ -139,3 +139,32 @@ fn hidden_then_logits_equals_forward() {
     .unwrap();
     assert_close("hidden → logits", &chunked, &m.forward(&ids).unwrap(), 0.0);
 }
+
+/// An f32 model whose embedding is exactly bf16 (the fixture: a bf16 checkpoint loaded in f32)
+/// generates with the bf16 copy of its LM head: the logits of each KV-cache step equal the f32
+/// matmul's to float rounding (the same products, summed in another order) and pick the same
+/// tokens; with the weight cache off the plain matmul runs.
+#[test]
+fn the_bf16_generation_head_of_an_f32_model_gives_the_f32_logits() {
+    let r = Reference::load("bitnet_tiny");
+    let ids = r.input_ids().narrow(0, 0, 1).unwrap();
+    let step_logits = |cached: bool| {
+        let m = load("bitnet_tiny", DType::F32, None);
+        m.set_weight_cache(cached);
+        let mut cache = KvCache::new(m.num_layers());
+        let mut out = vec![];
+        for t in 0..ids.dim(1).unwrap() {
+            let l = m.forward_cached(&ids.narrow(1, t, 1).unwrap(), &mut cache, None).unwrap();
+            out.push(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        out
+    };
+    let (fast, plain) = (step_logits(true), step_logits(false));
+    assert_ne!(fast, plain, "the two heads sum in different orders; equal bits would mean one path");
+    for (a, b) in fast.iter().zip(&plain) {
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "step logits differ by {worst}");
+        let argmax = |v: &[f32]| v.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0;
+        assert_eq!(argmax(a), argmax(b));
+    }
+}
