@@ -94,3 +94,18 @@ fn the_training_forward_equals_the_inference_forward() {
         assert!(infer == train, "{name}: training and inference logits differ");
     }
 }
+
+/// The inference forward through the fused attention and gate ops gives the composed ops'
+/// logits bit for bit (so entries cached before them keep their meaning).
+#[test]
+fn fused_inference_ops_change_no_logit() {
+    use rpt_flow::model::train_ops;
+    for name in ["bitnet_tiny", "llama_tiny"] {
+        let m = load(name, DType::F32, None);
+        let ids = Reference::load(name).input_ids();
+        let fused = m.forward(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let composed =
+            train_ops::composed(|| m.forward(&ids)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(fused == composed, "{name}: the fused inference forward changed the logits");
+    }
+}
