@@ -4,13 +4,14 @@
 //! after one warm-up.
 //!
 //! Environment: `BENCH_REPS`, `BENCH_BATCH`, `BENCH_SEQ`, `BENCH_DTYPES` (e.g. `f32,bf16`),
-//! `BENCH_TRAIN` (0 to skip training), `BENCH_F32PATH` (0 to skip the kernel-off forward), `BENCH_TORCH_JSON` (output of scripts/bench_torch.py, to
+//! `BENCH_TRAIN` (0 to skip training), `BENCH_F32PATH` (0 to skip the kernel-off forward),
+//! `BENCH_FUSED_HEAD` (0: the training loss from logits instead of the fused head + loss), `BENCH_TORCH_JSON` (output of scripts/bench_torch.py, to
 //! print the candle/torch ratio). Set `CANDLE_NUM_THREADS=1 RAYON_NUM_THREADS=1` on a one-core
 //! machine, and the same thread count in the torch script.
 
 use candle_core::{DType, Device, Tensor};
 use rpt_flow::model::adamw::{AdamW, Hyper};
-use rpt_flow::model::{causal_lm_loss, Arch, LoadOptions, Model, ModelConfig};
+use rpt_flow::model::{causal_lm_loss, next_token_targets, Arch, LoadOptions, Model, ModelConfig};
 use std::time::Instant;
 
 fn env(name: &str, default: usize) -> usize {
@@ -91,11 +92,18 @@ fn main() -> anyhow::Result<()> {
             // The fine-tune stage's AdamW, with torch's AdamW defaults (as scripts/bench_torch.py).
             let hyper = Hyper { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
             let params = model.named_parameters();
+            let targets = next_token_targets(&ids)?;
+            // BENCH_FUSED_HEAD=0: logits as a graph node, then the loss (for comparison).
+            let fused_head = env("BENCH_FUSED_HEAD", 1) != 0;
             let mut opt = AdamW::new(params.clone(), hyper, false)?;
             let mut parts: Vec<[f64; 3]> = vec![];
             let step = time(reps, || {
                 let s = Instant::now();
-                let loss = causal_lm_loss(&model.forward_train(&ids)?, &ids)?;
+                let loss = if fused_head {
+                    model.train_loss(&ids, &targets)?
+                } else {
+                    causal_lm_loss(&model.forward_train(&ids)?, &ids)?
+                };
                 let f = s.elapsed().as_secs_f64();
                 let grads = loss.backward()?;
                 let b = s.elapsed().as_secs_f64();

@@ -15,6 +15,7 @@ use super::mode::Mode;
 use super::norm::RmsNorm;
 use super::pack::pack_tensor;
 use super::rope::Rope;
+use super::train_ops;
 use super::vb::{Source, Vb};
 use anyhow::Context;
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -127,6 +128,20 @@ impl Model {
     /// quantisers. Same logits as [`Model::forward`].
     pub fn forward_train(&self, ids: &Tensor) -> Result<Tensor> {
         self.run(ids, Mode::Train, None, None)
+    }
+
+    /// The training loss of `ids [b, t]` against `targets [b, t]` (u32; `train_ops::IGNORE`
+    /// skips a position; next-token targets: `loss::next_token_targets`): the mean negative
+    /// log-likelihood, differentiable. On CPU in f32 the LM head and the loss are one op
+    /// (`train_ops::head_cross_entropy`), so the `[b·t, V]` logits never become a graph node;
+    /// the value is that of `cross_entropy(forward_train(ids), targets)`.
+    pub fn train_loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let h = self.hidden(ids, Mode::Train, None, None)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed).matrix(Mode::Train);
+        if train_ops::fused(&h) && train_ops::fused(&head) {
+            return train_ops::head_cross_entropy(&h, &head, targets);
+        }
+        super::loss::cross_entropy(&self.head(&h, Mode::Train)?, targets)
     }
 
     /// Training forward with hooks (interventions are part of the graph).

@@ -41,6 +41,6 @@ pub use holographic::HoloConfig;
 pub use hooks::{HookPoint, Hooks};
 pub use io::LoadOptions;
 pub use kv_cache::KvCache;
-pub use loss::{causal_lm_loss, cross_entropy};
+pub use loss::{causal_lm_loss, cross_entropy, next_token_targets};
 pub use mode::Mode;
 pub use tokenizer::{Bos, TextTokenizer};

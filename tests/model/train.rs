@@ -109,3 +109,31 @@ fn fused_inference_ops_change_no_logit() {
         assert!(fused == composed, "{name}: the fused inference forward changed the logits");
     }
 }
+
+/// `Model::train_loss` (the LM head and the loss in one op on CPU) gives the loss of the logits
+/// path bit for bit and its gradients to float rounding.
+#[test]
+fn train_loss_equals_the_loss_of_the_logits() {
+    use rpt_flow::model::next_token_targets;
+    for name in ["bitnet_tiny", "llama_tiny"] {
+        let m = load(name, DType::F32, None);
+        let ids = Reference::load(name).input_ids();
+        let grads = |loss: Tensor| {
+            let g = loss.backward().unwrap();
+            let out: Vec<Vec<f32>> = m
+                .named_parameters()
+                .iter()
+                .map(|(_, v)| g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+                .collect();
+            (loss.to_scalar::<f32>().unwrap(), out)
+        };
+        let (lf, gf) = grads(m.train_loss(&ids, &next_token_targets(&ids).unwrap()).unwrap());
+        let (lc, gc) = grads(causal_lm_loss(&m.forward_train(&ids).unwrap(), &ids).unwrap());
+        assert_eq!(lf.to_bits(), lc.to_bits(), "{name}: loss {lf} vs {lc}");
+        for (a, b) in gf.iter().zip(&gc) {
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(worst <= 1e-5 * scale, "{name}: gradients differ by {worst} (max {scale})");
+        }
+    }
+}

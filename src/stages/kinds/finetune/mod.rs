@@ -316,12 +316,13 @@ impl Stage for Finetune {
                 let span = r * len..(r + rows) * len;
                 let ids = Tensor::from_vec(batch.input_ids[span.clone()].to_vec(), (rows, len), &device)?;
                 let targets = Tensor::from_vec(batch.targets[span].to_vec(), rows * len, &device)?;
-                let (logits, taps) = match &reg {
-                    None => (model.forward_train(&ids)?, vec![]),
-                    Some(c) => c.forward(model, &ids)?,
+                let (loss, taps) = match &reg {
+                    None => (model.train_loss(&ids, &targets)?, vec![]),
+                    Some(c) => {
+                        let (logits, taps) = c.forward(model, &ids)?;
+                        (crate::model::cross_entropy(&logits.to_dtype(DType::F32)?, &targets)?, taps)
+                    }
                 };
-                let logits = logits.to_dtype(DType::F32)?;
-                let loss = crate::model::cross_entropy(&logits, &targets)?;
                 let weight = rows as f64 / p.batch as f64;
                 loss_sum += loss.to_scalar::<f32>()? as f64 * weight;
                 let objective = match &reg {
