@@ -65,7 +65,9 @@ impl AdamW {
             if self.fused && !self.in_model_dtype {
                 let w = self.master[i].clone().unwrap_or_else(|| p.as_tensor().clone());
                 let coef = Coef::new(self.hyper, lr, bc1, bc2);
-                if let Some((m, v, next)) = fused_step(&grads[i], &self.m[i], &self.v[i], &w, &coef)? {
+                // Gradients in the parameter's dtype are widened first, as the composed path does.
+                let g = grads[i].to_dtype(DType::F32)?;
+                if let Some((m, v, next)) = fused_step(&g, &self.m[i], &self.v[i], &w, &coef)? {
                     p.set(&next.to_dtype(p.dtype())?)?;
                     if self.master[i].is_some() {
                         self.master[i] = Some(next);
@@ -249,7 +251,9 @@ mod tests {
                 let mut opt = AdamW::new(vec![("p".into(), p.clone())], hyper, false).unwrap();
                 opt.fused = !composed;
                 for step in 0..4u64 {
-                    let g = Tensor::from_vec(normal(38 * 29, 7 + step), (38, 29), &dev).unwrap();
+                    // Gradients come in the parameter's dtype, as candle's backward gives them.
+                    let g =
+                        Tensor::from_vec(normal(38 * 29, 7 + step), (38, 29), &dev).unwrap().to_dtype(dtype).unwrap();
                     opt.step(&[g], 1e-3).unwrap();
                 }
                 let bits = |t: &Tensor| {
