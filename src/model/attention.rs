@@ -156,12 +156,7 @@ impl Attention {
         let k = repeat_kv(k, rep)?;
         let v = repeat_kv(v, rep)?;
         let scale = (d as f64).powf(-0.5);
-        let att = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
-        if mode == Mode::Train && train_ops::fused(&att) {
-            // Scale, mask and softmax in one differentiable pass (the same values as below).
-            return train_ops::causal_softmax(&att, scale as f32, offset)?.matmul(&v.contiguous()?);
-        }
-        let att = (att * scale)?;
+        let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
         let mask = causal_mask(t, offset, x.device())?;
         let att = att.to_dtype(DType::F32)?.broadcast_add(&mask)?;
         let att = match mode {
