@@ -716,16 +716,7 @@ impl CustomOp2 for HeadCrossEntropy {
         }
         let n = h.len() / hidden.max(1);
         let tg = &self.targets;
-        if tg.len() != n {
-            candle_core::bail!("cross-entropy: {n} rows of logits but {} targets", tg.len());
-        }
-        if let Some(bad) = tg.iter().find(|&&t| t != IGNORE && t as usize >= v) {
-            candle_core::bail!("cross-entropy: target {bad} outside the vocabulary of {v}");
-        }
-        let count = scored(tg);
-        if count == 0 {
-            candle_core::bail!("cross-entropy: no position to score");
-        }
+        let count = check_targets(tg, n, v)?;
         let mut logits = vec![0f32; n * v];
         let threads = candle_core::utils::get_num_threads();
         let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
@@ -763,10 +754,7 @@ impl CustomOp2 for HeadCrossEntropy {
                     row.iter_mut().for_each(|x| *x = 0.0);
                     return 0.0;
                 }
-                let mut max = f32::NEG_INFINITY;
-                unsafe { f32::vec_reduce_max(row.as_ptr(), &mut max, v) };
-                let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
-                let loss = (sum.ln() - (row[t as usize] - max)) as f64;
+                let (max, sum, loss) = row_nll(row, t);
                 row.iter_mut().for_each(|x| *x = (*x - max).exp() / sum * inv);
                 row[t as usize] -= inv;
                 loss
@@ -810,13 +798,32 @@ fn targets<'a>(s: &'a CpuStorage, l: &Layout, rows: usize, v: usize) -> Result<&
     let CpuStorage::U32(t) = s else { candle_core::bail!("cross-entropy: targets must be u32") };
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("cross-entropy: targets must be contiguous") };
     let t = &t[a..b];
+    check_targets(t, rows, v)?;
+    Ok(t)
+}
+
+/// Checks one target per row, each in the vocabulary or [`IGNORE`], at least one scored; the
+/// number scored.
+fn check_targets(t: &[u32], rows: usize, v: usize) -> Result<usize> {
     if t.len() != rows {
         candle_core::bail!("cross-entropy: {rows} rows of logits but {} targets", t.len());
     }
     if let Some(bad) = t.iter().find(|&&t| t != IGNORE && t as usize >= v) {
         candle_core::bail!("cross-entropy: target {bad} outside the vocabulary of {v}");
     }
-    Ok(t)
+    match scored(t) {
+        0 => candle_core::bail!("cross-entropy: no position to score"),
+        count => Ok(count),
+    }
+}
+
+/// `(max, Σ exp(x − max), −log softmax(x)[t])` of one row of logits.
+fn row_nll(row: &[f32], t: u32) -> (f32, f32, f64) {
+    let mut max = f32::NEG_INFINITY;
+    // SAFETY: rows are non-empty (V > 0 is checked by the callers).
+    unsafe { f32::vec_reduce_max(row.as_ptr(), &mut max, row.len()) };
+    let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
+    (max, sum, (sum.ln() - (row[t as usize] - max)) as f64)
 }
 
 /// `(rows, V)` of logits `[.., V]`.
@@ -842,21 +849,10 @@ impl CustomOp2 for CrossEntropy {
         let (n, v) = rows_of(l1)?;
         let tg = targets(s2, l2, n, v)?;
         let count = scored(tg);
-        if count == 0 {
-            candle_core::bail!("cross-entropy: no position to score");
-        }
         let rows: Vec<(f32, f32, f64)> = x
             .par_chunks(v)
             .zip(tg.par_iter())
-            .map(|(row, &t)| {
-                if t == IGNORE {
-                    return (0.0, 1.0, 0.0);
-                }
-                let mut max = f32::NEG_INFINITY;
-                unsafe { f32::vec_reduce_max(row.as_ptr(), &mut max, v) };
-                let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
-                (max, sum, (sum.ln() - (row[t as usize] - max)) as f64)
-            })
+            .map(|(row, &t)| if t == IGNORE { (0.0, 1.0, 0.0) } else { row_nll(row, t) })
             .collect();
         let loss = rows.iter().map(|r| r.2).sum::<f64>() / count as f64;
         *self.rows.lock().expect("cross-entropy state") = rows.iter().map(|r| (r.0, r.1)).collect();
