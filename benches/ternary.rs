@@ -39,8 +39,10 @@ fn main() -> anyhow::Result<()> {
         ("2B gate/up, 1 token", 1, 6912, 2560),
     ];
     println!("isa {:?}; threads {}", kernel::best_isa(), rayon::current_num_threads());
-    println!("| shape | m × out × k | int8 kernel (ms) | GMAC/s | f32 matmul (ms) | GMAC/s | speed-up |");
-    println!("|---|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| shape | m × out × k | int8 kernel (ms) | of which quantise (ms) | GMAC/s | f32 matmul (ms) | GMAC/s | speed-up |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
     for &(name, m, out, k) in shapes {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
@@ -52,6 +54,9 @@ fn main() -> anyhow::Result<()> {
             let q = QuantRows::new(&xv, m, k);
             std::hint::black_box(kernel::matmul(&q, &w));
         });
+        let tq = time(reps, || {
+            std::hint::black_box(QuantRows::new(&xv, m, k));
+        });
         let tt = t.t()?;
         let tf = time(reps, || {
             let xq = act_fake_quant(&x).unwrap();
@@ -59,8 +64,9 @@ fn main() -> anyhow::Result<()> {
         });
         let gmac = (m * out * k) as f64 / 1e9;
         println!(
-            "| {name} | {m} × {out} × {k} | {:.2} | {:.1} | {:.2} | {:.1} | {:.2}× |",
+            "| {name} | {m} × {out} × {k} | {:.2} | {:.2} | {:.1} | {:.2} | {:.1} | {:.2}× |",
             tk * 1e3,
+            tq * 1e3,
             gmac / tk,
             tf * 1e3,
             gmac / tf,

@@ -81,8 +81,13 @@ pub(crate) fn act_scale(row: &[f32]) -> f32 {
 }
 
 fn act_scale_iter(src: impl Iterator<Item = f32>) -> f32 {
-    let g = src.fold(0f32, |m, v| m.max(v.abs())).max(EPS as f32);
-    (1.0 / g) * 127.0
+    act_scale_of_max(src.fold(0f32, |m, v| m.max(v.abs())))
+}
+
+/// The activation scale `127 / max(g, ε)` of a row whose largest magnitude is `g`.
+#[inline]
+pub(crate) fn act_scale_of_max(g: f32) -> f32 {
+    (1.0 / g.max(EPS as f32)) * 127.0
 }
 
 /// Round half to even of one f32 with |x| ≤ 2²² (the identity of [`round_half_even`]).

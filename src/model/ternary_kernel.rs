@@ -117,6 +117,11 @@ pub struct QuantRows {
 impl QuantRows {
     /// Quantises row-major `x [m, k]`.
     pub fn new(x: &[f32], m: usize, k: usize) -> Self {
+        Self::new_with(x, m, k, best_isa())
+    }
+
+    /// [`QuantRows::new`] with a chosen loop (tests compare them).
+    pub fn new_with(x: &[f32], m: usize, k: usize, isa: Isa) -> Self {
         assert_eq!(x.len(), m * k, "activation shape");
         let blocks = k.div_ceil(BLOCK);
         let kp = blocks * BLOCK;
@@ -125,15 +130,7 @@ impl QuantRows {
         let mut sum = vec![0i32; m];
         q.par_chunks_mut(kp.max(1)).zip(scale.par_iter_mut().zip(sum.par_iter_mut())).enumerate().for_each(
             |(r, (dst, (s, total)))| {
-                let row = &x[r * k..(r + 1) * k];
-                *s = super::quant::act_scale(row);
-                let mut acc = 0i32;
-                for (d, &v) in dst.iter_mut().zip(row) {
-                    let c = super::quant::act_code(v, *s) as i8;
-                    acc += c as i32;
-                    *d = c;
-                }
-                *total = acc;
+                (*s, *total) = quantise_row(&x[r * k..(r + 1) * k], dst, isa);
             },
         );
         Self { m, k, blocks, q, scale, sum }
@@ -153,6 +150,30 @@ impl QuantRows {
     fn row(&self, r: usize) -> &[i8] {
         let kp = self.blocks * BLOCK;
         &self.q[r * kp..(r + 1) * kp]
+    }
+}
+
+/// One activation row's int8 codes into `dst` (its first `row.len()` bytes); returns the scale
+/// `s` and `Σ q`. The same values as `quant::act_scale` and `quant::act_code` (tested).
+fn quantise_row(row: &[f32], dst: &mut [i8], isa: Isa) -> (f32, i32) {
+    assert!(dst.len() >= row.len(), "code row too short");
+    match isa {
+        Isa::Portable => {
+            let s = super::quant::act_scale(row);
+            let mut total = 0i32;
+            for (d, &v) in dst.iter_mut().zip(row) {
+                let c = super::quant::act_code(v, s) as i8;
+                total += c as i32;
+                *d = c;
+            }
+            (s, total)
+        }
+        // SAFETY: `Isa::Avx2` is only produced after runtime detection; lengths checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe {
+            let s = super::quant::act_scale_of_max(avx2::max_abs(row));
+            (s, avx2::codes(row, s, dst))
+        },
     }
 }
 
@@ -336,6 +357,59 @@ fn group_sums_portable(wblock: &[u8], nrows: usize, blocks: usize, toks: &[&[i8]
 mod avx2 {
     use super::{BLOCK, BLOCK_BYTES};
 
+    /// `max |x|` over `row`, NaNs skipped (as `f32::max` does): `max_ps(v, acc)` returns its
+    /// second operand when either is NaN.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn max_abs(row: &[f32]) -> f32 {
+        let sign = _mm256_set1_ps(-0.0);
+        let mut acc = _mm256_setzero_ps();
+        let n8 = row.len() / 8 * 8;
+        for i in (0..n8).step_by(8) {
+            // SAFETY: i + 8 ≤ row.len().
+            let v = _mm256_andnot_ps(sign, _mm256_loadu_ps(row.as_ptr().add(i)));
+            acc = _mm256_max_ps(v, acc);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        let tail = row[n8..].iter().fold(0f32, |m, v| m.max(v.abs()));
+        lanes.iter().fold(tail, |m, &v| m.max(v))
+    }
+
+    /// The codes `clamp(round_half_even(x·s), −128, 127)` of `row` into `dst`, NaN giving 0
+    /// (as the scalar `as i8` does); returns `Σ q`. Clamping to ±128/127 before rounding gives
+    /// the scalar form's codes (which clamps to −129/128 first): the rounding is monotone.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn codes(row: &[f32], s: f32, dst: &mut [i8]) -> i32 {
+        let n32 = row.len() / 32 * 32;
+        let (lo, hi, sv) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0), _mm256_set1_ps(s));
+        // packs_epi32 / packs_epi16 interleave the 128-bit lanes; this puts the bytes back in order.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let mut acc = _mm256_setzero_si256();
+        for i in (0..n32).step_by(32) {
+            let mut q = [_mm256_setzero_si256(); 4];
+            for (j, qj) in q.iter_mut().enumerate() {
+                // SAFETY: i + 32 ≤ row.len() ≤ dst.len() (asserted by the caller).
+                let x = _mm256_mul_ps(_mm256_loadu_ps(row.as_ptr().add(i + 8 * j)), sv);
+                let x = _mm256_and_ps(x, _mm256_cmp_ps::<_CMP_ORD_Q>(x, x));
+                let x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+                *qj = _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x));
+                acc = _mm256_add_epi32(acc, *qj);
+            }
+            let words = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            let bytes = _mm256_permutevar8x32_epi32(words, order);
+            _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, bytes);
+        }
+        let mut lanes = [0i32; 8];
+        _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc);
+        let mut total: i32 = lanes.iter().sum();
+        for (d, &v) in dst[n32..row.len()].iter_mut().zip(&row[n32..]) {
+            let c = super::super::quant::act_code(v, s) as i8;
+            total += c as i32;
+            *d = c;
+        }
+        total
+    }
+
     /// Blocks summed in i16 before widening: 16 × 2048 = 32768 fits (the extreme case is all
     /// codes 2 against q = −128, exactly −32768).
     const I16_BLOCKS: usize = 16;
@@ -453,6 +527,44 @@ mod tests {
             for &isa in &isas {
                 assert_eq!(int_sums(&q, &w, isa), want, "{isa:?} m={m} out={out} k={k}");
             }
+        }
+    }
+
+    #[test]
+    fn vector_quantiser_equals_the_scalar_one() {
+        // Ties at every scale (x·s = n + 0.5 exactly), values past the clamp, ±∞, NaN, −0 and
+        // row lengths around the 8- and 32-lane steps.
+        let mut rng = SplitMix64::new(7);
+        for k in [1, 7, 8, 31, 32, 33, 100, 512, 1001] {
+            let m = 3;
+            let mut x: Vec<f32> = (0..m * k).map(|_| (rng.normal() * 3.0) as f32).collect();
+            for (i, v) in x.iter_mut().enumerate().skip(1).step_by(5) {
+                *v = (i % 256) as f32 - 128.5; // exact ties once the row's scale is 1 (below)
+            }
+            let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 1e30, -1e30];
+            for (j, v) in specials.iter().enumerate() {
+                if j * 3 < x.len() {
+                    x[j * 3] = *v;
+                }
+            }
+            // Row 2 has max |x| = 127, so its scale is exactly 1 and the .5 values are ties.
+            for v in x[2 * k..].iter_mut() {
+                *v = v.clamp(-127.0, 127.0);
+            }
+            if let Some(v) = x[2 * k..].first_mut() {
+                *v = 127.0;
+            }
+            let want = QuantRows::new_with(&x, m, k, Isa::Portable);
+            let got = QuantRows::new_with(&x, m, k, best_isa());
+            assert_eq!(got.q, want.q, "codes, k = {k}");
+            assert_eq!(got.sum, want.sum, "sums, k = {k}");
+            assert_eq!(
+                got.scale.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.scale.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "scales, k = {k}"
+            );
+            let scalar: Vec<f32> = x.chunks(k).map(crate::model::quant::act_scale).collect();
+            assert_eq!(want.scale, scalar);
         }
     }
 
