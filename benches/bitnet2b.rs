@@ -2,11 +2,12 @@
 //! bf16 as the hub checkpoint, exact config: hidden 2560, 30 layers, 20/5 heads, intermediate
 //! 6912, vocab 128256, tied), f32
 //! model with the int8 × 2-bit ternary kernel: prompt processing of `BENCH_PROMPT` tokens
-//! (default 512, median of `BENCH_REPS`, default 2, after one warm-up that also packs the
-//! weights) and token-by-token generation with the KV cache (`BENCH_GEN` tokens, default 16,
+//! (default 512, median of `BENCH_REPS`, default 2, after one warm-up) and token-by-token generation with the KV cache (`BENCH_GEN` tokens, default 16,
 //! after a 16-token prefill), peak resident memory, and the projected time of a perplexity pass
-//! over WikiText-2 test. Threads: `CANDLE_NUM_THREADS` and `RAYON_NUM_THREADS`.
-//! Needs about 11 GB of RAM.
+//! over WikiText-2 test. Threads: `CANDLE_NUM_THREADS` and `RAYON_NUM_THREADS`. The
+//! projections are packed as they load (`LoadOptions::pack_for_inference`, what the eval stages
+//! do; about 3 GB of RAM); `BENCH_PACK=0` keeps the f32 latents and packs at the first forward
+//! (about 11 GB).
 
 use candle_core::{DType, Device, Tensor};
 use rpt_flow::model::{Arch, KvCache, LoadOptions, Model, ModelConfig};
@@ -28,7 +29,10 @@ fn main() -> anyhow::Result<()> {
     let (reps, prompt, gen) = (env("BENCH_REPS", 2), env("BENCH_PROMPT", 512), env("BENCH_GEN", 16));
     let threads = candle_core::utils::get_num_threads();
     let cfg = ModelConfig::tiny(Arch::Bitnet, 128256, 2560, 6912, 30, 20, 5);
-    let opts = LoadOptions { dtype: DType::F32, device: Device::Cpu, quantization: None };
+    // Packed as the weights load (the eval stages' way; BENCH_PACK=0: f32 latents kept and
+    // packed at the first forward).
+    let pack_for_inference = env("BENCH_PACK", 1) != 0;
+    let opts = LoadOptions { dtype: DType::F32, device: Device::Cpu, quantization: None, pack_for_inference };
     let t0 = Instant::now();
     // Values rounded to bf16, as the bf16 hub checkpoint loaded in f32 holds them (the
     // generation head then streams its exact bf16 copy).
@@ -38,7 +42,7 @@ fn main() -> anyhow::Result<()> {
     let ids = Tensor::from_vec(ids, (1, prompt), &Device::Cpu)?;
 
     let t0 = Instant::now();
-    model.forward(&ids)?; // packs every projection (cached afterwards)
+    model.forward(&ids)?; // without BENCH_PACK: packs every projection (cached afterwards)
     let first_s = t0.elapsed().as_secs_f64();
     let mut times = Vec::new();
     for _ in 0..reps {
@@ -64,8 +68,9 @@ fn main() -> anyhow::Result<()> {
     // WikiText-2 raw test is 1,290,590 characters: ~0.29 M tokens for GPT-2's tokenizer, fewer
     // for Llama 3's; non-overlapping windows of `prompt` tokens.
     let wikitext_tokens = 290_000.0;
-    println!("bitnet-b1.58-2B-4T shape, f32 latent weights, int8 x 2-bit kernel; threads {threads}");
-    println!("| threads | random init (s) | first forward incl. packing (s) | prompt {prompt} tok (s) | prompt tok/s | generation (ms/token) | generation tok/s | peak RSS (GiB) | WikiText-2 test ppl, projected (h) |");
+    let weights = if pack_for_inference { "packed as loaded" } else { "f32 latents kept" };
+    println!("bitnet-b1.58-2B-4T shape, {weights}, int8 x 2-bit kernel; threads {threads}");
+    println!("| threads | random init (s) | first forward (s) | prompt {prompt} tok (s) | prompt tok/s | generation (ms/token) | generation tok/s | peak RSS (GiB) | WikiText-2 test ppl, projected (h) |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     println!(
         "| {threads} | {init_s:.0} | {first_s:.1} | {pp_s:.2} | {pp_tok_s:.1} | {:.0} | {:.2} | {:.2} | {:.1} |",

@@ -58,7 +58,7 @@ fn main() -> anyhow::Result<()> {
             "bf16" => DType::BF16,
             other => anyhow::bail!("unknown dtype {other}"),
         };
-        let opts = LoadOptions { dtype, device: Device::Cpu, quantization: None };
+        let opts = LoadOptions { dtype, device: Device::Cpu, quantization: None, pack_for_inference: false };
         let model = Model::random(&cfg, 0, &opts)?;
         let fwd = time(reps, || {
             model.forward(&ids)?;

@@ -417,6 +417,7 @@ fn reference_logits(dir: &Path, settings: &ModelSettings, cfg: &ModelConfig) -> 
         dtype: DType::F32,
         device: Device::Cpu,
         quantization: Some(Quantization::parse(&settings.quantization)?),
+        pack_for_inference: false,
     };
     let model = Model::from_dir(dir, &opts).with_context(|| format!("loading the model in {}", dir.display()))?;
     // The f32 fake-quant path is the one that matches transformers to float rounding; the CPU

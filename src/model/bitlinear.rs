@@ -5,6 +5,10 @@
 //!   latent weight, fake-quantised on every forward (transformers' online `AutoBitLinear`).
 //! - [`ProjWeight::Packed`]: the unpacked ternary codes `T ∈ {-1,0,1}` `[out, in]` and the
 //!   per-tensor `weight_scale`; `y = (x̂ · Tᵀ) · weight_scale` (offline `AutoBitLinear`).
+//! - [`ProjWeight::Kernel`]: only the kernel's packed form (2 bits a weight) of either, for a
+//!   model opened for CPU inference (`LoadOptions::pack_for_inference`): the f32 matrix is
+//!   dropped at load, so the 2B model needs ~2.5 GB instead of ~10. Such a projection runs the
+//!   kernel and nothing else: its weights cannot be read, changed, saved or trained.
 //!
 //! Ternary inference of an f32 model on CPU runs the int8 × 2-bit kernel (`ternary_kernel.rs`): the activation is
 //! quantised to int8 once per shared input, the weight packed once (kept while the weights do
@@ -26,7 +30,16 @@ use std::sync::{Arc, RwLock};
 #[derive(Debug, Clone)]
 pub(crate) enum ProjWeight {
     Dense(Param),
-    Packed { codes: Param, scale: Param },
+    Packed {
+        codes: Param,
+        scale: Param,
+    },
+    /// `checkpoint_packed`: the checkpoint held packed codes + `weight_scale` (not a latent matrix).
+    Kernel {
+        name: String,
+        packed: Arc<PackedTernary>,
+        checkpoint_packed: bool,
+    },
 }
 
 /// One projection layer.
@@ -73,6 +86,9 @@ pub enum Prepared {
 impl Projection {
     /// `weight [out, in]` under `vb`, or for a packed checkpoint its ternary codes and
     /// `weight_scale`.
+    /// With `vb.packs_for_inference()` (ternary f32 CPU models opened for inference) only the
+    /// kernel's packed weight is kept ([`ProjWeight::Kernel`]): the same bits the kernel packs
+    /// from the full weight on a first forward, so the same outputs.
     pub(crate) fn load(mut vb: Vb<'_>, shape: [usize; 2], packed: bool, quant: Quantization) -> anyhow::Result<Self> {
         let w = vb.param(&shape, "weight", if packed { Role::Codes } else { Role::Projection })?;
         let weight = if packed {
@@ -80,20 +96,81 @@ impl Projection {
         } else {
             ProjWeight::Dense(w)
         };
-        Ok(Self { weight, quant, cache: Arc::new(RwLock::new(None)), packed: Arc::new(RwLock::new(None)) })
+        let mut p = Self { weight, quant, cache: Arc::new(RwLock::new(None)), packed: Arc::new(RwLock::new(None)) };
+        if vb.packs_for_inference() && quant == Quantization::Ternary {
+            p.weight = ProjWeight::Kernel {
+                name: p.name().to_string(),
+                packed: p.packed_weight(false)?,
+                checkpoint_packed: packed,
+            };
+        }
+        Ok(p)
     }
 
-    /// The stored weight (latent matrix or ternary codes) and its checkpoint name.
-    pub(crate) fn param(&self) -> &Param {
+    /// The checkpoint name of the weight (`….weight`).
+    pub(crate) fn name(&self) -> &str {
         match &self.weight {
-            ProjWeight::Dense(p) => p,
-            ProjWeight::Packed { codes, .. } => codes,
+            ProjWeight::Dense(p) => &p.name,
+            ProjWeight::Packed { codes, .. } => &codes.name,
+            ProjWeight::Kernel { name, .. } => name,
         }
     }
 
-    /// The tensor that holds this projection's weight (latent matrix or ternary codes).
-    pub fn var(&self) -> &Var {
-        &self.param().var
+    /// The tensor that holds this projection's weight (latent matrix or ternary codes); an error
+    /// for a model opened for inference with packed weights only.
+    pub fn var(&self) -> Result<&Var> {
+        match &self.weight {
+            ProjWeight::Dense(p) => Ok(&p.var),
+            ProjWeight::Packed { codes, .. } => Ok(&codes.var),
+            ProjWeight::Kernel { name, .. } => Err(self.kernel_only(name)),
+        }
+    }
+
+    /// Whether only the kernel's packed weight is kept ([`ProjWeight::Kernel`]).
+    pub(crate) fn is_kernel_only(&self) -> bool {
+        matches!(self.weight, ProjWeight::Kernel { .. })
+    }
+
+    /// How many values the checkpoint holds for this projection (what `Model::state_dict` writes:
+    /// the latent matrix, or `u8 [out/4, in]` packed codes and a `weight_scale`).
+    pub(crate) fn checkpoint_elems(&self) -> usize {
+        let packed_elems = |out: usize, k: usize| out / 4 * k + 1;
+        match &self.weight {
+            ProjWeight::Dense(p) => p.var.elem_count(),
+            ProjWeight::Packed { codes, .. } => {
+                let d = codes.var.dims();
+                packed_elems(d[0], d[1])
+            }
+            ProjWeight::Kernel { packed, checkpoint_packed: true, .. } => packed_elems(packed.out, packed.k),
+            ProjWeight::Kernel { packed, .. } => packed.out * packed.k,
+        }
+    }
+
+    /// For a projection kept only in the kernel's form: how many of its `out × in` weights are 0
+    /// (the ternary codes the kernel holds), and that total.
+    pub(crate) fn kernel_zeros(&self) -> Option<(u64, u64)> {
+        match &self.weight {
+            ProjWeight::Kernel { packed, .. } => Some((packed.zeros(), (packed.out * packed.k) as u64)),
+            _ => None,
+        }
+    }
+
+    /// Bytes held by the stored weight (not counting the inference caches).
+    pub(crate) fn weight_bytes(&self) -> usize {
+        let bytes = |p: &Param| p.var.elem_count() * p.var.dtype().size_in_bytes();
+        match &self.weight {
+            ProjWeight::Dense(p) => bytes(p),
+            ProjWeight::Packed { codes, scale } => bytes(codes) + bytes(scale),
+            ProjWeight::Kernel { packed, .. } => packed.bytes(),
+        }
+    }
+
+    fn kernel_only(&self, name: &str) -> candle_core::Error {
+        candle_core::Error::Msg(format!(
+            "{name}: this model was opened for CPU inference with packed ternary weights only (the \
+             eval-ppl, generate and analysis stages do that); its weights cannot be read, changed, saved \
+             or trained — open it without LoadOptions::pack_for_inference"
+        ))
     }
 
     /// Drop the cached quantised weight (call after the weight was changed).
@@ -111,6 +188,7 @@ impl Projection {
         }
         let f32_values = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
         let w = Arc::new(match &self.weight {
+            ProjWeight::Kernel { packed, .. } => return Ok(packed.clone()),
             ProjWeight::Dense(p) => {
                 let w = p.var.as_tensor();
                 let (out, k) = w.dims2()?;
@@ -132,7 +210,7 @@ impl Projection {
     /// model keeps transformers' bf16 numerics (`bf16(q/s) · bf16(T/s_w)` does not factor into
     /// an integer sum), so its parity with transformers in bf16 holds; load in f32 on CPU.
     fn uses_kernel(&self, x: &Tensor, mode: Mode, opts: ProjOpts) -> bool {
-        opts.kernel
+        (opts.kernel || matches!(self.weight, ProjWeight::Kernel { .. }))
             && mode == Mode::Infer
             && self.quant == Quantization::Ternary
             && x.device().is_cpu()
@@ -165,6 +243,7 @@ impl Projection {
             (ProjWeight::Dense(p), Quantization::Ternary) => weight_fake_quant(p.var.as_tensor())?,
             (ProjWeight::Dense(p), Quantization::None) => p.var.as_detached_tensor(),
             (ProjWeight::Packed { codes, .. }, _) => codes.var.as_detached_tensor(),
+            (ProjWeight::Kernel { name, .. }, _) => return Err(self.kernel_only(name)),
         };
         let w = w.detach();
         if cache {
@@ -186,6 +265,10 @@ impl Projection {
         }
         if self.trains_with_kernel(x, mode, opts) {
             return Ok(Prepared::Raw(x.clone()));
+        }
+        if let ProjWeight::Kernel { name, .. } = &self.weight {
+            // Training, another device or dtype: only the packed weight is here.
+            return Err(self.kernel_only(name));
         }
         Ok(Prepared::Float(match (self.quant, mode) {
             (Quantization::None, _) => x.clone(),
@@ -211,6 +294,7 @@ impl Projection {
                     train_ops::ternary_linear(x, w, s)
                 }
                 ProjWeight::Packed { .. } => self.apply_float(&train_ops::act_quant_ste(x)?, mode, opts.cache),
+                ProjWeight::Kernel { name, .. } => Err(self.kernel_only(name)),
             },
             Prepared::Int8 { rows, dims, dtype, device } => {
                 let w = self.packed_weight(opts.cache).map_err(candle_core::Error::wrap)?;
@@ -234,6 +318,7 @@ impl Projection {
                 ProjWeight::Dense(p) if ternary => ste(p.var.as_tensor(), &weight_fake_quant(p.var.as_tensor())?)?,
                 ProjWeight::Dense(p) => p.var.as_tensor().clone(),
                 ProjWeight::Packed { codes, .. } => codes.var.as_detached_tensor(),
+                ProjWeight::Kernel { name, .. } => return Err(self.kernel_only(name)),
             },
         };
         let dims = x.dims().to_vec();
@@ -242,7 +327,7 @@ impl Projection {
         let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
         let y = match &self.weight {
             ProjWeight::Packed { scale, .. } => y.broadcast_mul(&scale.var.as_detached_tensor())?,
-            ProjWeight::Dense(_) => y,
+            ProjWeight::Dense(_) | ProjWeight::Kernel { .. } => y,
         };
         let mut shape = dims;
         *shape.last_mut().expect("non-scalar input") = out;

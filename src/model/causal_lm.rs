@@ -59,8 +59,9 @@ impl Model {
         quant: Quantization,
         dtype: DType,
         device: &Device,
+        pack_for_inference: bool,
     ) -> anyhow::Result<Self> {
-        let mut vb = Vb::root(src);
+        let mut vb = Vb::root_packing(src, pack_for_inference);
         let (v, h, eps) = (cfg.vocab_size, cfg.hidden_size, cfg.rms_norm_eps);
         let embed = Embedding::load(vb.pp(BODY).pp("embed_tokens"), v, h)?;
         let norm = RmsNorm::load(vb.pp(BODY).pp("norm"), h, eps)?;
@@ -275,14 +276,14 @@ impl Model {
         self.layers
             .iter()
             .flat_map(|b| b.projections())
-            .find(|p| p.param().name == name)
+            .find(|p| p.name() == name)
             .with_context(|| format!("{name:?} is not a projection weight name of this model"))
     }
 
     /// Names of all projection weights (`model.layers.{l}.{self_attn|mlp}.{x}_proj.weight`), layer
     /// by layer in checkpoint order.
     pub fn projection_names(&self) -> Vec<String> {
-        self.layers.iter().flat_map(|b| b.projections()).map(|p| p.param().name.clone()).collect()
+        self.layers.iter().flat_map(|b| b.projections()).map(|p| p.name().to_string()).collect()
     }
 
     /// Names of the vocabulary matrices: the embedding and, if untied, the LM head.
@@ -293,7 +294,37 @@ impl Model {
     /// A projection's stored weight `[out, in]`: the latent matrix, or for a packed checkpoint the
     /// ternary codes `T` (the effective weight is `T · weight_scale`).
     pub fn projection(&self, name: &str) -> anyhow::Result<Tensor> {
-        Ok(self.projection_ref(name)?.var().as_detached_tensor())
+        Ok(self.projection_ref(name)?.var()?.as_detached_tensor())
+    }
+
+    /// Bytes held by the projection weights as stored (f32/bf16 matrices, or the kernel's 2-bit
+    /// form for a model opened with `LoadOptions::pack_for_inference`).
+    pub fn projection_bytes(&self) -> usize {
+        self.layers.iter().flat_map(|b| b.projections()).map(|p| p.weight_bytes()).sum()
+    }
+
+    /// How many values [`Model::state_dict`] holds (the parameter count a checkpoint stores:
+    /// packed projections count their `u8` codes and scale), without materialising it — so also
+    /// for a model packed for inference.
+    pub fn stored_parameter_count(&self) -> usize {
+        let vars: usize = self.collect_parameters().iter().map(|(_, v)| v.elem_count()).sum();
+        let projections = self.layers.iter().flat_map(|b| b.projections());
+        vars + projections
+            .filter(|p| !matches!(p.weight, ProjWeight::Dense(_)))
+            .map(|p| p.checkpoint_elems())
+            .sum::<usize>()
+    }
+
+    /// For a model packed for inference: projection `name`'s zero weights and its size, from the
+    /// kernel's codes; `None` when the projection holds its full weight (read it instead).
+    pub fn kernel_zeros(&self, name: &str) -> anyhow::Result<Option<(u64, u64)>> {
+        Ok(self.projection_ref(name)?.kernel_zeros())
+    }
+
+    /// Whether the projections are kept only in the CPU kernel's packed form (opened with
+    /// `LoadOptions::pack_for_inference` as a ternary f32 CPU model): inference only.
+    pub fn packed_for_inference(&self) -> bool {
+        self.layers.iter().flat_map(|b| b.projections()).any(|p| p.is_kernel_only())
     }
 
     /// All projections, name → stored weight.
@@ -305,7 +336,7 @@ impl Model {
     /// packed model the values must stay ternary to be saved.
     pub fn set_projection(&self, name: &str, w: &Tensor) -> anyhow::Result<()> {
         let p = self.projection_ref(name)?;
-        let var = p.var();
+        let var = p.var()?;
         if w.dims() != var.dims() {
             anyhow::bail!("set_projection({name}): shape {:?}, expected {:?}", w.dims(), var.dims());
         }
@@ -382,10 +413,16 @@ impl Model {
             out.insert(name, var.as_detached_tensor());
         }
         for p in self.layers.iter().flat_map(|b| b.projections()) {
-            if let ProjWeight::Packed { codes, scale } = &p.weight {
-                let packed = pack_tensor(codes.var.as_tensor()).with_context(|| codes.name.clone())?;
-                out.insert(codes.name.clone(), packed);
-                out.insert(scale.name.clone(), scale.var.as_detached_tensor());
+            match &p.weight {
+                ProjWeight::Packed { codes, scale } => {
+                    let packed = pack_tensor(codes.var.as_tensor()).with_context(|| codes.name.clone())?;
+                    out.insert(codes.name.clone(), packed);
+                    out.insert(scale.name.clone(), scale.var.as_detached_tensor());
+                }
+                ProjWeight::Kernel { .. } => {
+                    p.var()?;
+                }
+                ProjWeight::Dense(_) => {}
             }
         }
         Ok(out)

@@ -21,11 +21,15 @@ pub struct LoadOptions {
     pub device: Device,
     /// `None` = as transformers decides from config.json (see [`ModelConfig::default_quantization`]).
     pub quantization: Option<Quantization>,
+    /// For inference on CPU in f32: keep only the int8 kernel's packed form of each ternary
+    /// projection, packed as it loads (2 bits a weight instead of 32; the same outputs). The
+    /// model then cannot be trained, changed or saved. Ignored for other dtypes and devices.
+    pub pack_for_inference: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, device: Device::Cpu, quantization: None }
+        Self { dtype: DType::F32, device: Device::Cpu, quantization: None, pack_for_inference: false }
     }
 }
 
@@ -41,16 +45,49 @@ pub const AUX_FILES: [&str; 5] = [
 /// The checkpoint tensors `cfg` calls for, in load order: name, in-memory shape and role.
 fn layout(cfg: &ModelConfig) -> Result<Vec<(String, Vec<usize>, Role)>> {
     let mut rec = Recorder::default();
-    Model::build(&mut rec, cfg.clone(), cfg.default_quantization, DType::F32, &Device::Cpu)?;
+    Model::build(&mut rec, cfg.clone(), cfg.default_quantization, DType::F32, &Device::Cpu, false)?;
     Ok(rec.asked)
 }
 
 /// Tensors already in memory, taken by name.
-struct Tensors(HashMap<String, Tensor>);
+/// A checked checkpoint's tensors, read from the mapped files and converted when asked for.
+struct Checkpoint<'a> {
+    st: &'a candle_core::safetensors::MmapedSafetensors,
+    /// Name → (shape in the file, role), as `from_dir` checked them.
+    want: &'a BTreeMap<String, (Vec<usize>, Role)>,
+    /// Name → (shape, dtype) in the file.
+    present: &'a BTreeMap<String, (Vec<usize>, safetensors::Dtype)>,
+    opts: &'a LoadOptions,
+}
 
-impl Source for Tensors {
+impl Source for Checkpoint<'_> {
     fn get(&mut self, name: &str, _: &[usize], _: Role) -> Result<Tensor> {
-        self.0.remove(name).with_context(|| format!("missing tensor {name}"))
+        let (st, opts) = (self.st, self.opts);
+        let role = &self.want.get(name).with_context(|| format!("missing tensor {name}"))?.1;
+        let dt = &self.present[name].1;
+        let t = st.load(name, &opts.device).with_context(|| format!("loading {name}"))?;
+        let t = if *role == Role::Codes {
+            if *dt != safetensors::Dtype::U8 {
+                bail!("{name}: packed projection must be U8, found {dt:?}");
+            }
+            if t.flatten_all()?.to_vec1::<u8>()?.iter().all(|&b| b == 0b0101_0101) {
+                bail!("{name}: projection is entirely zero (a known corrupted hub revision; pin an intact revision)");
+            }
+            let (rows, cols) = t.dims2()?;
+            let vals = super::pack::unpack(&t.flatten_all()?.to_vec1::<u8>()?, rows, cols)
+                .with_context(|| name.to_string())?;
+            Tensor::from_vec(vals, (rows * 4, cols), &opts.device)?.to_dtype(opts.dtype)?
+        } else if *role == Role::Scale {
+            t.to_dtype(opts.dtype)?.reshape(1)?
+        } else if *role == Role::Holographic {
+            t.to_dtype(DType::F32)?
+        } else {
+            if *role == Role::Projection && t.abs()?.to_dtype(DType::F32)?.max_all()?.to_scalar::<f32>()? == 0.0 {
+                bail!("{name}: projection is entirely zero (a known corrupted hub revision; pin an intact revision)");
+            }
+            t.to_dtype(opts.dtype)?
+        };
+        Ok(t)
     }
 }
 
@@ -160,42 +197,17 @@ impl Model {
                 extra
             );
         }
-        let mut tensors = HashMap::new();
         for (name, (shape, role)) in &want {
-            let (got, dt) = &present[name];
+            let got = &present[name].0;
             let scalar_ok = *role == Role::Scale && got.iter().product::<usize>() == 1;
             if got != shape && !scalar_ok {
                 bail!("{name}: shape {got:?} in the checkpoint, expected {shape:?} from config.json");
             }
-            let t = st.load(name, &opts.device).with_context(|| format!("loading {name}"))?;
-            let t = if *role == Role::Codes {
-                if *dt != safetensors::Dtype::U8 {
-                    bail!("{name}: packed projection must be U8, found {dt:?}");
-                }
-                if t.flatten_all()?.to_vec1::<u8>()?.iter().all(|&b| b == 0b0101_0101) {
-                    bail!(
-                        "{name}: projection is entirely zero (a known corrupted hub revision; pin an intact revision)"
-                    );
-                }
-                let (rows, cols) = t.dims2()?;
-                let vals = super::pack::unpack(&t.flatten_all()?.to_vec1::<u8>()?, rows, cols)
-                    .with_context(|| name.clone())?;
-                Tensor::from_vec(vals, (rows * 4, cols), &opts.device)?.to_dtype(opts.dtype)?
-            } else if *role == Role::Scale {
-                t.to_dtype(opts.dtype)?.reshape(1)?
-            } else if *role == Role::Holographic {
-                t.to_dtype(DType::F32)?
-            } else {
-                if *role == Role::Projection && t.abs()?.to_dtype(DType::F32)?.max_all()?.to_scalar::<f32>()? == 0.0 {
-                    bail!(
-                        "{name}: projection is entirely zero (a known corrupted hub revision; pin an intact revision)"
-                    );
-                }
-                t.to_dtype(opts.dtype)?
-            };
-            tensors.insert(name.clone(), t);
         }
-        let mut m = assemble(cfg, &mut Tensors(tensors), opts)?;
+        // Tensors are read and converted one at a time as the model asks for them, so a model
+        // packed for inference never holds all its f32 projections at once.
+        let mut src = Checkpoint { st: &st, want: &want, present: &present, opts };
+        let mut m = assemble(cfg, &mut src, opts)?;
         m.source_dir = Some(dir.to_path_buf());
         Ok(m)
     }
@@ -270,5 +282,8 @@ fn assemble(cfg: ModelConfig, src: &mut dyn Source, opts: &LoadOptions) -> Resul
     if cfg.is_bitnet() && quant == Quantization::None && cfg.default_quantization == Quantization::Ternary {
         tracing::warn!("bitnet model loaded with quantization = none: latent weights are used unquantised");
     }
-    Model::build(src, cfg, quant, opts.dtype, &opts.device)
+    // Packing only where the kernel runs: ternary, f32, CPU.
+    let pack =
+        opts.pack_for_inference && quant == Quantization::Ternary && opts.dtype == DType::F32 && opts.device.is_cpu();
+    Model::build(src, cfg, quant, opts.dtype, &opts.device, pack)
 }

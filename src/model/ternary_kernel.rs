@@ -86,6 +86,14 @@ impl PackedTernary {
         Ok(Self { out, k, blocks, codes, scale: OutScale::DivBy(s_w) })
     }
 
+    /// How many weights are 0 (code 1), padding excluded.
+    pub fn zeros(&self) -> u64 {
+        // Codes equal to 1 per byte value, then the padding (all code 1) taken off.
+        let per_byte: [u8; 256] = std::array::from_fn(|b| (0..4).filter(|i| (b >> (2 * i)) & 3 == 1).count() as u8);
+        let all: u64 = self.codes.par_iter().map(|&b| per_byte[b as usize] as u64).sum();
+        all - (self.out * (self.blocks * BLOCK - self.k)) as u64
+    }
+
     /// Bytes held (for memory accounting).
     pub fn bytes(&self) -> usize {
         self.codes.len()
@@ -632,6 +640,15 @@ mod tests {
         assert_eq!(got.codes, want.codes);
         assert_eq!(got.scale, want.scale);
         Ok(())
+    }
+
+    #[test]
+    fn zeros_count_zero_weights_only() {
+        for (out, k) in [(3, 5), (4, 128), (2, 300)] {
+            let (_, t) = random_case(1, out, k, (out * k) as u64);
+            let w = PackedTernary::pack(&t, out, k, OutScale::MulBy(1.0)).unwrap();
+            assert_eq!(w.zeros(), t.iter().filter(|&&v| v == 0.0).count() as u64, "{out}×{k}");
+        }
     }
 
     #[test]

@@ -45,11 +45,22 @@ pub(crate) struct Param {
 pub(crate) struct Vb<'a> {
     src: &'a mut dyn Source,
     prefix: String,
+    /// Ternary projections keep only the CPU kernel's packed weight (`bitlinear.rs`).
+    pack_for_inference: bool,
 }
 
 impl<'a> Vb<'a> {
     pub fn root(src: &'a mut dyn Source) -> Self {
-        Self { src, prefix: String::new() }
+        Self { src, prefix: String::new(), pack_for_inference: false }
+    }
+
+    /// A root whose ternary projections are packed for CPU inference as they load.
+    pub fn root_packing(src: &'a mut dyn Source, pack_for_inference: bool) -> Self {
+        Self { src, prefix: String::new(), pack_for_inference }
+    }
+
+    pub fn packs_for_inference(&self) -> bool {
+        self.pack_for_inference
     }
 
     fn join(&self, s: &dyn Display) -> String {
@@ -63,7 +74,7 @@ impl<'a> Vb<'a> {
     /// The builder for the sub-module `s` (`model` → `model.layers` → `model.layers.0`).
     pub fn pp(&mut self, s: impl Display) -> Vb<'_> {
         let prefix = self.join(&s);
-        Vb { src: &mut *self.src, prefix }
+        Vb { src: &mut *self.src, prefix, pack_for_inference: self.pack_for_inference }
     }
 
     /// The tensor `leaf` under this prefix as a variable, with its name.

@@ -50,7 +50,7 @@ pub fn test_device() -> Device {
 }
 
 pub fn opts(dtype: DType, quantization: Option<Quantization>) -> LoadOptions {
-    LoadOptions { dtype, device: test_device(), quantization }
+    LoadOptions { dtype, device: test_device(), quantization, pack_for_inference: false }
 }
 
 pub fn load(name: &str, dtype: DType, q: Option<Quantization>) -> Model {

@@ -77,3 +77,69 @@ fn parity_reference_needs_both_quantisers() {
     let d = max_rel_err(&act_fake_quant(x).unwrap(), x);
     assert!(d > 1e-3, "activation fake-quant changes values by {d:e}");
 }
+
+/// A model opened with `pack_for_inference` keeps only the kernel's packed projections: the same
+/// logits bit for bit (the kernel packs the same bits from the full weights), in a full forward
+/// and token by token with the KV cache, and a clear refusal of everything that needs the
+/// weights. Other dtypes ignore the option.
+#[test]
+fn packing_for_inference_keeps_the_outputs_and_refuses_weight_access() {
+    use rpt_flow::model::{KvCache, LoadOptions, Model};
+    for name in ["bitnet_tiny", "bitnet_tiny_packed"] {
+        let path = fixture(name);
+        let full = Model::from_dir(&path, &LoadOptions::default()).unwrap();
+        let packed =
+            Model::from_dir(&path, &LoadOptions { pack_for_inference: true, ..LoadOptions::default() }).unwrap();
+        let ids = Reference::load(name).input_ids();
+        let (a, b) = (full.forward(&ids).unwrap(), packed.forward(&ids).unwrap());
+        // How many values differ in their bits (a count, so a failure prints one line).
+        let differ = |x: &candle_core::Tensor, y: &candle_core::Tensor| -> usize {
+            let v = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v(x).iter().zip(v(y)).filter(|(p, q)| p.to_bits() != q.to_bits()).count()
+        };
+        assert_eq!(differ(&a, &b), 0, "{name}: logits");
+        let row = ids.narrow(0, 0, 1).unwrap();
+        let (mut ca, mut cb) = (KvCache::new(full.num_layers()), KvCache::new(packed.num_layers()));
+        for t in 0..row.dim(1).unwrap() {
+            let tok = row.narrow(1, t, 1).unwrap();
+            let (la, lb) = (
+                full.forward_cached(&tok, &mut ca, None).unwrap(),
+                packed.forward_cached(&tok, &mut cb, None).unwrap(),
+            );
+            assert_eq!(differ(&la, &lb), 0, "{name}: cached step {t}");
+        }
+
+        let stored: usize = full.state_dict().unwrap().values().map(|t| t.elem_count()).sum();
+        assert_eq!(full.stored_parameter_count(), stored, "{name}: parameter count");
+        assert_eq!(packed.stored_parameter_count(), stored, "{name}: parameter count, packed");
+        for n in full.projection_names() {
+            let w = full.projection(&n).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let (zeros, total) = packed.kernel_zeros(&n).unwrap().expect("kernel-only projection");
+            assert_eq!(total as usize, w.len(), "{n}");
+            if name == "bitnet_tiny_packed" {
+                // The stored values are the ternary codes themselves.
+                assert_eq!(zeros as usize, w.iter().filter(|&&v| v == 0.0).count(), "{n}: zeros");
+            }
+            assert!(full.kernel_zeros(&n).unwrap().is_none());
+        }
+        // 2 bits a weight (rows padded to 128 inputs) against 32.
+        assert!(packed.packed_for_inference() && !full.packed_for_inference());
+        assert!(packed.projection_bytes() * 8 <= full.projection_bytes(), "{name}: packed weights not smaller");
+        let proj = packed.projection_names()[0].clone();
+        assert_eq!(proj, full.projection_names()[0]);
+        let refusals = [
+            packed.projection(&proj).unwrap_err().to_string(),
+            packed.set_projection(&proj, &full.projection(&proj).unwrap()).unwrap_err().to_string(),
+            packed.save(tempfile::tempdir().unwrap().path()).unwrap_err().to_string(),
+            packed.forward_train(&ids).unwrap_err().to_string(),
+        ];
+        for e in refusals {
+            assert!(e.contains(&proj) && e.contains("packed ternary weights only"), "{name}: {e}");
+        }
+    }
+    // bf16 does not run the kernel: the option is ignored and the weights stay readable.
+    let path = fixture("bitnet_tiny");
+    let bf16 = LoadOptions { dtype: DType::BF16, pack_for_inference: true, ..LoadOptions::default() };
+    let m = Model::from_dir(&path, &bf16).unwrap();
+    assert!(!m.packed_for_inference() && m.projection(&m.projection_names()[0]).is_ok());
+}

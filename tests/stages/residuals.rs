@@ -194,7 +194,7 @@ fn interventions_change_nothing_at_zero_and_everything_at_100() {
 
 /// Mean NLL of the base model's chunks windows (as in `DATA`) with every layer skipped.
 fn skip_all_layers_nll(base: &std::path::Path) -> f64 {
-    let open = model_artifact::open_dir(base, &Device::Cpu).unwrap();
+    let open = model_artifact::open_dir(base, &Device::Cpu, false).unwrap();
     let tok = open.tokenizer().unwrap();
     let src = Source::from_value(&json!("synthetic:facts:test")).unwrap();
     let stream = data::tokens(&src, tok.inner(), &open.tokenizer_id, false).unwrap();

@@ -95,16 +95,30 @@ pub fn read_settings(entry: &Path) -> Result<ModelSettings> {
 
 /// Opens the model of an input artifact on `device`.
 pub fn open(input: &InputArtifact, device: &Device) -> Result<OpenModel> {
-    open_dir(&input.dir, device)
+    open_dir(&input.dir, device, false)
 }
 
-pub fn open_dir(entry: &Path, device: &Device) -> Result<OpenModel> {
+/// Opens the model of an input artifact for inference only: a ternary f32 model on CPU keeps
+/// just the kernel's packed projections (`LoadOptions::pack_for_inference`; the same outputs,
+/// ~2 bits a weight instead of 32). For stages that only run the model forward.
+pub fn open_for_inference(input: &InputArtifact, device: &Device) -> Result<OpenModel> {
+    let open = open_dir(&input.dir, device, true)?;
+    tracing::info!(
+        packed = open.model.packed_for_inference(),
+        projections_mb = open.model.projection_bytes() as f64 / 1e6,
+        "model opened for inference (packed: only the CPU kernel's 2-bit form of the ternary projections is kept)"
+    );
+    Ok(open)
+}
+
+pub fn open_dir(entry: &Path, device: &Device, pack_for_inference: bool) -> Result<OpenModel> {
     let settings = read_settings(entry)?;
     let dir = settings.source.clone().unwrap_or_else(|| entry.to_path_buf());
     let opts = LoadOptions {
         dtype: dtype_of(&settings.dtype)?,
         device: device.clone(),
         quantization: Some(Quantization::parse(&settings.quantization)?),
+        pack_for_inference,
     };
     let model = Model::from_dir(&dir, &opts).with_context(|| format!("loading the model in {}", dir.display()))?;
     let tok_path = dir.join("tokenizer.json");
@@ -169,9 +183,16 @@ pub fn ternary_zero_fractions(model: &Model) -> Result<(BTreeMap<String, f64>, f
     let mut per = BTreeMap::new();
     let (mut zeros, mut total) = (0f64, 0f64);
     for name in model.projection_names() {
-        let w = model.projection(&name)?;
-        let Some(z) = ternary_zeros(&w)? else { continue };
-        let (z, n) = (z as f64, w.elem_count() as f64);
+        let (z, n) = match model.kernel_zeros(&name)? {
+            // Packed for inference: the kernel's codes are the ternarised weights.
+            Some((z, n)) => (z, n as usize),
+            None => {
+                let w = model.projection(&name)?;
+                let Some(z) = ternary_zeros(&w)? else { continue };
+                (z, w.elem_count())
+            }
+        };
+        let (z, n) = (z as f64, n as f64);
         per.insert(name, z / n);
         zeros += z;
         total += n;

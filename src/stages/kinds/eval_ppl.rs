@@ -99,7 +99,7 @@ impl Stage for EvalPpl {
     fn run(&self, ctx: &StageContext) -> Result<Json> {
         let p: Params = ctx.params()?;
         let device = artifact::device(ctx.device)?;
-        let open = artifact::open(ctx.input("input")?, &device)?;
+        let open = artifact::open_for_inference(ctx.input("input")?, &device)?;
         let protocol = Protocol::parse(&p.protocol, p.stride)?;
         let encoding =
             text_param::protocol_encoding(&protocol, &p.encode, p.min_row_chars, &p.bos).map_err(anyhow::Error::msg)?;

@@ -135,7 +135,7 @@ impl Stage for EvalTasks {
         };
         let n = p.limit.map_or(task.items.len(), |l| l.min(task.items.len()));
         let device = artifact::device(ctx.device)?;
-        let open = artifact::open(ctx.input("input")?, &device)?;
+        let open = artifact::open_for_inference(ctx.input("input")?, &device)?;
         let tok = open.tokenizer()?;
         let max_len = open.model.config().max_position_embeddings;
 

@@ -87,7 +87,7 @@ impl Stage for Generate {
         let p: Params = ctx.params()?;
         let prompts = prompts_of(&p.prompts).map_err(anyhow::Error::msg)?;
         let device = artifact::device(ctx.device)?;
-        let open = artifact::open(ctx.input("input")?, &device)?;
+        let open = artifact::open_for_inference(ctx.input("input")?, &device)?;
         let tok = open.tokenizer()?;
         let sampling = if p.temperature == 0.0 {
             Sampling::Greedy

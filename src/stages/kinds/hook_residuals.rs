@@ -194,7 +194,7 @@ impl Stage for HookResiduals {
         let intervention = intervention_of(&p).map_err(anyhow::Error::msg)?;
         let prompts = generation_prompts(&p.generate).map_err(anyhow::Error::msg)?;
         let device = artifact::device(ctx.device)?;
-        let open = artifact::open(ctx.input("input")?, &device)?;
+        let open = artifact::open_for_inference(ctx.input("input")?, &device)?;
         let n_layers = open.model.num_layers();
         let hidden = open.model.config().hidden_size;
         let (pruning, chosen) = match &intervention {

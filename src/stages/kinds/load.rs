@@ -205,7 +205,10 @@ impl Stage for Load {
             "auto" => None,
             q => Some(Quantization::parse(q)?),
         };
-        let opts = LoadOptions { dtype, device: device.clone(), quantization };
+        let opts = LoadOptions { dtype, device: device.clone(), quantization, pack_for_inference: false };
+        // A model this stage does not save is only described: for a ternary f32 model on CPU
+        // its projections need not exist in f32 (the 2B model: ~3 GB instead of ~10).
+        let describe_only = LoadOptions { pack_for_inference: true, ..opts.clone() };
         let source = parse_source(&p.model).map_err(anyhow::Error::msg)?;
         tracing::info!(
             instance = %ctx.instance, model = %p.model, dtype = %p.dtype, quantization = %p.quantization,
@@ -216,21 +219,21 @@ impl Stage for Load {
             ModelSource::Hub(spec) => {
                 let commit = crate::model::hub::resolve_commit(&spec)?;
                 let dir = crate::model::hub::fetch_commit(&spec, &commit)?;
-                let model = Model::from_dir(&dir, &opts)?;
+                let model = Model::from_dir(&dir, &describe_only)?;
                 let settings = settings_of(&model, Some(dir.clone()));
                 artifact::write_settings(out, &settings)?;
                 (model, json!({ "hub": spec.repo, "revision": spec.revision, "commit": commit, "snapshot": dir }))
             }
             ModelSource::Dir(dir) => {
                 let dir = ctx.resolve(&dir);
-                let model = Model::from_dir(&dir, &opts)?;
+                let model = Model::from_dir(&dir, &describe_only)?;
                 copy_model_files(&dir, out)?;
                 artifact::write_settings(out, &settings_of(&model, None))?;
                 (model, json!({ "path": dir }))
             }
             ModelSource::Builtin(name) => {
                 let dir = crate::stages::common::builtin::materialise(&name, out)?;
-                let model = Model::from_dir(&dir, &opts)?;
+                let model = Model::from_dir(&dir, &describe_only)?;
                 artifact::write_settings(out, &settings_of(&model, None))?;
                 (model, json!({ "builtin": name }))
             }
@@ -311,7 +314,7 @@ fn train_tokenizer(source: &Json, config: &Map<String, Json>, base: &Path) -> Re
 /// Metrics common to every load: size, format, and how many latent weights quantise to 0.
 fn describe(model: &Model, origin: Json) -> Result<Json> {
     let cfg = model.config();
-    let parameters: usize = model.state_dict()?.values().map(|t| t.elem_count()).sum();
+    let parameters = model.stored_parameter_count();
     let mut m = json!({
         "source": origin,
         "arch": format!("{:?}", cfg.arch).to_lowercase(),

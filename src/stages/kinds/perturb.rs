@@ -134,7 +134,7 @@ impl Stage for Perturb {
     fn run(&self, ctx: &StageContext) -> Result<Json> {
         let p: Params = ctx.params()?;
         let device = artifact::device(ctx.device)?;
-        let open = artifact::open(ctx.input("input")?, &device)?;
+        let open = artifact::open_for_inference(ctx.input("input")?, &device)?;
         let model = &open.model;
         let n_layers = model.num_layers();
         let hidden = model.config().hidden_size;
