@@ -7,7 +7,7 @@
 //!   per-tensor `weight_scale`; `y = (x̂ · Tᵀ) · weight_scale` (offline `AutoBitLinear`).
 //! - [`ProjWeight::Kernel`]: only the kernel's packed form (2 bits a weight) of either, for a
 //!   model opened for CPU inference (`LoadOptions::pack_for_inference`): the f32 matrix is
-//!   dropped at load, so the 2B model needs ~2.5 GB instead of ~10. Such a projection runs the
+//!   dropped at load, so the 2B model runs in ~3 GB instead of ~10. Such a projection runs the
 //!   kernel and nothing else: its weights cannot be read, changed, saved or trained.
 //!
 //! Ternary inference of an f32 model on CPU runs the int8 × 2-bit kernel (`ternary_kernel.rs`): the activation is
