@@ -49,7 +49,6 @@ fn layout(cfg: &ModelConfig) -> Result<Vec<(String, Vec<usize>, Role)>> {
     Ok(rec.asked)
 }
 
-/// Tensors already in memory, taken by name.
 /// A checked checkpoint's tensors, read from the mapped files and converted when asked for.
 struct Checkpoint<'a> {
     st: &'a candle_core::safetensors::MmapedSafetensors,
