@@ -419,6 +419,7 @@ impl Model {
                     out.insert(codes.name.clone(), packed);
                     out.insert(scale.name.clone(), scale.var.as_detached_tensor());
                 }
+                // Only the kernel's packed form is here: `var()` is the error that says so.
                 ProjWeight::Kernel { .. } => {
                     p.var()?;
                 }

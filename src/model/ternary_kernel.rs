@@ -169,13 +169,7 @@ fn quantise_row(row: &[f32], dst: &mut [i8], isa: Isa) -> (f32, i32) {
     match isa {
         Isa::Portable => {
             let s = super::quant::act_scale(row);
-            let mut total = 0i32;
-            for (d, &v) in dst.iter_mut().zip(row) {
-                let c = super::quant::act_code(v, s) as i8;
-                total += c as i32;
-                *d = c;
-            }
-            (s, total)
+            (s, codes_scalar(row, s, dst))
         }
         // SAFETY: `Isa::Avx2` is only produced after runtime detection; lengths checked above.
         #[cfg(target_arch = "x86_64")]
@@ -184,6 +178,17 @@ fn quantise_row(row: &[f32], dst: &mut [i8], isa: Isa) -> (f32, i32) {
             (s, avx2::codes(row, s, dst))
         },
     }
+}
+
+/// The int8 codes of `row` at scale `s` into `dst` (scalar `quant::act_code`); returns `Σ q`.
+fn codes_scalar(row: &[f32], s: f32, dst: &mut [i8]) -> i32 {
+    let mut total = 0i32;
+    for (d, &v) in dst.iter_mut().zip(row) {
+        let c = super::quant::act_code(v, s) as i8;
+        total += c as i32;
+        *d = c;
+    }
+    total
 }
 
 /// Which inner loop runs.
@@ -418,13 +423,7 @@ mod avx2 {
         }
         let mut lanes = [0i32; 8];
         _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc);
-        let mut total: i32 = lanes.iter().sum();
-        for (d, &v) in dst[n32..row.len()].iter_mut().zip(&row[n32..]) {
-            let c = super::super::quant::act_code(v, s) as i8;
-            total += c as i32;
-            *d = c;
-        }
-        total
+        lanes.iter().sum::<i32>() + super::codes_scalar(&row[n32..], s, &mut dst[n32..])
     }
 
     /// Blocks summed in i16 before widening: 16 × 2048 = 32768 fits (the extreme case is all

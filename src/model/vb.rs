@@ -51,7 +51,7 @@ pub(crate) struct Vb<'a> {
 
 impl<'a> Vb<'a> {
     pub fn root(src: &'a mut dyn Source) -> Self {
-        Self { src, prefix: String::new(), pack_for_inference: false }
+        Self::root_packing(src, false)
     }
 
     /// A root whose ternary projections are packed for CPU inference as they load.

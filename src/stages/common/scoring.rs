@@ -211,8 +211,7 @@ pub fn nlls_of_logits(logits: &Tensor, windows: &[Window]) -> Result<Vec<(f64, u
         for c0 in (0..targets.len()).step_by(LOGP_ROWS) {
             let n = LOGP_ROWS.min(targets.len() - c0);
             let logp = log_probs(&rows.narrow(0, c0, n)?)?;
-            let ids = Tensor::new(&targets[c0..c0 + n], logits.device())?.unsqueeze(1)?;
-            picked.extend(logp.gather(&ids, 1)?.squeeze(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+            picked.extend(picked_log_probs(&logp, &targets[c0..c0 + n])?.to_vec1::<f64>()?);
         }
         let total = Tensor::new(picked, logits.device())?.sum_all()?.to_scalar::<f64>()?;
         out.push((-total, w.scored() as u64));
@@ -234,9 +233,13 @@ pub fn log_probs(logits: &Tensor) -> Result<Tensor> {
 /// sequence's log-probabilities `[t, vocab]`.
 pub fn summed_log_prob(logp: &Tensor, start: usize, targets: &[u32]) -> Result<f64> {
     let rows = logp.narrow(0, start, targets.len())?; // [scored, vocab]
-    let ids = Tensor::new(targets, logp.device())?.unsqueeze(1)?;
-    let picked = rows.gather(&ids, 1)?.squeeze(1)?.to_dtype(DType::F64)?;
-    Ok(picked.sum_all()?.to_scalar::<f64>()?)
+    Ok(picked_log_probs(&rows, targets)?.sum_all()?.to_scalar::<f64>()?)
+}
+
+/// Row `i`'s log-probability of `targets[i]`, as f64, from log-probabilities `[len, vocab]`.
+fn picked_log_probs(logp_rows: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let ids = Tensor::new(targets, logp_rows.device())?.unsqueeze(1)?;
+    Ok(logp_rows.gather(&ids, 1)?.squeeze(1)?.to_dtype(DType::F64)?)
 }
 
 #[cfg(test)]
