@@ -182,6 +182,10 @@ pub fn causal_softmax(s: &Tensor, scale: f32, offset: usize) -> Result<Tensor> {
     s.contiguous()?.apply_op1(CausalSoftmax { scale, offset })
 }
 
+/// Values candle's f32 `vec_reduce_sum` adds per step (8-wide lanes, 4 of them) on every SIMD
+/// target it has; the scalar fallback adds one at a time, which any multiple of 1 matches.
+const SUM_STEP: usize = 32;
+
 struct CausalSoftmax {
     scale: f32,
     offset: usize,
@@ -198,16 +202,19 @@ impl CustomOp1 for CausalSoftmax {
         let (t, total) = (dims[dims.len() - 2], dims[dims.len() - 1]);
         let mut out = vec![0f32; src.len()];
         out.par_chunks_mut(total).zip(src.par_chunks(total)).enumerate().for_each(|(r, (d, s))| {
-            let last = self.offset + r % t; // the last key this query sees
-                                            // The inference path's `(s · scale + 0) + mask`, then candle's softmax_last_dim.
-            for (j, (d, s)) in d.iter_mut().zip(s).enumerate() {
-                *d = (*s * self.scale + 0.0) + if j > last { f32::NEG_INFINITY } else { 0.0 };
+            // The inference path's `(s · scale + 0) + mask`, then candle's softmax_last_dim — with
+            // the masked keys (`exp(−∞) = 0`) skipped, in the same bits: `max` ignores −∞, and
+            // candle's sum adds 32 values per step in 8-wide lanes, so stopping after the step
+            // that holds the last seen key leaves out only additions of +0.
+            let seen = (self.offset + r % t + 1).min(total); // keys this query sees
+            for (d, s) in d[..seen].iter_mut().zip(s) {
+                *d = *s * self.scale + 0.0;
             }
             let mut max = f32::NEG_INFINITY;
-            unsafe { f32::vec_reduce_max(d.as_ptr(), &mut max, total) };
-            d.iter_mut().for_each(|v| *v = (*v - max).exp());
+            unsafe { f32::vec_reduce_max(d.as_ptr(), &mut max, seen) };
+            d[..seen].iter_mut().for_each(|v| *v = (*v - max).exp());
             let mut sum = 0f32;
-            unsafe { f32::vec_reduce_sum(d.as_ptr(), &mut sum, total) };
+            unsafe { f32::vec_reduce_sum(d.as_ptr(), &mut sum, seen.next_multiple_of(SUM_STEP).min(total)) };
             d.iter_mut().for_each(|v| *v /= sum);
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -979,7 +986,9 @@ mod tests {
 
     #[test]
     fn causal_softmax_matches_the_masked_softmax() {
-        for (t, offset) in [(7usize, 0usize), (5, 3)] {
+        // Rows longer than candle's 32-value summing step, ending inside and after a step
+        // (the masked keys are skipped there), and short ones (gradients checked too).
+        for (t, offset) in [(7usize, 0usize), (5, 3), (70, 0), (40, 33)] {
             let total = t + offset;
             let s = normal(&[2, 3, t, total], 3, 3.0);
             let mask: Vec<f32> = (0..t)
@@ -988,7 +997,12 @@ mod tests {
             let mask = Tensor::from_vec(mask, (t, total), &Device::Cpu).unwrap();
             let scale = 0.125f64;
             let infer = candle_nn::ops::softmax_last_dim(&(&s * scale).unwrap().broadcast_add(&mask).unwrap()).unwrap();
-            assert_eq!(values(&causal_softmax(&s, scale as f32, offset).unwrap()), values(&infer), "offset {offset}");
+            let (got, want) = (values(&causal_softmax(&s, scale as f32, offset).unwrap()), values(&infer));
+            let differs = got.iter().zip(&want).position(|(g, w)| g.to_bits() != w.to_bits());
+            assert_eq!(differs, None, "t {t}, offset {offset}: first differing value");
+            if t > 8 {
+                continue;
+            }
             check(
                 "causal_softmax",
                 &[s],
