@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 use anyhow::{Context as _, Result};
 use candle_core::{DType, Tensor, Var};
 
+use super::cpu_values::with_f32;
+
 #[derive(Clone, Copy, Debug)]
 pub struct Hyper {
     pub beta1: f64,
@@ -158,15 +160,6 @@ impl Coef {
             eps: h.eps as f32,
             lr: lr as f32,
         }
-    }
-}
-
-/// The f32 contiguous CPU values of `t`, if it has them.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => Some(f(&v[a..b])),
-        _ => None,
     }
 }
 

@@ -18,6 +18,7 @@
 //! unquantised models use the f32 fake-quant path.
 
 use super::config::Quantization;
+use super::cpu_values::with_f32;
 use super::mode::Mode;
 use super::quant::{act_fake_quant, ste, weight_fake_quant, weight_inv_scale};
 use super::ternary_kernel::{self as kernel, OutScale, PackedTernary, QuantRows};
@@ -259,8 +260,12 @@ impl Projection {
         if self.uses_kernel(x, mode, opts) {
             let dims = x.dims().to_vec();
             let k = *dims.last().unwrap_or(&1);
-            let flat = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            let rows = QuantRows::new(&flat, flat.len() / k.max(1), k);
+            let quantise = |v: &[f32]| QuantRows::new(v, v.len() / k.max(1), k);
+            // In place when the input is already contiguous f32 (the usual case), else a copy.
+            let rows = match with_f32(x, quantise) {
+                Some(rows) => rows,
+                None => quantise(&x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            };
             return Ok(Prepared::Int8 { rows, dims, dtype: x.dtype(), device: x.device().clone() });
         }
         if self.trains_with_kernel(x, mode, opts) {

@@ -14,6 +14,7 @@ pub mod bitlinear;
 pub mod block;
 pub mod causal_lm;
 pub mod config;
+mod cpu_values;
 mod embedding;
 pub mod generate;
 mod head_kernel;
