@@ -267,7 +267,9 @@ fn tiled<T: Copy + Default + Send + Sync>(
     }
     let row_bytes = w.blocks * BLOCK_BYTES;
     let chunk_rows = (ROW_CHUNK_BYTES / row_bytes.max(1)).clamp(1, out);
-    let sums = vec![[0i32; TOKENS]; chunk_rows];
+    // Token-major sums of one chunk: token t of weight row i at `t · chunk_rows + i`, so that
+    // each token's outputs are scaled in one contiguous (vectorised) pass.
+    let sums = vec![0i32; TOKENS * chunk_rows];
     if m >= 2 * TOKENS_PER_TASK || m >= 4 * rayon::current_num_threads() * TOKENS {
         y.par_chunks_mut(TOKENS_PER_TASK * out).enumerate().for_each_with(sums, |sums, (task, dst)| {
             let r0 = task * TOKENS_PER_TASK;
@@ -279,12 +281,12 @@ fn tiled<T: Copy + Default + Send + Sync>(
                 while r < r0 + rows {
                     let g = TOKENS.min(r0 + rows - r);
                     let toks: [&[i8]; TOKENS] = std::array::from_fn(|i| x.row(r + i.min(g - 1)));
-                    group_sums(wchunk, nrows, w.blocks, &toks[..g], &mut sums[..nrows], isa);
+                    group_sums(wchunk, nrows, w.blocks, &toks[..g], sums, chunk_rows, isa);
                     for j in 0..g {
                         let (s, off) = (rowv[r + j], x.sum[r + j]);
-                        let yrow = &mut dst[(r + j - r0) * out..(r + j - r0 + 1) * out];
-                        for (i, acc) in sums[..nrows].iter().enumerate() {
-                            yrow[n0 + i].write(emit(acc[j] - off, s));
+                        let yrow = &mut dst[(r + j - r0) * out + n0..][..nrows];
+                        for (y, &acc) in yrow.iter_mut().zip(&sums[j * chunk_rows..][..nrows]) {
+                            y.write(emit(acc - off, s));
                         }
                     }
                     r += g;
@@ -302,10 +304,10 @@ fn tiled<T: Copy + Default + Send + Sync>(
             while r < m {
                 let g = TOKENS.min(m - r);
                 let toks: [&[i8]; TOKENS] = std::array::from_fn(|i| x.row(r + i.min(g - 1)));
-                group_sums(wchunk, nrows, w.blocks, &toks[..g], &mut sums[..nrows], isa);
-                for (i, acc) in sums[..nrows].iter().enumerate() {
+                group_sums(wchunk, nrows, w.blocks, &toks[..g], sums, chunk_rows, isa);
+                for i in 0..nrows {
                     for j in 0..g {
-                        dst[i * m + r + j] = emit(acc[j] - x.sum[r + j], rowv[r + j]);
+                        dst[i * m + r + j] = emit(sums[j * chunk_rows + i] - x.sum[r + j], rowv[r + j]);
                     }
                 }
                 r += g;
@@ -319,19 +321,21 @@ fn tiled<T: Copy + Default + Send + Sync>(
     }
 }
 
-/// `Σ (T + 1)·q` of `nrows` packed weight rows against the (at most [`TOKENS`]) token rows.
-fn group_sums(wblock: &[u8], nrows: usize, blocks: usize, toks: &[&[i8]], out: &mut [[i32; TOKENS]], isa: Isa) {
+/// `Σ (T + 1)·q` of `nrows` packed weight rows against the (at most [`TOKENS`]) token rows,
+/// token `t`'s sum with row `i` into `out[t · stride + i]`.
+fn group_sums(wblock: &[u8], nrows: usize, blocks: usize, toks: &[&[i8]], out: &mut [i32], stride: usize, isa: Isa) {
+    assert!(nrows <= stride && out.len() >= toks.len().saturating_sub(1) * stride + nrows);
     match isa {
-        Isa::Portable => group_sums_portable(wblock, nrows, blocks, toks, out),
+        Isa::Portable => group_sums_portable(wblock, nrows, blocks, toks, out, stride),
         // SAFETY: `Isa::Avx2` is only produced after runtime detection; bounds are asserted in
         // the function. One variant per group size: a short last group costs only its rows.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe {
             match toks.len() {
-                4 => avx2::group_sums::<4>(wblock, nrows, blocks, [toks[0], toks[1], toks[2], toks[3]], out),
-                3 => avx2::group_sums::<3>(wblock, nrows, blocks, [toks[0], toks[1], toks[2]], out),
-                2 => avx2::group_sums::<2>(wblock, nrows, blocks, [toks[0], toks[1]], out),
-                _ => avx2::group_sums::<1>(wblock, nrows, blocks, [toks[0]], out),
+                4 => avx2::group_sums::<4>(wblock, nrows, blocks, [toks[0], toks[1], toks[2], toks[3]], out, stride),
+                3 => avx2::group_sums::<3>(wblock, nrows, blocks, [toks[0], toks[1], toks[2]], out, stride),
+                2 => avx2::group_sums::<2>(wblock, nrows, blocks, [toks[0], toks[1]], out, stride),
+                _ => avx2::group_sums::<1>(wblock, nrows, blocks, [toks[0]], out, stride),
             }
         },
     }
@@ -355,9 +359,9 @@ pub fn scale_one(acc: i32, factor: f32) -> f32 {
 }
 
 /// Portable [`group_sums`].
-fn group_sums_portable(wblock: &[u8], nrows: usize, blocks: usize, toks: &[&[i8]], out: &mut [[i32; TOKENS]]) {
+fn group_sums_portable(wblock: &[u8], nrows: usize, blocks: usize, toks: &[&[i8]], out: &mut [i32], stride: usize) {
     let row_bytes = blocks * BLOCK_BYTES;
-    for (n, o) in out.iter_mut().enumerate().take(nrows) {
+    for n in 0..nrows {
         let wrow = &wblock[n * row_bytes..(n + 1) * row_bytes];
         for (t, tok) in toks.iter().enumerate() {
             let mut s = 0i32;
@@ -370,7 +374,7 @@ fn group_sums_portable(wblock: &[u8], nrows: usize, blocks: usize, toks: &[&[i8]
                     }
                 }
             }
-            o[t] = s;
+            out[t * stride + n] = s;
         }
     }
 }
@@ -434,7 +438,7 @@ mod avx2 {
     /// AVX2 `Σ (T + 1)·q` for `nrows` weight rows × `T` tokens. Per block and token: 4 `maddubs`
     /// (codes ≤ 2 × |q| ≤ 128: pairs within ±512 in i16) summed to within ±2048; up to
     /// [`I16_BLOCKS`] blocks are summed in i16 (within ±32768) before one `madd` widens them to i32.
-    // The reduction below stores four token sums per row.
+    // The reduction below takes the four token sums of a row at once.
     const _: () = assert!(super::TOKENS == 4);
 
     #[target_feature(enable = "avx2")]
@@ -443,14 +447,16 @@ mod avx2 {
         nrows: usize,
         blocks: usize,
         toks: [&[i8]; T],
-        out: &mut [[i32; super::TOKENS]],
+        out: &mut [i32],
+        stride: usize,
     ) {
         let row_bytes = blocks * BLOCK_BYTES;
-        assert!(wblock.len() >= nrows * row_bytes && out.len() >= nrows && T <= super::TOKENS);
+        assert!(wblock.len() >= nrows * row_bytes && T <= super::TOKENS && T >= 1);
+        assert!(nrows <= stride && out.len() >= (T - 1) * stride + nrows);
         assert!(toks.iter().all(|r| r.len() >= blocks * BLOCK));
         let mask = _mm256_set1_epi8(3);
         let ones = _mm256_set1_epi16(1);
-        for (n, o) in out.iter_mut().enumerate().take(nrows) {
+        for n in 0..nrows {
             let w = wblock.as_ptr().add(n * row_bytes);
             let mut acc = [_mm256_setzero_si256(); T];
             let mut b0 = 0;
@@ -480,11 +486,16 @@ mod avx2 {
                 b0 = b1;
             }
             // The T horizontal sums at once: three hadds leave token t's lane sums in lanes t
-            // and t + 4; one add of the halves and one store give all four (missing tokens 0).
+            // and t + 4; one add of the halves gives all four (missing tokens 0), each stored
+            // to its token's row of `out`.
             let a = |t: usize| if t < T { acc[t] } else { _mm256_setzero_si256() };
             let h = _mm256_hadd_epi32(_mm256_hadd_epi32(a(0), a(1)), _mm256_hadd_epi32(a(2), a(3)));
             let s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+            let mut o = [0i32; super::TOKENS];
             _mm_storeu_si128(o.as_mut_ptr() as *mut __m128i, s);
+            for (t, &v) in o.iter().enumerate().take(T) {
+                out[t * stride + n] = v;
+            }
         }
     }
 }
@@ -533,6 +544,9 @@ mod tests {
             (13, 40, 512),
             (70, 9, 260),
             (131, 3, 1000),
+            // Rows of 2 KiB: 48 per L2 chunk, so several chunks (and i16 stages) per output.
+            (70, 100, 8192),
+            (3, 100, 8192),
         ]
         .iter()
         .enumerate()
