@@ -68,8 +68,13 @@ def main():
                 with torch.no_grad():
                     model(input_ids=ids, use_cache=False)
 
+            def body():  # the decoder without the LM head: final-norm hidden states
+                with torch.no_grad():
+                    model.model(input_ids=ids, use_cache=False)
+
             r = {"forward_s": timed(a.reps, fwd)}
             r["forward_tok_s"] = a.batch * a.seq / r["forward_s"]
+            r["body_s"] = timed(a.reps, body)
             if not a.no_train:
                 model.train()
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
