@@ -187,8 +187,48 @@ pub fn window_nlls(model: &Model, windows: &[Window]) -> Result<Vec<(f64, u64)>>
         return windows.iter().map(|w| window_nlls(model, std::slice::from_ref(w)).map(|v| v[0])).collect();
     }
     let ids = window_ids(model, windows)?;
+    if scores_from_hidden(model, windows) {
+        let h = model.forward_hidden(&ids, None).context("forward pass")?;
+        return nlls_of_hidden(model, &h, windows);
+    }
     let logits = model.forward(&ids).context("forward pass")?; // [b, t, vocab] f32
     nlls_of_logits(&logits, windows)
+}
+
+/// Whether [`nlls_of_hidden`] serves `model` on these (equal-length) windows: on CPU in f32, with
+/// at least two positions per window.
+pub fn scores_from_hidden(model: &Model, windows: &[Window]) -> bool {
+    model.device().is_cpu() && model.dtype() == DType::F32 && windows.iter().all(|w| w.input_ids.len() >= 2)
+}
+
+/// [`nlls_of_logits`] from the final-norm hidden states `[b, t, hidden]` of the windows
+/// ([`Model::forward_hidden`]), putting only the scored positions through the LM head: half of
+/// each window under the llama.cpp protocol, whose head (vocab × hidden per position) is a third
+/// of the 2B model's forward. Where [`scores_from_hidden`] holds, the same bits as the
+/// whole-window logits (tested): the f32 head is a gemm whose rows do not depend on the other
+/// rows, for two rows or more.
+pub fn nlls_of_hidden(model: &Model, h: &Tensor, windows: &[Window]) -> Result<Vec<(f64, u64)>> {
+    windows
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let (rows, skip) = head_rows(w);
+            let logits = model.logits(&h.get(i)?.narrow(0, rows.start, rows.len())?)?;
+            nll_of_rows(&logits.narrow(0, skip, w.scored())?, w)
+        })
+        .collect()
+}
+
+/// The positions of `w` put through the LM head, and how many of them precede its scored ones:
+/// its logit positions, with a neighbour when there is only one (one row takes the gemm's
+/// matrix–vector path, which sums in another order). `w` has at least two positions.
+fn head_rows(w: &Window) -> (std::ops::Range<usize>, usize) {
+    let pos = w.logit_positions();
+    match pos.len() {
+        1 if pos.start > 0 => (pos.start - 1..pos.end, 1),
+        1 => (pos.start..pos.end + 1, 0),
+        _ => (pos, 0),
+    }
 }
 
 /// The ids of equal-length windows as a `[b, t]` tensor on the model's device.
@@ -201,22 +241,26 @@ pub fn window_ids(model: &Model, windows: &[Window]) -> Result<Tensor> {
 /// Summed NLL and scored-token count of each window from the logits `[b, t, vocab]` of a forward
 /// pass over them (row i = window i).
 pub fn nlls_of_logits(logits: &Tensor, windows: &[Window]) -> Result<Vec<(f64, u64)>> {
-    let mut out = Vec::with_capacity(windows.len());
-    for (i, w) in windows.iter().enumerate() {
-        let targets = w.target_ids();
-        let rows = logits.get(i)?.narrow(0, w.logit_positions().start, targets.len())?;
-        // The log-softmax of the scored rows, LOGP_ROWS at a time (row by row it is the same
-        // computation), its picked values summed by one `sum_all` as before: the same bits.
-        let mut picked: Vec<f64> = Vec::with_capacity(targets.len());
-        for c0 in (0..targets.len()).step_by(LOGP_ROWS) {
-            let n = LOGP_ROWS.min(targets.len() - c0);
-            let logp = log_probs(&rows.narrow(0, c0, n)?)?;
-            picked.extend(picked_log_probs(&logp, &targets[c0..c0 + n])?.to_vec1::<f64>()?);
-        }
-        let total = Tensor::new(picked, logits.device())?.sum_all()?.to_scalar::<f64>()?;
-        out.push((-total, w.scored() as u64));
+    windows
+        .iter()
+        .enumerate()
+        .map(|(i, w)| nll_of_rows(&logits.get(i)?.narrow(0, w.logit_positions().start, w.scored())?, w))
+        .collect()
+}
+
+/// Summed NLL and scored-token count of `w` from the logits of its scored positions `[scored, vocab]`.
+fn nll_of_rows(rows: &Tensor, w: &Window) -> Result<(f64, u64)> {
+    let targets = w.target_ids();
+    // The log-softmax of the scored rows, LOGP_ROWS at a time (row by row it is the same
+    // computation), its picked values summed by one `sum_all` as before: the same bits.
+    let mut picked: Vec<f64> = Vec::with_capacity(targets.len());
+    for c0 in (0..targets.len()).step_by(LOGP_ROWS) {
+        let n = LOGP_ROWS.min(targets.len() - c0);
+        let logp = log_probs(&rows.narrow(0, c0, n)?)?;
+        picked.extend(picked_log_probs(&logp, &targets[c0..c0 + n])?.to_vec1::<f64>()?);
     }
-    Ok(out)
+    let total = Tensor::new(picked, rows.device())?.sum_all()?.to_scalar::<f64>()?;
+    Ok((-total, w.scored() as u64))
 }
 
 /// Scored rows whose log-probabilities exist at once. The log-softmax makes three temporaries the
@@ -262,6 +306,35 @@ mod tests {
             let want = -summed_log_prob(&logp.get(i).unwrap(), w.logit_positions().start, w.target_ids()).unwrap();
             assert_eq!(got[i].0.to_bits(), want.to_bits(), "window {i}: {} vs {want}", got[i].0);
             assert_eq!(got[i].1, w.scored() as u64);
+        }
+    }
+
+    /// Putting only the scored positions through the LM head gives the bits of the whole-window
+    /// logits: the llama.cpp protocol's second half, all but the first position, a single
+    /// scored position (first, middle and last: the head then takes a neighbour too), stacked
+    /// windows, one and two threads' worth of gemm tasks.
+    #[test]
+    fn scoring_only_the_scored_positions_gives_the_whole_window_bits() {
+        use crate::model::{Arch, LoadOptions, ModelConfig};
+        let cfg = ModelConfig::tiny(Arch::Bitnet, 300, 64, 96, 2, 4, 2);
+        let opts =
+            LoadOptions { dtype: DType::F32, device: Device::Cpu, quantization: None, pack_for_inference: false };
+        let model = Model::random(&cfg, 7, &opts).unwrap();
+        let t = 40;
+        let ids = |seed: u32| (0..t as u32).map(|i| (i * 37 + seed) % 300).collect::<Vec<_>>();
+        let windows = [
+            Window { input_ids: ids(1), targets: t / 2 + 1..t },
+            Window { input_ids: ids(2), targets: 1..t },
+            Window { input_ids: ids(3), targets: 1..2 },
+            Window { input_ids: ids(4), targets: 17..18 },
+            Window { input_ids: ids(5), targets: t - 1..t },
+        ];
+        let logits = model.forward(&window_ids(&model, &windows).unwrap()).unwrap();
+        let want = nlls_of_logits(&logits, &windows).unwrap();
+        assert_eq!(window_nlls(&model, &windows).unwrap(), want, "stacked windows");
+        for (i, w) in windows.iter().enumerate() {
+            let one = window_nlls(&model, std::slice::from_ref(w)).unwrap();
+            assert_eq!(one[0].0.to_bits(), want[i].0.to_bits(), "window {i} alone");
         }
     }
 }

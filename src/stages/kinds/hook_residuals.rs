@@ -214,9 +214,17 @@ impl Stage for HookResiduals {
         for (i, w) in eval.windows.iter().enumerate() {
             ctx.check_cancelled()?;
             let ids = scoring::window_ids(&open.model, std::slice::from_ref(w))?;
-            let logits = open.model.forward_with_hooks(&ids, &mut ResidualTap::hooks(&tap))?;
+            let one = std::slice::from_ref(w);
+            let mut hooks = ResidualTap::hooks(&tap);
+            let nlls = if scoring::scores_from_hidden(&open.model, one) {
+                let h = open.model.forward_hidden(&ids, Some(&mut hooks))?;
+                scoring::nlls_of_hidden(&open.model, &h, one)?
+            } else {
+                scoring::nlls_of_logits(&open.model.forward_with_hooks(&ids, &mut hooks)?, one)?
+            };
+            drop(hooks);
             tap.borrow_mut().end_text();
-            per_window.extend(scoring::nlls_of_logits(&logits, std::slice::from_ref(w))?);
+            per_window.extend(nlls);
             positions += w.input_ids.len() as u64;
             ctx.progress.set_position(i as u64 + 1);
         }
