@@ -75,6 +75,12 @@ def main():
             r = {"forward_s": timed(a.reps, fwd)}
             r["forward_tok_s"] = a.batch * a.seq / r["forward_s"]
             r["body_s"] = timed(a.reps, body)
+            with torch.no_grad():
+                h = model.model(input_ids=ids, use_cache=False).last_hidden_state
+            # The LM head alone on the final-norm hidden states (the difference of two medians
+            # is noisy, and comes out below this on this machine).
+            with torch.no_grad():
+                r["head_s"] = timed(a.reps, lambda: model.lm_head(h))
             if not a.no_train:
                 model.train()
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
