@@ -105,3 +105,25 @@ fn relative_paths_resolve_against_the_pipeline_folder() {
     let again = sb.run(&["run", "copy/p.toml"]).expect(0);
     assert!(again.stdout().contains("nothing to compute"), "same content elsewhere, same keys: {}", again.stdout());
 }
+
+/// A model loaded in bf16 on the CPU (the shipped pipelines' dtype, for the GPU) is warned about
+/// once, with the fix; in f32 nothing is said.
+#[test]
+fn a_bf16_model_on_the_cpu_is_warned_about_once() {
+    let sb = Sandbox::real();
+    let pipeline = |dtype: &str| {
+        format!(
+            "[stages.m]\nkind = \"load\"\nmodel = \"builtin:tiny-bitnet\"\ndtype = \"{dtype}\"\n\
+             [stages.ppl]\nkind = \"eval-ppl\"\ninput = \"m\"\ndata = \"synthetic:facts:test\"\nseq_len = 32\nmax_windows = 2\n\
+             [stages.ppl2]\nkind = \"eval-ppl\"\ninput = \"m\"\ndata = \"synthetic:facts:test\"\nseq_len = 16\nmax_windows = 2\n"
+        )
+    };
+    let warning = "the model runs in bf16 on the CPU";
+    let p = sb.write("bf16.toml", &pipeline("bf16"));
+    let r = sb.run(&["run", p.to_str().unwrap(), "-q"]).expect(0);
+    assert_eq!(r.stderr().matches(warning).count(), 1, "one warning per run: {}", r.stderr());
+    assert!(r.stderr().contains("dtype = \"f32\""), "the warning says what to set: {}", r.stderr());
+    let p = sb.write("f32.toml", &pipeline("f32"));
+    let r = sb.run(&["run", p.to_str().unwrap(), "-q"]).expect(0);
+    assert!(!r.stderr().contains("runs in"), "no warning in f32: {}", r.stderr());
+}

@@ -121,6 +121,7 @@ pub fn open_dir(entry: &Path, device: &Device, pack_for_inference: bool) -> Resu
         pack_for_inference,
     };
     let model = Model::from_dir(&dir, &opts).with_context(|| format!("loading the model in {}", dir.display()))?;
+    warn_if_slow_on_cpu(&model);
     let tok_path = dir.join("tokenizer.json");
     let (tokenizer, tokenizer_id) = if tok_path.exists() {
         let id = blake3::hash(&std::fs::read(&tok_path)?).to_hex().to_string();
@@ -129,6 +130,38 @@ pub fn open_dir(entry: &Path, device: &Device, pack_for_inference: bool) -> Resu
         (None, String::new())
     };
     Ok(OpenModel { model, tokenizer, dir, settings, tokenizer_id })
+}
+
+/// Warns (once per process) when `model` runs in bf16 or f16 on the CPU: candle has no 16-bit
+/// matrix product there (each one widens both operands to f32), and the int8 × 2-bit kernel of
+/// ternary models runs in f32 only — the 2B model gets ~1 prompt token/s per thread that way
+/// against ~25 in f32 on this project's machine (docs/benchmarks.md). The shipped pipelines load
+/// in bf16 for the GPU.
+pub fn warn_if_slow_on_cpu(model: &Model) {
+    if let Some(msg) = slow_on_cpu(model.device(), model.dtype(), model.quantization()) {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| tracing::warn!("{msg}"));
+    }
+}
+
+/// The advice of [`warn_if_slow_on_cpu`], if any.
+pub fn slow_on_cpu(device: &Device, dtype: DType, quantization: Quantization) -> Option<String> {
+    if !device.is_cpu() || !matches!(dtype, DType::BF16 | DType::F16) {
+        return None;
+    }
+    let d = dtype.as_str();
+    let (kernel, packed) = match quantization {
+        Quantization::Ternary => (
+            " and the int8 × 2-bit ternary kernel runs only in f32: about 25× slower for the 2B model",
+            "; the evaluation stages then keep only the ternary projections' 2-bit form (~3 GB for the 2B model)",
+        ),
+        Quantization::None => ("", ""),
+    };
+    Some(format!(
+        "the model runs in {d} on the CPU, where candle has no {d} matrix product (each one widens to \
+         f32){kernel}. To run on a CPU, set `dtype = \"f32\"` in the pipeline's `load` stage (e.g. \
+         `--set stages.<load stage>.dtype=f32`){packed}"
+    ))
 }
 
 /// Saves `model` into `out` with its tokenizer files (copied from `aux_from`) and settings.
@@ -209,5 +242,18 @@ mod tests {
         let n = (1 << 24) + 3; // an f32 accumulator stops at 2^24
         let ones = Tensor::ones(n, DType::U8, &Device::Cpu).unwrap();
         assert_eq!(count_true(&ones).unwrap(), n as u64);
+    }
+
+    #[test]
+    fn only_16_bit_models_on_the_cpu_are_warned_about() {
+        let cpu = Device::Cpu;
+        assert_eq!(slow_on_cpu(&cpu, DType::F32, Quantization::Ternary), None);
+        for dtype in [DType::BF16, DType::F16] {
+            let ternary = slow_on_cpu(&cpu, dtype, Quantization::Ternary).expect("a warning");
+            assert!(ternary.contains(dtype.as_str()) && ternary.contains("ternary kernel"), "{ternary}");
+            assert!(ternary.contains("dtype = \"f32\""), "{ternary}");
+            let plain = slow_on_cpu(&cpu, dtype, Quantization::None).expect("a warning");
+            assert!(!plain.contains("ternary") && plain.contains("dtype = \"f32\""), "{plain}");
+        }
     }
 }

@@ -254,6 +254,7 @@ impl Stage for Load {
                 (model, json!({ "random": config, "seed": seed }))
             }
         };
+        artifact::warn_if_slow_on_cpu(&model);
         let m = describe(&model, origin)?;
         tracing::info!(
             instance = %ctx.instance, arch = %m["arch"].as_str().unwrap_or_default(), parameters = %m["parameters"],
