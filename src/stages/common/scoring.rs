@@ -203,8 +203,8 @@ pub fn scores_from_hidden(model: &Model, windows: &[Window]) -> bool {
 
 /// [`nlls_of_logits`] from the final-norm hidden states `[b, t, hidden]` of the windows
 /// ([`Model::forward_hidden`]), putting only the scored positions through the LM head: half of
-/// each window under the llama.cpp protocol, whose head (vocab × hidden per position) is a third
-/// of the 2B model's forward. Where [`scores_from_hidden`] holds, the same bits as the
+/// each window under the llama.cpp protocol, where the head (vocab × hidden per position) is
+/// ~30 % of the 2B model's forward on CPU. Where [`scores_from_hidden`] holds, the same bits as the
 /// whole-window logits (tested): the f32 head is a gemm whose rows do not depend on the other
 /// rows, for two rows or more.
 pub fn nlls_of_hidden(model: &Model, h: &Tensor, windows: &[Window]) -> Result<Vec<(f64, u64)>> {
@@ -312,7 +312,7 @@ mod tests {
     /// Putting only the scored positions through the LM head gives the bits of the whole-window
     /// logits: the llama.cpp protocol's second half, all but the first position, a single
     /// scored position (first, middle and last: the head then takes a neighbour too), stacked
-    /// windows, one and two threads' worth of gemm tasks.
+    /// windows and each window alone.
     #[test]
     fn scoring_only_the_scored_positions_gives_the_whole_window_bits() {
         use crate::model::{Arch, LoadOptions, ModelConfig};
