@@ -69,12 +69,12 @@ impl Source for Checkpoint<'_> {
             if *dt != safetensors::Dtype::U8 {
                 bail!("{name}: packed projection must be U8, found {dt:?}");
             }
-            if t.flatten_all()?.to_vec1::<u8>()?.iter().all(|&b| b == 0b0101_0101) {
+            let bytes = t.flatten_all()?.to_vec1::<u8>()?;
+            if bytes.iter().all(|&b| b == 0b0101_0101) {
                 bail!("{name}: projection is entirely zero (a known corrupted hub revision; pin an intact revision)");
             }
             let (rows, cols) = t.dims2()?;
-            let vals = super::pack::unpack(&t.flatten_all()?.to_vec1::<u8>()?, rows, cols)
-                .with_context(|| name.to_string())?;
+            let vals = super::pack::unpack(&bytes, rows, cols).with_context(|| name.to_string())?;
             Tensor::from_vec(vals, (rows * 4, cols), &opts.device)?.to_dtype(opts.dtype)?
         } else if *role == Role::Scale {
             t.to_dtype(opts.dtype)?.reshape(1)?

@@ -218,14 +218,13 @@ pub fn ternary_zero_fractions(model: &Model) -> Result<(BTreeMap<String, f64>, f
     for name in model.projection_names() {
         let (z, n) = match model.kernel_zeros(&name)? {
             // Packed for inference: the kernel's codes are the ternarised weights.
-            Some((z, n)) => (z, n as usize),
+            Some((z, n)) => (z as f64, n as f64),
             None => {
                 let w = model.projection(&name)?;
                 let Some(z) = ternary_zeros(&w)? else { continue };
-                (z, w.elem_count())
+                (z as f64, w.elem_count() as f64)
             }
         };
-        let (z, n) = (z as f64, n as f64);
         per.insert(name, z / n);
         zeros += z;
         total += n;
