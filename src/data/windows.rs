@@ -88,6 +88,25 @@ impl Protocol {
             Protocol::Texts => "texts",
         }
     }
+
+    /// Whether this protocol scores tokens with windows of `seq_len` (at least 2): `rolling`
+    /// needs `stride` in `1..seq_len`, `llama-cpp` (the second half of each window scored,
+    /// `seq_len − 1 − seq_len/2` tokens) at least 3.
+    pub fn check_seq_len(&self, seq_len: usize) -> Result<()> {
+        match *self {
+            Protocol::Rolling { stride } if stride == 0 || stride >= seq_len => bail!(
+                "rolling: stride must be in 1..={} for seq_len {seq_len} (a stride of seq_len would leave \
+                 the first token of every window unscored; use protocol \"chunks\" for \
+                 non-overlapping windows), not {stride}",
+                seq_len.saturating_sub(1)
+            ),
+            Protocol::LlamaCpp if seq_len < 3 => bail!(
+                "llama-cpp scores the second half of each window (seq_len − 1 − seq_len/2 tokens): \
+                 seq_len {seq_len} leaves none; use seq_len 3 or more (llama.cpp's default is 512)"
+            ),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Settings shared by all protocols.
@@ -231,6 +250,7 @@ pub fn chunks(tokens: &[u32], opts: &WindowOptions) -> Result<Vec<Window>> {
 pub fn llama_cpp(tokens: &[u32], opts: &WindowOptions) -> Result<Vec<Window>> {
     let bos_id = check(opts)?;
     let l = opts.seq_len;
+    Protocol::LlamaCpp.check_seq_len(l)?;
     let stream = with_stream_bos(tokens, opts.bos, bos_id);
     let mut out = Vec::new();
     for piece in stream.chunks_exact(l) {
@@ -260,14 +280,7 @@ pub fn rolling(tokens: &[u32], opts: &WindowOptions, stride: usize) -> Result<Ve
         (Bos::WindowStart, Some(id)) => (l - 1, Some(id)),
         _ => (l, None),
     };
-    if stride == 0 || stride >= l {
-        bail!(
-            "rolling: stride must be in 1..={} for seq_len {l} (a stride of seq_len would leave \
-             the first token of every window unscored; use protocol \"chunks\" for \
-             non-overlapping windows), not {stride}",
-            l - 1
-        );
-    }
+    Protocol::Rolling { stride }.check_seq_len(l)?;
     let stream = with_stream_bos(tokens, opts.bos, bos_id);
     let n = stream.len();
     let first_scored = if prefix.is_some() { 0 } else { 1 };
@@ -361,6 +374,10 @@ mod tests {
         let w = llama_cpp(&stream(1100), &opts(512, Bos::None)).unwrap();
         assert_eq!((w.len(), w[0].scored()), (2, 255));
         assert_eq!(w[0].input_ids[0], 0, "bos = none leaves the first token");
+        // The smallest window that scores a token, and the one below it refused.
+        assert_eq!(llama_cpp(&stream(9), &opts(3, Bos::None)).unwrap()[0].scored(), 1);
+        let e = llama_cpp(&stream(9), &opts(2, Bos::None)).unwrap_err();
+        assert!(format!("{e:#}").contains("seq_len 3 or more"), "{e:#}");
     }
 
     #[test]

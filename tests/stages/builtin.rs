@@ -127,3 +127,20 @@ fn a_bf16_model_on_the_cpu_is_warned_about_once() {
     let r = sb.run(&["run", p.to_str().unwrap(), "-q"]).expect(0);
     assert!(!r.stderr().contains("runs in"), "no warning in f32: {}", r.stderr());
 }
+
+/// A llama-cpp window of 2 tokens scores none (the second half of each window is scored): the
+/// validator refuses it, naming the stage, instead of a run that reports a perplexity of nothing.
+#[test]
+fn a_llama_cpp_window_too_short_to_score_is_refused_before_running() {
+    let sb = Sandbox::real();
+    let p = sb.write(
+        "short.toml",
+        "[stages.m]\nkind = \"load\"\nmodel = \"builtin:tiny-bitnet\"\n\
+         [stages.ppl]\nkind = \"eval-ppl\"\ninput = \"m\"\ndata = \"synthetic:facts:test\"\nprotocol = \"llama-cpp\"\nseq_len = 2\n",
+    );
+    for cmd in ["validate", "run"] {
+        let r = sb.run(&[cmd, p.to_str().unwrap()]);
+        assert_ne!(r.code(), 0, "{cmd}: {}", r.stdout());
+        assert!(r.stderr().contains("seq_len 3 or more") && r.stderr().contains("short.toml"), "{cmd}: {}", r.stderr());
+    }
+}

@@ -86,6 +86,7 @@ impl Stage for EvalPpl {
     fn check(&self, params: &Map<String, Json>) -> Result<(), String> {
         let p: Params = typed_params(params)?;
         let protocol = Protocol::parse(&p.protocol, p.stride).map_err(|e| format!("{e:#}"))?;
+        protocol.check_seq_len(p.seq_len).map_err(|e| format!("{e:#}"))?;
         text_param::protocol_encoding(&protocol, &p.encode, p.min_row_chars, &p.bos)?;
         text_param::source(&p.data)?;
         Ok(())
