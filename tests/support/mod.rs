@@ -233,15 +233,36 @@ pub fn results(session: &Json) -> Json {
 /// CPUs are shared, and a test that watches concurrency needs them free. `None` when no cluster
 /// answers: the test returns early after this prints why. With `RPT_REQUIRE_SLURM=1` (set by
 /// `.ci/run`, which starts one) a missing cluster fails the test instead.
+/// `RPT_REQUIRE_SLURM=1`: a missing cluster is a failure, not a skip.
+fn slurm_expected() -> bool {
+    std::env::var_os("RPT_REQUIRE_SLURM").is_some_and(|v| v == "1")
+}
+
 pub fn slurm_cluster() -> Option<std::sync::MutexGuard<'static, ()>> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let up = Command::new("sinfo").args(["--noheader", "--format=%T"]).output().is_ok_and(|o| {
-        o.status.success()
-            && ["idle", "mixed", "allocated"].iter().any(|s| String::from_utf8_lossy(&o.stdout).contains(s))
-    });
+    // A node still finishing the previous test's job reads "completing" (longer on a busy
+    // machine), and a busy slurmctld can miss a query: ask again for up to 30 s.
+    let answers = || {
+        Command::new("sinfo").args(["--noheader", "--format=%T"]).output().is_ok_and(|o| {
+            o.status.success()
+                && ["idle", "mixed", "allocated", "completing"]
+                    .iter()
+                    .any(|s| String::from_utf8_lossy(&o.stdout).contains(s))
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let up = loop {
+        if answers() {
+            break true;
+        }
+        if !slurm_expected() || std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
     if !up {
         let why = "no Slurm cluster answers `sinfo` (start one with scripts/slurm-local/start.sh, as root)";
-        if std::env::var_os("RPT_REQUIRE_SLURM").is_some_and(|v| v == "1") {
+        if slurm_expected() {
             panic!("{why}, and RPT_REQUIRE_SLURM=1 requires it");
         }
         eprintln!("skipped: {why}");
