@@ -12,6 +12,9 @@ pub struct SplitMix64 {
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
+/// Outputs of the stream one [`SplitMix64::normal`] takes.
+pub const DRAWS_PER_NORMAL: u64 = 2;
+
 impl SplitMix64 {
     pub fn new(seed: u64) -> Self {
         Self { state: seed }
@@ -60,7 +63,14 @@ impl SplitMix64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
-    /// Standard normal (Box–Muller, one value per call: two uniforms each time).
+    /// Skips `draws` outputs of [`SplitMix64::next_u64`] in O(1): the state only ever moves by
+    /// the same constant, so the generator can start anywhere in its stream (parallel fills).
+    pub fn advance(&mut self, draws: u64) {
+        self.state = self.state.wrapping_add(GOLDEN.wrapping_mul(draws));
+    }
+
+    /// Standard normal (Box–Muller, one value per call: two uniforms each time, so
+    /// [`DRAWS_PER_NORMAL`] outputs of the stream).
     pub fn normal(&mut self) -> f64 {
         let u1 = 1.0 - self.next_f64(); // (0, 1]
         let u2 = self.next_f64();
@@ -93,6 +103,24 @@ mod tests {
         let mut r = SplitMix64::new(1234567);
         let got: Vec<u64> = (0..3).map(|_| r.next_u64()).collect();
         assert_eq!(got, vec![6457827717110365317, 3203168211198807973, 9817491932198370423]);
+    }
+
+    #[test]
+    fn advance_skips_exactly_that_many_draws() {
+        for skip in [0u64, 1, 2, 7, 1000] {
+            let mut walked = SplitMix64::new(99);
+            for _ in 0..skip {
+                walked.next_u64();
+            }
+            let mut jumped = SplitMix64::new(99);
+            jumped.advance(skip);
+            assert_eq!(jumped.next_u64(), walked.next_u64(), "skip {skip}");
+        }
+        let mut a = SplitMix64::new(5);
+        a.normal();
+        let mut b = SplitMix64::new(5);
+        b.advance(DRAWS_PER_NORMAL);
+        assert_eq!(a.normal().to_bits(), b.normal().to_bits());
     }
 
     #[test]
