@@ -325,6 +325,7 @@ impl Stage for Finetune {
                 };
                 let weight = rows as f64 / p.batch as f64;
                 loss_sum += loss.to_scalar::<f32>()? as f64 * weight;
+                log_gpu_memory(&device, t + 1, r / micro, "forward");
                 let objective = match &reg {
                     None => loss,
                     Some(c) => {
@@ -342,6 +343,7 @@ impl Stage for Finetune {
                     }
                 };
                 let store = (objective * weight)?.backward()?;
+                log_gpu_memory(&device, t + 1, r / micro, "backward");
                 for (i, (_, var)) in params.iter().enumerate() {
                     if let Some(g) = store.get(var.as_tensor()) {
                         grads[i] = Some(match grads[i].take() {
@@ -374,6 +376,8 @@ impl Stage for Finetune {
             }
             let lr = optim::lr_at(&p.schedule, p.lr, p.eta_min, p.warmup_steps, p.steps, t);
             opt.step(&grads, lr)?;
+            drop(grads);
+            log_gpu_memory(&device, t + 1, p.batch / micro, "optimizer step");
             progress.step += 1;
             progress.loss.push((progress.step, loss_sum));
             if reg.is_some() {
@@ -606,4 +610,19 @@ fn load_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>
         .with_context(|| format!("reading {}", path.display()))?
         .into_iter()
         .collect())
+}
+
+/// At debug level on a CUDA device: the GPU memory in use (the driver's total − free, after a
+/// synchronise) at a point of a step, to see where a fine-tune's memory goes.
+fn log_gpu_memory(device: &Device, step: u64, micro: usize, after: &str) {
+    if !device.is_cuda() || !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    #[cfg(feature = "cuda")]
+    if device.synchronize().is_ok() {
+        if let Ok((free, total)) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info() {
+            tracing::debug!(step, micro, after, gpu_used_mib = (total - free) >> 20, "finetune memory");
+        }
+    }
+    let _ = (step, micro, after);
 }
