@@ -49,7 +49,13 @@ impl Rope {
     pub fn apply(&self, x: &Tensor, offset: usize, mode: Mode) -> Result<Tensor> {
         let (cos, sin) = self.tables(offset, x.dim(2)?)?;
         match mode {
-            Mode::Infer => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin),
+            // transformers rounds `x·cos` and `rotate_half(x)·sin` to the dtype before adding
+            // them; candle's CUDA kernel may fuse them into one rounding in bf16/f16, so there the
+            // composed form keeps transformers' rounding points (its CPU kernel does already).
+            Mode::Infer if x.device().is_cpu() || x.dtype() == DType::F32 => {
+                candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+            }
+            Mode::Infer => candle_nn::rotary_emb::rope_slow(x, &cos, &sin),
             Mode::Train if train_ops::fused(x) && train_ops::fused(&cos) => train_ops::rope(x, &cos, &sin),
             Mode::Train => candle_nn::rotary_emb::rope_slow(x, &cos, &sin),
         }

@@ -6,8 +6,11 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
+/// `tests/fixtures/<name>` of the checkout: the one the binary was built in, or `RPT_TEST_ROOT`
+/// (a test binary carried to another machine, as scripts/device-check.sh runs it).
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    let root = std::env::var_os("RPT_TEST_ROOT").map_or(PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    root.join("tests/fixtures").join(name)
 }
 
 pub struct Reference {
@@ -25,8 +28,9 @@ impl Reference {
     pub fn get(&self, key: &str) -> &Tensor {
         self.tensors.get(key).unwrap_or_else(|| panic!("reference has no {key}"))
     }
+    /// The fixture's token ids on the test device (`RPT_TEST_DEVICE`), where the models are.
     pub fn input_ids(&self) -> Tensor {
-        self.get("input_ids").to_dtype(DType::U32).unwrap()
+        self.get("input_ids").to_dtype(DType::U32).unwrap().to_device(&test_device()).unwrap()
     }
     pub fn nll(&self, key: &str) -> f64 {
         self.json["nll"][key].as_f64().unwrap()
@@ -65,8 +69,13 @@ pub fn max_rel_err(got: &Tensor, want: &Tensor) -> f32 {
     g.iter().zip(&w).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0.0, f32::max)
 }
 
+/// Fails when `got` is beyond `tol` of `want`. With `RPT_PARITY_TRACE=1` every comparison's
+/// error is printed (shown with a failing test's output): where a device first departs.
 pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
     let e = max_rel_err(got, want);
+    if std::env::var_os("RPT_PARITY_TRACE").is_some() {
+        eprintln!("{what}: {e:e}");
+    }
     assert!(e <= tol, "{what}: max |err|/max(1,|ref|) = {e:e} > {tol:e}");
 }
 

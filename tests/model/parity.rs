@@ -11,6 +11,12 @@ const F32_TOL: f32 = 1e-4;
 /// bf16: we follow transformers' rounding points (bit-identical on these fixtures); the tolerance
 /// allows a couple of bf16 ulps (2⁻⁷ relative each) for other BLAS back-ends.
 const BF16_TOL: f32 = 2e-2;
+/// bf16 on a GPU (`RPT_TEST_DEVICE=cuda`), against the same CPU references: cuBLAS sums a product
+/// in another order, which moves some bf16 roundings wherever the weights are not ternary. On an
+/// H200 (2026-11-30) the ternary and llama fixtures came out bit-identical, the unquantised BitNet
+/// 2.5e-2 from its reference — transformers itself, on the same GPU, lands 4.3e-2 from it
+/// (tests/fixtures/bf16_device_gap.py).
+const BF16_GPU_TOL: f32 = 5e-2;
 const BF16_NLL_REL: f64 = 1e-3;
 
 fn check(fixture_name: &str, mode: &str, dtype: DType, q: Option<Quantization>) {
@@ -20,7 +26,11 @@ fn check(fixture_name: &str, mode: &str, dtype: DType, q: Option<Quantization>) 
     let (logits, seen) = forward_capture(&model, &ids);
     let d = if dtype == DType::F32 { "f32" } else { "bf16" };
     let key = format!("{mode}.{d}");
-    let tol = if dtype == DType::F32 { F32_TOL } else { BF16_TOL };
+    let tol = match dtype {
+        DType::F32 => F32_TOL,
+        _ if model.device().is_cpu() => BF16_TOL,
+        _ => BF16_GPU_TOL,
+    };
     let what = format!("{fixture_name} {key}");
     assert_close(&format!("{what} logits"), &logits, r.get(&format!("{key}.logits")), tol);
     let n = model.num_layers();
