@@ -1,8 +1,8 @@
 //! `cargo bench --bench ternary`: the BitLinear kernel alone (int8 activations × packed ternary
 //! weights) against candle's f32 matmul of the fake-quantised operands, per projection shape of
 //! the mid-size bench model (1024 tokens) and of the 2B model (512 tokens), median of
-//! `BENCH_REPS` (default 5), with every inner loop this CPU runs (portable, AVX2, VNNI) side by
-//! side. Threads: `CANDLE_NUM_THREADS` / `RAYON_NUM_THREADS`.
+//! `BENCH_REPS` (default 5), with every inner loop this CPU runs (AVX2, VNNI; the portable one with
+//! `BENCH_PORTABLE=1`) side by side. Threads: `CANDLE_NUM_THREADS` / `RAYON_NUM_THREADS`.
 
 use candle_core::{Device, Tensor};
 use rpt_flow::model::quant::act_fake_quant;
@@ -39,7 +39,12 @@ fn main() -> anyhow::Result<()> {
         ("2B down", 512, 2560, 6912),
         ("2B gate/up, 1 token", 1, 6912, 2560),
     ];
-    let isas = kernel::available_isas();
+    // The portable loop (the fallback without AVX2) is ~10x slower: only with BENCH_PORTABLE=1.
+    let portable = std::env::var("BENCH_PORTABLE").is_ok_and(|v| v == "1");
+    let isas: Vec<_> = kernel::available_isas()
+        .into_iter()
+        .filter(|&i| portable || i != kernel::Isa::Portable || kernel::best_isa() == kernel::Isa::Portable)
+        .collect();
     println!("inner loops: {isas:?} (best {:?}); threads {}", kernel::best_isa(), rayon::current_num_threads());
     let isa_cols: String = isas.iter().map(|i| format!(" {i:?} (ms) | GMAC/s |")).collect();
     println!("| shape | m × out × k |{isa_cols} of which quantise (ms) | f32 matmul (ms) | GMAC/s | best vs f32 |");

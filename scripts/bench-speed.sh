@@ -3,7 +3,8 @@
 # CPU, for 1 and 2 threads (THREADS="1 2"): the mid-size bench model's forward and training step
 # (benches/model.rs, scripts/bench_torch.py), one table with the ratios, and the machine's state.
 #   scripts/bench-speed.sh            # needs .venv with torch + transformers (tests/fixtures/requirements.txt)
-# Knobs: THREADS, REPS (default 3), TRAIN=0 (forward only). Prints markdown.
+# Knobs: THREADS, REPS (default 3), TRAIN=0 (forward only), PY (python with torch + transformers),
+# MODEL_BENCH (a prebuilt bench binary instead of cargo). Prints markdown.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-"1 2"}
@@ -12,7 +13,13 @@ TRAIN=${TRAIN:-1}
 PY=${PY:-.venv/bin/python}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-cargo bench --bench model --no-run -q 2>/dev/null
+# MODEL_BENCH: a prebuilt `benches/model.rs` binary (carried to a machine without cargo).
+if [ -n "${MODEL_BENCH:-}" ]; then
+  model_bench() { "$MODEL_BENCH" --bench; }
+else
+  cargo bench --bench model --no-run -q 2>/dev/null
+  model_bench() { cargo bench -q --bench model; }
+fi
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) logical CPUs; load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 for t in $THREADS; do
   notrain=(); [ "$TRAIN" = 0 ] && notrain=(--no-train)
@@ -21,7 +28,7 @@ for t in $THREADS; do
   GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824 \
     "$PY" scripts/bench_torch.py --threads "$t" --reps "$REPS" --dtypes f32 "${notrain[@]}" --out "$out/torch-$t.json" > /dev/null
   CANDLE_NUM_THREADS=$t RAYON_NUM_THREADS=$t BENCH_REPS=$REPS BENCH_DTYPES=f32 BENCH_TRAIN=$TRAIN \
-    cargo bench -q --bench model 2>/dev/null | tail -1 > "$out/candle-$t.json"
+    model_bench 2>/dev/null | tail -1 > "$out/candle-$t.json"
 done
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 "$PY" - "$out" $THREADS <<'PY'

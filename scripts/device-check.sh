@@ -14,10 +14,11 @@
 #    PEAK_TFLOPS (default 989: H100/H200 SXM dense bf16).
 # Everything is written under $OUT (the device tool's folder) or ./device-check-out.
 # On a lent device machine (no network, no cargo): build here with scripts/build-cuda.sh, gzip
-# target/cuda/release/rpt-flow (74 MB; 21 MB gzipped: the carry limit is 64 MiB) into a folder
-# listed in .git/info/exclude, carry that folder, gunzip it there, and point LD_LIBRARY_PATH at
-# the machine's CUDA 13 libraries (cuBLAS, cuRAND, cudart; e.g. a torch venv's
-# site-packages/nvidia/cu13/lib — not yet tried on a device) before running this script.
+# target/cuda/release/rpt-flow (74 MB; 22 MB gzipped: the carry limit is 64 MiB) and, for the
+# parity tests, the model test binary (RPT_MODEL_TESTS; 17 MB gzipped) into a folder listed in
+# .git/info/exclude, carry that folder, and point RPT_FLOW_BIN / RPT_MODEL_TESTS at the .gz files:
+# the script unpacks them and takes the CUDA 13 libraries of the machine's PyTorch when the
+# binary's rpath finds none.
 # A dry run of the script's logic on any machine: RPT_CHECK_DEVICE=cpu RPT_SPEED_PROFILES=tiny.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,25 +29,58 @@ device=${RPT_CHECK_DEVICE:-cuda}
 export CANDLE_NUM_THREADS=${CANDLE_NUM_THREADS:-$(nproc)} RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-$(nproc)}
 log() { echo "== [$(date +%T)] $*" | tee -a "$out/summary.txt"; }
 
+status=0
 log "machine: $(nproc) CPUs, $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
+# A carried binary may come gzipped (the device tool's carry limit); unpack it beside the others.
+unpacked() {
+    case "$1" in
+        *.gz) local to="$work/$(basename "${1%.gz}")"; gunzip -c "$1" >"$to" && chmod +x "$to" && echo "$to" ;;
+        *) echo "$1" ;;
+    esac
+}
 bin=${RPT_FLOW_BIN:-}
 if [ -z "$bin" ]; then
     log "building with scripts/build-cuda.sh (a cold build takes ~35 min on one core)"
     "$repo/scripts/build-cuda.sh"
     bin=${CARGO_TARGET_DIR:-$repo/target/cuda}/release/rpt-flow
 fi
+bin=$(unpacked "$bin")
+# A binary built elsewhere finds no CUDA libraries by its rpath: take those of the machine's
+# PyTorch (its nvidia/cu13/lib holds cuBLAS, cuRAND, cudart and NVRTC of CUDA 13).
+if ldd "$bin" | grep -q 'not found'; then
+    lib=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)
+    [ -d "$lib" ] && export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    log "CUDA libraries from ${lib:-nowhere}; still missing: $(ldd "$bin" | grep 'not found' | tr -s ' \t' ' ' || echo none)"
+fi
 log "binary: $bin ($("$bin" --version))"
 
-if [ "${RPT_DEVICE_TESTS:-0}" = 1 ]; then
+# Transformers parity on the GPU: the model tests with RPT_TEST_DEVICE=cuda, from a carried test
+# binary (RPT_MODEL_TESTS: `scripts/build-cuda.sh test --release --features cuda --test model
+# --no-run` builds it) or, with RPT_DEVICE_TESTS=1, compiled here (needs cargo and PyPI).
+tests=${RPT_MODEL_TESTS:-}
+if [ -n "$tests" ] || [ "${RPT_DEVICE_TESTS:-0}" = 1 ]; then
     log "transformers parity on cuda (tests/model parity)"
-    if RPT_TEST_DEVICE=cuda "$repo/scripts/build-cuda.sh" test --release --features cuda --test model parity 2>&1 | tee "$out/parity-tests.log" | tail -3; then
+    if [ -n "$tests" ]; then
+        run_tests() { RPT_PARITY_TRACE=1 RPT_TEST_ROOT=$repo RPT_TEST_DEVICE=cuda "$(unpacked "$tests")" parity; }
+    else
+        run_tests() { RPT_TEST_DEVICE=cuda "$repo/scripts/build-cuda.sh" test --release --features cuda --test model parity; }
+    fi
+    if run_tests 2>&1 | tee "$out/parity-tests.log" | tail -3; then
         log "parity tests: passed"
     else
         log "parity tests: FAILED (see parity-tests.log)"
+        status=1
     fi
 fi
 
-status=0
+# The yardstick for the bf16 tolerance there: how far transformers itself lands from the
+# committed (CPU) bf16 references on this machine's CPU and on the device.
+if python3 -c 'import torch, transformers' 2>/dev/null; then
+    log "transformers' own bf16 gap to the CPU references (tests/fixtures/bf16_device_gap.py)"
+    python3 "$repo/tests/fixtures/bf16_device_gap.py" --device cpu --device "$device" --out "$out/bf16-gap.json" 2>&1 |
+        grep -v Warning | tee -a "$out/summary.txt" || log "bf16 gap: FAILED"
+fi
+
 log "every stage kind, cpu vs $device (benches/device-parity.toml)"
 for dev in cpu "$device"; do
     "$bin" run "$repo/benches/device-parity.toml" --device "$dev" --cache "$work/cache" --sessions "$work/s-$dev" -q \
