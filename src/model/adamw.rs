@@ -276,9 +276,12 @@ mod tests {
     #[test]
     fn state_records_no_graph() {
         let hyper = Hyper { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
-        for (dtype, in_model, fused) in
-            [(DType::F32, false, true), (DType::F32, false, false), (DType::BF16, false, false), (DType::BF16, true, false)]
-        {
+        for (dtype, in_model, fused) in [
+            (DType::F32, false, true),
+            (DType::F32, false, false),
+            (DType::BF16, false, false),
+            (DType::BF16, true, false),
+        ] {
             let p = Var::from_tensor(&Tensor::new(&[1.0f32, -0.5], &Device::Cpu).unwrap().to_dtype(dtype).unwrap())
                 .unwrap();
             let mut opt = AdamW::new(vec![("p".into(), p.clone())], hyper, in_model).unwrap();

@@ -373,7 +373,6 @@ fn group_sums(wblock: &[u8], nrows: usize, blocks: usize, toks: &[&[i8]], out: &
     }
 }
 
-
 /// The factor that turns a row's integer sums into outputs: `1 / (s_act · s_w)` (latent) or
 /// `weight_scale / s_act` (packed), computed once per token row.
 #[inline]
