@@ -390,6 +390,18 @@ pub fn scale_one(acc: i32, factor: f32) -> f32 {
     acc as f32 * factor
 }
 
+/// The bounds every vector `group_sums` relies on (its loads are unchecked); returns the bytes
+/// of one packed weight row.
+#[cfg(target_arch = "x86_64")]
+fn check_group(wblock: &[u8], nrows: usize, blocks: usize, toks: &[&[i8]], out: &[i32], stride: usize) -> usize {
+    let row_bytes = blocks * BLOCK_BYTES;
+    let t = toks.len();
+    assert!(wblock.len() >= nrows * row_bytes && (1..=TOKENS).contains(&t));
+    assert!(nrows <= stride && out.len() >= (t - 1) * stride + nrows);
+    assert!(toks.iter().all(|r| r.len() >= blocks * BLOCK));
+    row_bytes
+}
+
 /// Portable [`group_sums`].
 fn group_sums_portable(wblock: &[u8], nrows: usize, blocks: usize, toks: &[&[i8]], out: &mut [i32], stride: usize) {
     let row_bytes = blocks * BLOCK_BYTES;
@@ -482,10 +494,7 @@ mod avx2 {
         out: &mut [i32],
         stride: usize,
     ) {
-        let row_bytes = blocks * BLOCK_BYTES;
-        assert!(wblock.len() >= nrows * row_bytes && T <= super::TOKENS && T >= 1);
-        assert!(nrows <= stride && out.len() >= (T - 1) * stride + nrows);
-        assert!(toks.iter().all(|r| r.len() >= blocks * BLOCK));
+        let row_bytes = super::check_group(wblock, nrows, blocks, &toks, out, stride);
         let mask = _mm256_set1_epi8(3);
         let ones = _mm256_set1_epi16(1);
         for n in 0..nrows {
@@ -497,11 +506,7 @@ mod avx2 {
                 let mut s16 = [_mm256_setzero_si256(); T];
                 for b in b0..b1 {
                     // SAFETY (all loads): in bounds by the asserts above; unaligned loads.
-                    let packed = _mm256_loadu_si256(w.add(b * BLOCK_BYTES) as *const __m256i);
-                    let c0 = _mm256_and_si256(packed, mask);
-                    let c1 = _mm256_and_si256(_mm256_srli_epi16(packed, 2), mask);
-                    let c2 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
-                    let c3 = _mm256_and_si256(_mm256_srli_epi16(packed, 6), mask);
+                    let [c0, c1, c2, c3] = codes_of_block(w.add(b * BLOCK_BYTES), mask);
                     for t in 0..T {
                         let a = toks[t].as_ptr().add(b * BLOCK) as *const __m256i;
                         let p0 = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(a));
@@ -519,6 +524,20 @@ mod avx2 {
             }
             store_lane_sums(acc, out, stride, n);
         }
+    }
+
+    /// The four vectors of 32 codes (`w + 1`: inputs `j`, `j + 32`, `j + 64`, `j + 96` of byte
+    /// `j`) of the packed block at `block` (32 bytes, unaligned).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) unsafe fn codes_of_block(block: *const u8, mask: __m256i) -> [__m256i; 4] {
+        let packed = _mm256_loadu_si256(block as *const __m256i);
+        [
+            _mm256_and_si256(packed, mask),
+            _mm256_and_si256(_mm256_srli_epi16(packed, 2), mask),
+            _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask),
+            _mm256_and_si256(_mm256_srli_epi16(packed, 6), mask),
+        ]
     }
 
     /// Stores the lane sum of `acc[t]` at `out[t · stride + n]`. The T horizontal sums at once:
@@ -544,7 +563,8 @@ mod avx2 {
 /// One body, compiled for each encoding of the instruction.
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::{avx2::store_lane_sums, BLOCK, BLOCK_BYTES};
+    use super::avx2::{codes_of_block, store_lane_sums};
+    use super::{BLOCK, BLOCK_BYTES};
     use std::arch::x86_64::*;
 
     macro_rules! vnni_group_sums {
@@ -559,10 +579,7 @@ mod vnni {
                 out: &mut [i32],
                 stride: usize,
             ) {
-                let row_bytes = blocks * BLOCK_BYTES;
-                assert!(wblock.len() >= nrows * row_bytes && T <= super::TOKENS && T >= 1);
-                assert!(nrows <= stride && out.len() >= (T - 1) * stride + nrows);
-                assert!(toks.iter().all(|r| r.len() >= blocks * BLOCK));
+                let row_bytes = super::check_group(wblock, nrows, blocks, &toks, out, stride);
                 let mask = _mm256_set1_epi8(3);
                 for n in 0..nrows {
                     let w = wblock.as_ptr().add(n * row_bytes);
@@ -570,11 +587,7 @@ mod vnni {
                     let mut odd = [_mm256_setzero_si256(); T];
                     for b in 0..blocks {
                         // SAFETY (all loads): in bounds by the asserts above; unaligned loads.
-                        let packed = _mm256_loadu_si256(w.add(b * BLOCK_BYTES) as *const __m256i);
-                        let c0 = _mm256_and_si256(packed, mask);
-                        let c1 = _mm256_and_si256(_mm256_srli_epi16(packed, 2), mask);
-                        let c2 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
-                        let c3 = _mm256_and_si256(_mm256_srli_epi16(packed, 6), mask);
+                        let [c0, c1, c2, c3] = codes_of_block(w.add(b * BLOCK_BYTES), mask);
                         for t in 0..T {
                             let a = toks[t].as_ptr().add(b * BLOCK) as *const __m256i;
                             even[t] = $dpbusd(even[t], c0, _mm256_loadu_si256(a));
