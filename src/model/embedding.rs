@@ -24,10 +24,7 @@ impl Embedding {
     /// The matrix: the variable itself in training (gradients flow), a detached view otherwise
     /// (no graph is recorded).
     pub(crate) fn matrix(&self, mode: Mode) -> Tensor {
-        match mode {
-            Mode::Infer => self.weight.var.as_detached_tensor(),
-            Mode::Train => self.weight.var.as_tensor().clone(),
-        }
+        self.weight.value(mode)
     }
 
     /// The matrix in bf16 if that is exact — an f32 CPU matrix whose every value is a bf16 value,

@@ -113,13 +113,6 @@ impl Holo {
         [&self.boundary, &self.variance_scale, &self.bias]
     }
 
-    fn tensor(p: &Param, mode: Mode) -> Tensor {
-        match mode {
-            Mode::Train => p.var.as_tensor().clone(),
-            Mode::Infer => p.var.as_detached_tensor(),
-        }
-    }
-
     /// Attention output `[b, heads, t, d]` (f32) for queries `q [b, heads, t, d]` at the last `t`
     /// of `T` positions and keys/values `k, v [b, kv_heads, T, d]`, all after RoPE.
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
@@ -136,7 +129,7 @@ impl Holo {
         let k = k.pad_with_zeros(2, 0, padded - total)?;
         let v = v.pad_with_zeros(2, 0, padded - total)?;
         let scale = (d as f64).powf(-0.5);
-        let boundary = Self::tensor(&self.boundary, mode); // [nkv, d, r]
+        let boundary = self.boundary.value(mode); // [nkv, d, r]
         let r = boundary.dim(2)?;
         let boundary = boundary.unsqueeze(0)?.broadcast_as((b, nkv, d, r))?;
 
@@ -171,8 +164,8 @@ impl Holo {
         let s_mean = bmm(&qp, &mean.transpose(3, 4)?)?;
         let s_var = bmm(&qp.sqr()?, &var.transpose(3, 4)?)?;
         let per_head = |p: &Tensor| p.reshape((1, nh, 1, 1, 1));
-        let gamma = per_head(&Self::tensor(&self.variance_scale, mode))?;
-        let bias = per_head(&Self::tensor(&self.bias, mode))?;
+        let gamma = per_head(&self.variance_scale.value(mode))?;
+        let bias = per_head(&self.bias.value(mode))?;
         let summary = ((s_mean * scale)? + (s_var * (0.5 * scale * scale))?.broadcast_mul(&gamma)?)?;
         let summary = (summary + (w as f64).ln())?.broadcast_add(&bias)?;
         let summary = summary.broadcast_add(&summary_mask(nr, nsum, dev)?)?;

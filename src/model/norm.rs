@@ -30,14 +30,9 @@ impl RmsNorm {
                 train_ops::rms_norm(x, self.weight.var.as_tensor(), self.eps as f32)
             }
             _ => {
-                // Inference multiplies by the detached gain: the variable itself would make every
-                // later op record its inputs, keeping all of a forward's activations alive until
-                // its output is dropped (a bf16 eval of the 2B model at 4 × 2048 tokens ran a
-                // 141 GB GPU out of memory that way).
-                let w = match mode {
-                    Mode::Infer => self.weight.var.as_detached_tensor(),
-                    Mode::Train => self.weight.var.as_tensor().clone(),
-                };
+                // Detached in inference (`Param::value`): a bf16 eval of the 2B model at 4 × 2048
+                // tokens once ran a 141 GB GPU out of memory multiplying by the variable here.
+                let w = self.weight.value(mode);
                 let xf = x.to_dtype(DType::F32)?;
                 let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
                 let inv = (var + self.eps)?.sqrt()?.recip()?;

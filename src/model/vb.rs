@@ -7,6 +7,7 @@
 //! is what they ask a [`Recorder`] for, random initialisation is a source they draw from, and
 //! saving, packing and listing projections read the names they stored in each [`Param`].
 
+use super::mode::Mode;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use std::fmt::Display;
@@ -39,6 +40,18 @@ pub(crate) trait Source {
 pub(crate) struct Param {
     pub name: String,
     pub var: Var,
+}
+
+impl Param {
+    /// The tensor as a forward in `mode` multiplies by: the variable in training, so ops record
+    /// it for the backward; its detached value in inference, so the forward records no graph
+    /// (one that did kept all its activations alive until the output was dropped).
+    pub fn value(&self, mode: Mode) -> Tensor {
+        match mode {
+            Mode::Infer => self.var.as_detached_tensor(),
+            Mode::Train => self.var.as_tensor().clone(),
+        }
+    }
 }
 
 /// A name prefix over a source. `pp` descends one level.
