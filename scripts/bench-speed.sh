@@ -15,6 +15,7 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 # MODEL_BENCH: a prebuilt `benches/model.rs` binary (carried to a machine without cargo).
 if [ -n "${MODEL_BENCH:-}" ]; then
+  [ -x "$MODEL_BENCH" ] || { echo "MODEL_BENCH=$MODEL_BENCH is not an executable (build one with: cargo bench --bench model --no-run)" >&2; exit 2; }
   model_bench() { "$MODEL_BENCH" --bench; }
 else
   cargo bench --bench model --no-run -q 2>/dev/null
