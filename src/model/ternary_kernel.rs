@@ -12,8 +12,10 @@
 //! of inputs `j`, `j + 32`, `j + 64`, `j + 96` in bits 0–1, 2–3, 4–5, 6–7. One 256-bit load and
 //! four shift-and-mask steps give four vectors of 32 codes, each multiplied with 32 int8
 //! activations by one `maddubs` (unsigned codes × signed activations, pairs summed to i16).
-//! `Σ (T+1)·q − Σ q = Σ T·q`. The scaling is one multiply by a per-row factor. AVX2 is detected at run time; elsewhere a portable loop computes
-//! the same integers.
+//! `Σ (T+1)·q − Σ q = Σ T·q`. The scaling is one multiply by a per-row factor. AVX2 is detected
+//! at run time; elsewhere a portable loop computes the same integers. `vpdpbusd` loops run where
+//! the CPU has AVX-VNNI or AVX-512 VNNI, and AMX tiles (`amx.rs`) for 16 tokens or more where it
+//! has AMX-INT8: the same integers again.
 
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -174,7 +176,7 @@ fn quantise_row(row: &[f32], dst: &mut [i8], isa: Isa) -> (f32, i32) {
         // SAFETY: the x86 variants are only produced after runtime detection of AVX2 (and
         // more); lengths checked above. The quantiser needs AVX2 alone.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Vnni => unsafe {
+        Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Vnni | Isa::Amx => unsafe {
             let s = super::quant::act_scale_of_max(avx2::max_abs(row));
             (s, avx2::codes(row, s, dst))
         },
@@ -207,7 +209,18 @@ pub enum Isa {
     /// Cascade Lake, AMD Zen 4 and later), which also gives the compiler 32 vector registers.
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
+    /// AMX-INT8 tiles (`tdpbusd`, Xeons since Sapphire Rapids; Linux grants the tile state) for
+    /// [`AMX_MIN_TOKENS`] tokens or more; fewer tokens take the best vector loop.
+    #[cfg(target_arch = "x86_64")]
+    Amx,
 }
+
+/// Fewer tokens than this leave most of a 16-token tile empty: the vector loops run them.
+#[cfg(target_arch = "x86_64")]
+pub const AMX_MIN_TOKENS: usize = 16;
+
+#[cfg(target_arch = "x86_64")]
+mod amx;
 
 /// Every inner loop this CPU can run, the portable one first and the best last.
 pub fn available_isas() -> Vec<Isa> {
@@ -221,14 +234,36 @@ pub fn available_isas() -> Vec<Isa> {
         if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512vl") {
             v.push(Isa::Avx512Vnni);
         }
+        if amx::available() {
+            v.push(Isa::Amx);
+        }
     }
     v
+}
+
+/// The best loop of `isa`'s family that takes any number of tokens: `isa` itself, except AMX,
+/// whose few-token work goes to the best vector loop.
+fn vector_isa(isa: Isa) -> Isa {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Amx => {
+            static BEST: OnceLock<Isa> = OnceLock::new();
+            *BEST.get_or_init(|| {
+                *available_isas().iter().rfind(|&&i| i != Isa::Amx).expect("the portable loop is always there")
+            })
+        }
+        other => other,
+    }
 }
 
 /// The best inner loop this CPU supports (detected once). All of them give the same integers.
 pub fn best_isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
-    *ISA.get_or_init(|| *available_isas().last().expect("the portable loop is always there"))
+    *ISA.get_or_init(|| {
+        let isa = *available_isas().last().expect("the portable loop is always there");
+        tracing::debug!("ternary kernel: {isa:?} inner loop");
+        isa
+    })
 }
 
 /// Exact integer sums `Σ_k q[r,k] · T[n,k]` as `[m, out]` (row-major), with `isa`.
@@ -285,6 +320,14 @@ fn tiled<T: Copy + Default + Send + Sync>(
     if m == 0 || out == 0 {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Amx && m >= AMX_MIN_TOKENS {
+        assert!(rowv.len() >= m && x.sum.len() >= m && y.len() == m * out, "kernel output shape");
+        // SAFETY: `Isa::Amx` is only listed after `amx::available()` (CPU and OS support).
+        unsafe { amx::tiled(x, w, y, rowv, emit) };
+        return;
+    }
+    let isa = vector_isa(isa);
     let row_bytes = w.blocks * BLOCK_BYTES;
     let chunk_rows = (ROW_CHUNK_BYTES / row_bytes.max(1)).clamp(1, out);
     // Token-major sums of one chunk: token t of weight row i at `t · chunk_rows + i`, so that
@@ -370,6 +413,8 @@ fn group_sums(wblock: &[u8], nrows: usize, blocks: usize, toks: &[&[i8]], out: &
         Isa::AvxVnni => unsafe { by_group_size!(vnni::group_sums_avx, wblock, nrows, blocks, toks, out, stride) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni => unsafe { by_group_size!(vnni::group_sums_evex, wblock, nrows, blocks, toks, out, stride) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Amx => group_sums(wblock, nrows, blocks, toks, out, stride, vector_isa(isa)),
     }
 }
 
@@ -649,6 +694,13 @@ mod tests {
             // Rows of 2 KiB: 48 per L2 chunk, so several chunks (and i16 stages) per output.
             (70, 100, 8192),
             (3, 100, 8192),
+            // AMX edges: whole and partial 16-token tiles and 32-token steps, weight chunks of
+            // 32 rows with 1, 15, 16 or 17 left over, one 64-input tile past a block.
+            (16, 16, 64),
+            (31, 33, 128),
+            (32, 47, 192),
+            (33, 49, 129),
+            (200, 65, 640),
         ]
         .iter()
         .enumerate()
@@ -659,6 +711,22 @@ mod tests {
             let want: Vec<i32> = naive(&q, &t, out).into_iter().map(|v| v as i32).collect();
             for &isa in &isas {
                 assert_eq!(int_sums(&q, &w, isa), want, "{isa:?} m={m} out={out} k={k}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_loop_gives_the_same_sums_on_several_threads() {
+        // Tasks split tokens (and, for few tokens, weight rows) across threads; with AMX each
+        // thread configures its own tiles.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for (i, &(m, out, k)) in [(300, 70, 512), (5, 300, 256), (129, 64, 1376)].iter().enumerate() {
+            let (x, t) = random_case(m, out, k, 100 + i as u64);
+            let q = QuantRows::new(&x, m, k);
+            let w = PackedTernary::pack(&t, out, k, OutScale::MulBy(1.0)).unwrap();
+            let want: Vec<i32> = naive(&q, &t, out).into_iter().map(|v| v as i32).collect();
+            for isa in available_isas() {
+                assert_eq!(pool.install(|| int_sums(&q, &w, isa)), want, "{isa:?} m={m} out={out} k={k}");
             }
         }
     }
