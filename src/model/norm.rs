@@ -24,7 +24,12 @@ impl RmsNorm {
             // weight multiply. Same result in f32; in bf16 we follow transformers exactly.
             Mode::Infer if x.dtype() == DType::F32 => {
                 let w = self.weight.var.as_detached_tensor();
-                candle_nn::ops::rms_norm(&x.contiguous()?, &w, self.eps as f32)
+                if train_ops::fused(x) {
+                    // The same bits, several rows' sums at once (train_ops::rms_rows).
+                    train_ops::rms_norm_infer(x, &w, self.eps as f32)
+                } else {
+                    candle_nn::ops::rms_norm(&x.contiguous()?, &w, self.eps as f32)
+                }
             }
             Mode::Train if train_ops::fused(x) && self.weight.var.dtype() == DType::F32 => {
                 train_ops::rms_norm(x, self.weight.var.as_tensor(), self.eps as f32)

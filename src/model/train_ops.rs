@@ -84,10 +84,42 @@ struct RmsNorm {
     eps: f32,
 }
 
+/// The RMSNorm forward without a graph node: what f32 CPU inference runs (the same bits as
+/// candle's `rms_norm`, tested).
+pub fn rms_norm_infer(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &RmsNorm { eps })
+}
+
 /// `sqrt(mean(x²) + eps)` of one row, summed as candle's kernel does (sequentially in f32).
 fn rms(row: &[f32], eps: f32) -> f32 {
     let sum2 = row.iter().map(|v| v * v).sum::<f32>();
     (sum2 / row.len() as f32 + eps).sqrt()
+}
+
+/// Rows whose sums of squares run side by side in [`rms_rows`].
+const NORM_ROWS: usize = 8;
+
+/// [`rms`] of up to [`NORM_ROWS`] rows of length `n` (`x` holds them back to back) into `out`.
+/// A row's sum is one chain of dependent adds (4 cycles each); eight rows' chains interleaved keep
+/// the adders busy, and each row is still summed in its own order, so the bits are [`rms`]'s.
+fn rms_rows(x: &[f32], n: usize, eps: f32, out: &mut [f32; NORM_ROWS]) {
+    let rows: Vec<&[f32]> = x.chunks_exact(n).collect();
+    if rows.len() < NORM_ROWS {
+        for (o, row) in out.iter_mut().zip(rows) {
+            *o = rms(row, eps);
+        }
+        return;
+    }
+    let rows: [&[f32]; NORM_ROWS] = std::array::from_fn(|r| rows[r]);
+    let mut acc = [0f32; NORM_ROWS];
+    for i in 0..n {
+        for (a, row) in acc.iter_mut().zip(&rows) {
+            *a += row[i] * row[i];
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = (a / n as f32 + eps).sqrt();
+    }
 }
 
 impl CustomOp2 for RmsNorm {
@@ -98,11 +130,17 @@ impl CustomOp2 for RmsNorm {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (slice(s1, l1, "rms-norm")?, slice(s2, l2, "rms-norm")?);
         let n = w.len();
+        if n == 0 {
+            return Ok((CpuStorage::F32(vec![]), l1.shape().clone()));
+        }
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(d, s)| {
-            let m = rms(s, self.eps);
-            for ((d, s), a) in d.iter_mut().zip(s).zip(w) {
-                *d = *s / m * *a;
+        out.par_chunks_mut(NORM_ROWS * n).zip(x.par_chunks(NORM_ROWS * n)).for_each(|(d, s)| {
+            let mut m = [0f32; NORM_ROWS];
+            rms_rows(s, n, self.eps, &mut m);
+            for ((d, s), m) in d.chunks_exact_mut(n).zip(s.chunks_exact(n)).zip(m) {
+                for ((d, s), a) in d.iter_mut().zip(s).zip(w) {
+                    *d = *s / m * *a;
+                }
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -972,6 +1010,14 @@ mod tests {
         // The forward equals candle's inference kernel bit for bit; gradients the composed form's.
         let infer = candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap();
         assert_eq!(values(&rms_norm(&x, &w, 1e-6).unwrap()), values(&infer));
+        // Rows summed eight at a time (and the rest one by one): fewer than, exactly and more
+        // than eight rows, rows long and short, values far apart in magnitude.
+        for (i, shape) in [[1usize, 5, 300], [2, 4, 513], [1, 19, 1], [1, 8, 64]].iter().enumerate() {
+            let x = (normal(shape, 10 + i as u64, 1.0).exp().unwrap() * normal(shape, 20 + i as u64, 3.0)).unwrap();
+            let w = normal(&[shape[2]], 30 + i as u64, 1.0);
+            let want = values(&candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap());
+            assert_eq!(values(&rms_norm_infer(&x, &w, 1e-6).unwrap()), want, "{shape:?}");
+        }
         check(
             "rms_norm",
             &[x, w],
