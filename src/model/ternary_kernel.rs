@@ -134,6 +134,7 @@ impl QuantRows {
     /// [`QuantRows::new`] with a chosen loop (tests compare them).
     pub fn new_with(x: &[f32], m: usize, k: usize, isa: Isa) -> Self {
         assert_eq!(x.len(), m * k, "activation shape");
+        check_supported(isa);
         let blocks = k.div_ceil(BLOCK);
         let kp = blocks * BLOCK;
         let mut q = vec![0i8; m * kp];
@@ -256,6 +257,14 @@ fn vector_isa(isa: Isa) -> Isa {
     }
 }
 
+/// Panics unless this CPU runs `isa`: the public entry points take any `Isa`, and a loop the
+/// CPU lacks would fault on its first instruction.
+fn check_supported(isa: Isa) {
+    static ISAS: OnceLock<Vec<Isa>> = OnceLock::new();
+    let isas = ISAS.get_or_init(available_isas);
+    assert!(isas.contains(&isa), "the {isa:?} kernel loop is not supported by this CPU (it runs {isas:?})");
+}
+
 /// The best inner loop this CPU supports (detected once). All of them give the same integers.
 pub fn best_isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
@@ -316,6 +325,7 @@ fn tiled<T: Copy + Default + Send + Sync>(
     emit: impl Fn(i32, f32) -> T + Sync,
 ) {
     assert_eq!(x.k, w.k, "inner dimensions differ");
+    check_supported(isa);
     let (m, out) = (x.m, w.out);
     if m == 0 || out == 0 {
         return;
