@@ -245,7 +245,7 @@ fn ctrl_c_cancels_the_jobs_and_a_rerun_finishes() {
             let q = queued_jobs("rpt-flow:toy-chain:");
             cancelled.iter().all(|id| q.iter().any(|(j, state)| j == id && (state == "CANCELLED" || state == "FAILED")))
         }),
-        "every job of the run left is cancelled: {:?}",
+        "every job of the run left ({cancelled:?}) is cancelled: {:?}",
         queued_jobs("rpt-flow:toy-chain:")
     );
     let q = queued_jobs("rpt-flow:toy-chain:");

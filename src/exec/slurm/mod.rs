@@ -293,7 +293,12 @@ impl Watch<'_> {
                 self.progress.line(&format!("cancelling jobs {}", ids.join(", ")));
                 queue::cancel(&ids)?;
                 for (i, _) in jobs {
-                    self.interrupted(i);
+                    // A job that committed its entry since the last look at the queue (in the
+                    // instant of the Ctrl-C) is done: the cache is the truth.
+                    match self.cache.inspect(&plan.keys[i]) {
+                        EntryState::Intact(m) => self.ready(i, &m, false),
+                        _ => self.interrupted(i),
+                    }
                 }
                 return Ok(());
             }
