@@ -210,7 +210,7 @@ pub enum Isa {
     /// Cascade Lake, AMD Zen 4 and later), which also gives the compiler 32 vector registers.
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
-    /// AMX-INT8 tiles (`tdpbusd`, Xeons since Sapphire Rapids; Linux grants the tile state) for
+    /// AMX-INT8 tiles (`tdpbsud`, Xeons since Sapphire Rapids; Linux grants the tile state) for
     /// [`AMX_MIN_TOKENS`] tokens or more; fewer tokens take the best vector loop.
     #[cfg(target_arch = "x86_64")]
     Amx,
