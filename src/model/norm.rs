@@ -23,7 +23,7 @@ impl RmsNorm {
             // candle's fused kernel rounds once; transformers rounds to the input dtype before the
             // weight multiply. Same result in f32; in bf16 we follow transformers exactly.
             Mode::Infer if x.dtype() == DType::F32 => {
-                let w = self.weight.var.as_detached_tensor();
+                let w = self.weight.value(mode);
                 if train_ops::fused(x) {
                     // The same bits, several rows' sums at once (train_ops::rms_rows).
                     train_ops::rms_norm_infer(x, &w, self.eps as f32)

@@ -225,21 +225,30 @@ mod amx;
 
 /// Every inner loop this CPU can run, the portable one first and the best last.
 pub fn available_isas() -> Vec<Isa> {
-    let mut v = vec![Isa::Portable];
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        v.push(Isa::Avx2);
-        if std::arch::is_x86_feature_detected!("avxvnni") {
-            v.push(Isa::AvxVnni);
+    isas().to_vec()
+}
+
+/// [`available_isas`], detected once.
+fn isas() -> &'static [Isa] {
+    static ISAS: OnceLock<Vec<Isa>> = OnceLock::new();
+    ISAS.get_or_init(|| {
+        let mut v = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            v.push(Isa::Avx2);
+            if std::arch::is_x86_feature_detected!("avxvnni") {
+                v.push(Isa::AvxVnni);
+            }
+            if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512vl") {
+                v.push(Isa::Avx512Vnni);
+            }
+            if amx::available() {
+                v.push(Isa::Amx);
+            }
         }
-        if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512vl") {
-            v.push(Isa::Avx512Vnni);
-        }
-        if amx::available() {
-            v.push(Isa::Amx);
-        }
-    }
-    v
+        tracing::debug!("ternary kernel: {:?} inner loop", v[v.len() - 1]);
+        v
+    })
 }
 
 /// The best loop of `isa`'s family that takes any number of tokens: `isa` itself, except AMX,
@@ -247,12 +256,7 @@ pub fn available_isas() -> Vec<Isa> {
 fn vector_isa(isa: Isa) -> Isa {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Amx => {
-            static BEST: OnceLock<Isa> = OnceLock::new();
-            *BEST.get_or_init(|| {
-                *available_isas().iter().rfind(|&&i| i != Isa::Amx).expect("the portable loop is always there")
-            })
-        }
+        Isa::Amx => *isas().iter().rfind(|&&i| i != Isa::Amx).expect("the portable loop is always there"),
         other => other,
     }
 }
@@ -260,19 +264,12 @@ fn vector_isa(isa: Isa) -> Isa {
 /// Panics unless this CPU runs `isa`: the public entry points take any `Isa`, and a loop the
 /// CPU lacks would fault on its first instruction.
 fn check_supported(isa: Isa) {
-    static ISAS: OnceLock<Vec<Isa>> = OnceLock::new();
-    let isas = ISAS.get_or_init(available_isas);
-    assert!(isas.contains(&isa), "the {isa:?} kernel loop is not supported by this CPU (it runs {isas:?})");
+    assert!(isas().contains(&isa), "the {isa:?} kernel loop is not supported by this CPU (it runs {:?})", isas());
 }
 
 /// The best inner loop this CPU supports (detected once). All of them give the same integers.
 pub fn best_isa() -> Isa {
-    static ISA: OnceLock<Isa> = OnceLock::new();
-    *ISA.get_or_init(|| {
-        let isa = *available_isas().last().expect("the portable loop is always there");
-        tracing::debug!("ternary kernel: {isa:?} inner loop");
-        isa
-    })
+    *isas().last().expect("the portable loop is always there")
 }
 
 /// Exact integer sums `Σ_k q[r,k] · T[n,k]` as `[m, out]` (row-major), with `isa`.

@@ -103,14 +103,13 @@ const NORM_ROWS: usize = 8;
 /// A row's sum is one chain of dependent adds (4 cycles each); eight rows' chains interleaved keep
 /// the adders busy, and each row is still summed in its own order, so the bits are [`rms`]'s.
 fn rms_rows(x: &[f32], n: usize, eps: f32, out: &mut [f32; NORM_ROWS]) {
-    let rows: Vec<&[f32]> = x.chunks_exact(n).collect();
-    if rows.len() < NORM_ROWS {
-        for (o, row) in out.iter_mut().zip(rows) {
+    if x.len() < NORM_ROWS * n {
+        for (o, row) in out.iter_mut().zip(x.chunks_exact(n)) {
             *o = rms(row, eps);
         }
         return;
     }
-    let rows: [&[f32]; NORM_ROWS] = std::array::from_fn(|r| rows[r]);
+    let rows: [&[f32]; NORM_ROWS] = std::array::from_fn(|r| &x[r * n..(r + 1) * n]);
     let mut acc = [0f32; NORM_ROWS];
     for i in 0..n {
         for (a, row) in acc.iter_mut().zip(&rows) {
