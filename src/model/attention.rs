@@ -1,6 +1,7 @@
 //! Grouped-query self-attention with RoPE, an optional KV cache and (BitNet) `attn_sub_norm`
 //! before `o_proj`.
 
+use super::attention_kernel;
 use super::bitlinear::{ProjOpts, Projection};
 use super::config::{ModelConfig, Quantization, WeightFormat};
 use super::holographic::Holo;
@@ -125,7 +126,7 @@ impl Attention {
     /// The forward on CPU in f32 without a KV cache from the fused ops (`train_ops.rs`): the same
     /// values as the composed path below (tested), in a dozen graph nodes instead of forty when
     /// training (each node costs the backward a zero-filled gradient and an add) and with fewer
-    /// copies in inference.
+    /// copies in inference, where the attention itself is one op (`attention_kernel.rs`).
     fn forward_fused(&self, x: &Tensor, rope: &Rope, offset: usize, mode: Mode, proj: ProjOpts) -> Result<Tensor> {
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let xq = self.q_proj.prepare_input(x, mode, proj)?; // shared by q, k, v
@@ -136,12 +137,18 @@ impl Attention {
         let heads = |y: &Tensor, heads, repeat, rope, transposed| {
             train_ops::split_heads(y, &cos, &sin, HeadLayout { heads, repeat, rope, transposed })
         };
-        let rep = nh / nkv;
         let q = heads(&q, nh, 1, true, false)?;
-        let kt = heads(&k, nkv, rep, true, true)?;
-        let v = heads(&v, nkv, rep, false, false)?;
-        let att = train_ops::causal_softmax(&q.matmul(&kt)?, (d as f64).powf(-0.5) as f32, offset)?;
-        let o = train_ops::merge_heads(&att.matmul(&v)?)?;
+        let scale = (d as f64).powf(-0.5) as f32;
+        let o = if mode == Mode::Infer && attention_kernel::applies(x.dim(1)?, d) {
+            // Keys and values as their own heads, read in place by the kernel.
+            let (k, v) = (heads(&k, nkv, 1, true, false)?, heads(&v, nkv, 1, false, false)?);
+            attention_kernel::causal_attention(&q, &k, &v, scale, offset)?
+        } else {
+            let rep = nh / nkv;
+            let (kt, v) = (heads(&k, nkv, rep, true, true)?, heads(&v, nkv, rep, false, false)?);
+            let att = train_ops::causal_softmax(&q.matmul(&kt)?, scale, offset)?;
+            train_ops::merge_heads(&att.matmul(&v)?)?
+        };
         let o = match &self.sub_norm {
             Some(n) => n.forward(&o, mode)?,
             None => o,

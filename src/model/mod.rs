@@ -10,6 +10,7 @@
 
 pub mod adamw;
 pub mod attention;
+mod attention_kernel;
 pub mod bitlinear;
 pub mod block;
 pub mod causal_lm;

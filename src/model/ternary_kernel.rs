@@ -17,6 +17,7 @@
 //! the CPU has AVX-VNNI or AVX-512 VNNI, and AMX tiles (`amx.rs`) for 16 tokens or more where it
 //! has AMX-INT8: the same integers again.
 
+use super::cpu_values::filled;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
@@ -274,20 +275,8 @@ pub fn best_isa() -> Isa {
 
 /// Exact integer sums `Σ_k q[r,k] · T[n,k]` as `[m, out]` (row-major), with `isa`.
 pub fn int_sums(x: &QuantRows, w: &PackedTernary, isa: Isa) -> Vec<i32> {
+    // `tiled` writes every output row and column (or panics).
     filled(x.m * w.out, |y| tiled(x, w, isa, y, &x.scale, |acc, _| acc))
-}
-
-/// A vector of `n` values that `fill` writes, every one of them (`tiled` covers every output),
-/// without zero-filling it first: the memset of fresh outputs was ~1.5 % of a forward.
-fn filled<T: Copy>(n: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
-    let mut y: Vec<MaybeUninit<T>> = Vec::with_capacity(n);
-    // SAFETY: `MaybeUninit` needs no initialisation; the length is within the capacity.
-    unsafe { y.set_len(n) };
-    fill(&mut y);
-    // SAFETY: `fill` wrote all `n` values (`tiled` writes every output row and column, and
-    // panics, unwinding past this, if it cannot); `MaybeUninit<T>` has `T`'s layout.
-    let mut y = std::mem::ManuallyDrop::new(y);
-    unsafe { Vec::from_raw_parts(y.as_mut_ptr() as *mut T, y.len(), y.capacity()) }
 }
 
 /// `y [m, out] = scale(Σ q·T)`: the BitLinear output in f32.
@@ -298,6 +287,7 @@ pub fn matmul(x: &QuantRows, w: &PackedTernary) -> Vec<f32> {
 /// [`matmul`] with a chosen inner loop (tests compare them).
 pub fn matmul_with(x: &QuantRows, w: &PackedTernary, isa: Isa) -> Vec<f32> {
     let factors: Vec<f32> = x.scale.iter().map(|&s| row_factor(s, w.scale)).collect();
+    // `tiled` writes every output row and column (or panics).
     filled(x.m * w.out, |y| tiled(x, w, isa, y, &factors, scale_one))
 }
 

@@ -18,6 +18,7 @@
 //! not depend on the thread count. Other devices and dtypes use the composed candle ops
 //! ([`fused`] says which).
 
+use super::cpu_values::filled;
 use super::quant::{act_code, act_scale, rne};
 use super::ternary_kernel::{self as kernel, PackedTernary, QuantRows};
 use candle_core::cpu::kernels::VecOps;
@@ -44,7 +45,7 @@ pub fn composed<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// The contiguous f32 slice of a storage (the ops require contiguous f32 inputs).
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else { candle_core::bail!("{what}: f32 only") };
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{what}: input must be contiguous") };
     Ok(&v[a..b])
@@ -132,15 +133,20 @@ impl CustomOp2 for RmsNorm {
         if n == 0 {
             return Ok((CpuStorage::F32(vec![]), l1.shape().clone()));
         }
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(NORM_ROWS * n).zip(x.par_chunks(NORM_ROWS * n)).for_each(|(d, s)| {
-            let mut m = [0f32; NORM_ROWS];
-            rms_rows(s, n, self.eps, &mut m);
-            for ((d, s), m) in d.chunks_exact_mut(n).zip(s.chunks_exact(n)).zip(m) {
-                for ((d, s), a) in d.iter_mut().zip(s).zip(w) {
-                    *d = *s / m * *a;
+        if !x.len().is_multiple_of(n) {
+            candle_core::bail!("rms-norm: {} values are not rows of {n}", x.len());
+        }
+        // Every value written: whole rows, each element of each.
+        let out = filled(x.len(), |out| {
+            out.par_chunks_mut(NORM_ROWS * n).zip(x.par_chunks(NORM_ROWS * n)).for_each(|(d, s)| {
+                let mut m = [0f32; NORM_ROWS];
+                rms_rows(s, n, self.eps, &mut m);
+                for ((d, s), m) in d.chunks_exact_mut(n).zip(s.chunks_exact(n)).zip(m) {
+                    for ((d, s), a) in d.iter_mut().zip(s).zip(w) {
+                        d.write(*s / m * *a);
+                    }
                 }
-            }
+            })
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -223,6 +229,38 @@ pub fn causal_softmax(s: &Tensor, scale: f32, offset: usize) -> Result<Tensor> {
 /// target it has; the scalar fallback adds one at a time, which any multiple of 1 matches.
 const SUM_STEP: usize = 32;
 
+/// One query's causal softmax in place: `row[..seen]` holds its scores for the keys it sees,
+/// `row[seen..]` up to [`softmax_row_zeros`]' bound zeros; the rest is not read. The inference
+/// path's `(s · scale + 0) + mask`, then candle's softmax_last_dim — with the masked keys
+/// (`exp(−∞) = 0`) skipped, in the same bits: `max` ignores −∞, and candle's sum adds 32 values
+/// per step in 8-wide lanes, so stopping after the step that holds the last seen key leaves out
+/// only additions of +0.
+pub(crate) fn causal_softmax_row(row: &mut [f32], seen: usize, scale: f32) {
+    let seen = seen.min(row.len());
+    row[..seen].iter_mut().for_each(|v| *v = *v * scale + 0.0);
+    let mut max = f32::NEG_INFINITY;
+    // SAFETY: both reductions read within `row` (`seen` ≤ its length, the sum bound too).
+    unsafe { f32::vec_reduce_max(row.as_ptr(), &mut max, seen) };
+    row[..seen].iter_mut().for_each(|v| *v = (*v - max).exp());
+    let mut sum = 0f32;
+    unsafe { f32::vec_reduce_sum(row.as_ptr(), &mut sum, sum_bound(seen, row.len())) };
+    row[..seen].iter_mut().for_each(|v| *v /= sum);
+}
+
+/// Where [`causal_softmax_row`]'s sum stops for `seen` of `total` keys.
+fn sum_bound(seen: usize, total: usize) -> usize {
+    seen.next_multiple_of(SUM_STEP).min(total)
+}
+
+/// Zeros `row[seen..]` up to `clear` and up to [`causal_softmax_row`]'s summation bound (the
+/// precondition of a row whose masked keys hold something else).
+pub(crate) fn softmax_row_zeros(row: &mut [f32], seen: usize, clear: usize) {
+    let end = clear.max(sum_bound(seen, row.len())).min(row.len());
+    if seen < end {
+        row[seen..end].fill(0.0);
+    }
+}
+
 struct CausalSoftmax {
     scale: f32,
     offset: usize,
@@ -239,20 +277,9 @@ impl CustomOp1 for CausalSoftmax {
         let (t, total) = (dims[dims.len() - 2], dims[dims.len() - 1]);
         let mut out = vec![0f32; src.len()];
         out.par_chunks_mut(total).zip(src.par_chunks(total)).enumerate().for_each(|(r, (d, s))| {
-            // The inference path's `(s · scale + 0) + mask`, then candle's softmax_last_dim — with
-            // the masked keys (`exp(−∞) = 0`) skipped, in the same bits: `max` ignores −∞, and
-            // candle's sum adds 32 values per step in 8-wide lanes, so stopping after the step
-            // that holds the last seen key leaves out only additions of +0.
             let seen = (self.offset + r % t + 1).min(total); // keys this query sees
-            for (d, s) in d[..seen].iter_mut().zip(s) {
-                *d = *s * self.scale + 0.0;
-            }
-            let mut max = f32::NEG_INFINITY;
-            unsafe { f32::vec_reduce_max(d.as_ptr(), &mut max, seen) };
-            d[..seen].iter_mut().for_each(|v| *v = (*v - max).exp());
-            let mut sum = 0f32;
-            unsafe { f32::vec_reduce_sum(d.as_ptr(), &mut sum, seen.next_multiple_of(SUM_STEP).min(total)) };
-            d.iter_mut().for_each(|v| *v /= sum);
+            d[..seen].copy_from_slice(&s[..seen]);
+            causal_softmax_row(d, seen, self.scale);
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -429,20 +456,22 @@ impl CustomOp3 for SplitHeads {
             if rope && (cos.len() < t * half || sin.len() < t * half) {
                 candle_core::bail!("split-heads: RoPE tables shorter than {t} positions");
             }
-            let mut out = vec![0f32; b * h * rep * t * d];
-            out.par_chunks_mut(rep * t * d).enumerate().for_each(|(bh, dst)| {
-                let (bi, hi) = (bh / h, bh % h);
-                let mut row = vec![0f32; d];
-                for p in 0..t {
-                    let start = ((bi * t + p) * h + hi) * d;
-                    rotate(&src[start..start + d], p, half, &mut row, false);
-                    for r in 0..rep {
-                        let head = &mut dst[r * t * d..(r + 1) * t * d];
-                        for (i, v) in row.iter().enumerate() {
-                            head[at(t, d, p, i)] = *v;
+            // Every value written: each head's t positions × d features (`at` is a bijection).
+            let out = filled(b * h * rep * t * d, |out| {
+                out.par_chunks_mut(rep * t * d).enumerate().for_each(|(bh, dst)| {
+                    let (bi, hi) = (bh / h, bh % h);
+                    let mut row = vec![0f32; d];
+                    for p in 0..t {
+                        let start = ((bi * t + p) * h + hi) * d;
+                        rotate(&src[start..start + d], p, half, &mut row, false);
+                        for r in 0..rep {
+                            let head = &mut dst[r * t * d..(r + 1) * t * d];
+                            for (i, v) in row.iter().enumerate() {
+                                head[at(t, d, p, i)].write(*v);
+                            }
                         }
                     }
-                }
+                })
             });
             let shape = if transposed { (b, h * rep, d, t) } else { (b, h * rep, t, d) };
             return Ok((CpuStorage::F32(out), Shape::from(shape)));
@@ -499,17 +528,21 @@ struct MergeHeads {
 
 /// Copies `[b, h, t, d]` into `[b, t, h, d]` (`merge`) or back.
 fn permute_heads(src: &[f32], (b, h, t, d): (usize, usize, usize, usize), merge: bool) -> Vec<f32> {
-    let mut out = vec![0f32; src.len()];
-    out.par_chunks_mut(h * t * d).zip(src.par_chunks(h * t * d)).take(b).for_each(|(dst, src)| {
-        for hi in 0..h {
-            for p in 0..t {
-                let (a, z) = ((hi * t + p) * d, (p * h + hi) * d);
-                let (from, to) = if merge { (a, z) } else { (z, a) };
-                dst[to..to + d].copy_from_slice(&src[from..from + d]);
+    assert_eq!(src.len(), b * h * t * d, "permute-heads shape");
+    // Every value written: each of b × h × t rows of d.
+    filled(src.len(), |out| {
+        out.par_chunks_mut(h * t * d).zip(src.par_chunks(h * t * d)).for_each(|(dst, src)| {
+            for hi in 0..h {
+                for p in 0..t {
+                    let (a, z) = ((hi * t + p) * d, (p * h + hi) * d);
+                    let (from, to) = if merge { (a, z) } else { (z, a) };
+                    for (o, v) in dst[to..to + d].iter_mut().zip(&src[from..from + d]) {
+                        o.write(*v);
+                    }
+                }
             }
-        }
-    });
-    out
+        })
+    })
 }
 
 impl CustomOp1 for MergeHeads {
@@ -674,15 +707,17 @@ impl CustomOp2 for Relu2Mul {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (g, u) = pairs(s1, l1, s2, l2, "relu2-mul")?;
-        let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(ELEM_CHUNK).zip(g.par_chunks(ELEM_CHUNK).zip(u.par_chunks(ELEM_CHUNK))).for_each(
-            |(d, (g, u))| {
-                for ((d, g), u) in d.iter_mut().zip(g).zip(u) {
-                    let r = g.max(0.0);
-                    *d = r * r * u;
-                }
-            },
-        );
+        // Every value written (`pairs` checked that g and u have the same length).
+        let out = filled(g.len(), |out| {
+            out.par_chunks_mut(ELEM_CHUNK).zip(g.par_chunks(ELEM_CHUNK).zip(u.par_chunks(ELEM_CHUNK))).for_each(
+                |(d, (g, u))| {
+                    for ((d, g), u) in d.iter_mut().zip(g).zip(u) {
+                        let r = g.max(0.0);
+                        d.write(r * r * u);
+                    }
+                },
+            )
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 

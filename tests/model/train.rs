@@ -82,31 +82,41 @@ fn fused_training_ops_give_the_composed_gradients() {
     }
 }
 
+/// The reference inputs (2 × 12 tokens) and 2 × 100 tokens: long enough for the inference
+/// attention kernel (`attention_kernel.rs`, from 17 queries) and several of its query blocks.
+fn short_and_long_inputs(name: &str, m: &Model) -> Vec<Tensor> {
+    let vocab = m.config().vocab_size;
+    let long: Vec<u32> = (0..200).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+    vec![Reference::load(name).input_ids(), Tensor::from_vec(long, (2, 100), &Device::Cpu).unwrap()]
+}
+
 /// On CPU in f32 the training forward is the inference forward: the same int8 kernel for the
 /// ternary products and the fused ops' inference arithmetic, so the logits agree bit for bit.
 #[test]
 fn the_training_forward_equals_the_inference_forward() {
     for name in ["bitnet_tiny", "llama_tiny"] {
         let m = load(name, DType::F32, None);
-        let ids = Reference::load(name).input_ids();
-        let infer = m.forward(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let train = m.forward_train(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!(infer == train, "{name}: training and inference logits differ");
+        for ids in short_and_long_inputs(name, &m) {
+            let infer = m.forward(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let train = m.forward_train(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(infer == train, "{name}: training and inference logits differ on {:?}", ids.dims());
+        }
     }
 }
 
-/// The inference forward through the fused attention and gate ops gives the composed ops'
-/// logits bit for bit (so entries cached before them keep their meaning).
+/// The inference forward through the fused attention and gate ops and the attention kernel gives
+/// the composed ops' logits bit for bit (so entries cached before them keep their meaning).
 #[test]
 fn fused_inference_ops_change_no_logit() {
     use rpt_flow::model::train_ops;
     for name in ["bitnet_tiny", "llama_tiny"] {
         let m = load(name, DType::F32, None);
-        let ids = Reference::load(name).input_ids();
-        let fused = m.forward(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let composed =
-            train_ops::composed(|| m.forward(&ids)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!(fused == composed, "{name}: the fused inference forward changed the logits");
+        for ids in short_and_long_inputs(name, &m) {
+            let fused = m.forward(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let composed =
+                train_ops::composed(|| m.forward(&ids)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(fused == composed, "{name}: the fused inference forward changed the logits on {:?}", ids.dims());
+        }
     }
 }
 
