@@ -3,12 +3,18 @@
 # CPU, for 1 and 2 threads (THREADS="1 2"): the mid-size bench model's forward and training step
 # (benches/model.rs, scripts/bench_torch.py), one table with the ratios, and the machine's state.
 #   scripts/bench-speed.sh            # needs .venv with torch + transformers (tests/fixtures/requirements.txt)
-# Knobs: THREADS, REPS (default 3), TRAIN=0 (forward only), PY (python with torch + transformers),
-# MODEL_BENCH (a prebuilt bench binary instead of cargo). Prints markdown.
+# Knobs: THREADS, REPS (default 3), ROUNDS (default 1), TRAIN=0 (forward only), PY (python with
+# torch + transformers), MODEL_BENCH (a prebuilt bench binary instead of cargo). Prints markdown.
+#
+# Each round measures PyTorch and then rpt-flow back to back, so a ratio compares the two under
+# the same machine conditions; on a shared host whose speed drifts by 20-40 % within minutes, the
+# per-round ratios are steadier than either side's times. With ROUNDS > 1 a last line per thread
+# count gives the median ratio over the rounds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-"1 2"}
 REPS=${REPS:-3}
+ROUNDS=${ROUNDS:-1}
 TRAIN=${TRAIN:-1}
 PY=${PY:-.venv/bin/python}
 out=$(mktemp -d)
@@ -23,33 +29,48 @@ else
 fi
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) logical CPUs; load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 for t in $THREADS; do
-  notrain=(); [ "$TRAIN" = 0 ] && notrain=(--no-train)
-  # The same allocator setting rpt-flow makes at start (exec::memory::keep_freed_memory), so
-  # that neither side pays page faults the other does not.
-  GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824 \
-    "$PY" scripts/bench_torch.py --threads "$t" --reps "$REPS" --dtypes f32 "${notrain[@]}" --out "$out/torch-$t.json" > /dev/null
-  CANDLE_NUM_THREADS=$t RAYON_NUM_THREADS=$t BENCH_REPS=$REPS BENCH_DTYPES=f32 BENCH_TRAIN=$TRAIN \
-    model_bench 2>/dev/null | tail -1 > "$out/candle-$t.json"
+  for r in $(seq 1 "$ROUNDS"); do
+    notrain=(); [ "$TRAIN" = 0 ] && notrain=(--no-train)
+    # The same allocator setting rpt-flow makes at start (exec::memory::keep_freed_memory), so
+    # that neither side pays page faults the other does not.
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824 \
+      "$PY" scripts/bench_torch.py --threads "$t" --reps "$REPS" --dtypes f32 "${notrain[@]}" --out "$out/torch-$t-$r.json" > /dev/null
+    CANDLE_NUM_THREADS=$t RAYON_NUM_THREADS=$t BENCH_REPS=$REPS BENCH_DTYPES=f32 BENCH_TRAIN=$TRAIN \
+      model_bench 2>/dev/null | tail -1 > "$out/candle-$t-$r.json"
+    echo "$t $r $(date -u +%H:%M) $(cut -d' ' -f1 /proc/loadavg)" >> "$out/rounds"
+  done
 done
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
-"$PY" - "$out" $THREADS <<'PY'
-import json, sys
-out, threads = sys.argv[1], sys.argv[2:]
-print("| threads | rpt-flow forward tok/s (kernel) | rpt-flow f32 path tok/s | PyTorch forward tok/s | forward speed vs PyTorch | rpt-flow body, head (s) ² | PyTorch body, head (s) ² | ceiling ¹ | rpt-flow train step (s) | PyTorch train step (s) | train time ratio |")
-print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-for t in threads:
-    c = json.load(open(f"{out}/candle-{t}.json"))["f32"]
-    p = json.load(open(f"{out}/torch-{t}.json"))["f32"]
+"$PY" - "$out" <<'PY'
+import json, statistics, sys
+out = sys.argv[1]
+rounds = [line.split() for line in open(f"{out}/rounds")]
+print("| threads | round (UTC, load) | rpt-flow forward tok/s (kernel) | rpt-flow f32 path tok/s | PyTorch forward tok/s | forward speed vs PyTorch | rpt-flow body, head (s) ² | PyTorch body, head (s) ² | ceiling ¹ | rpt-flow train step (s) | PyTorch train step (s) | train time ratio |")
+print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+ratios = {}
+for t, r, when, load in rounds:
+    c = json.load(open(f"{out}/candle-{t}-{r}.json"))["f32"]
+    p = json.load(open(f"{out}/torch-{t}-{r}.json"))["f32"]
     tok = 1024
-    row = [t, f"{c['forward_tok_s']:.0f}", f"{tok / c['forward_f32path_s']:.0f}", f"{p['forward_tok_s']:.0f}",
-           f"{c['forward_tok_s'] / p['forward_tok_s']:.2f}x"]
+    fwd = c['forward_tok_s'] / p['forward_tok_s']
+    row = [t, f"{when}, {load}", f"{c['forward_tok_s']:.0f}", f"{tok / c['forward_f32path_s']:.0f}", f"{p['forward_tok_s']:.0f}", f"{fwd:.2f}x"]
     cb, pb, ch, ph = c["body_s"], p["body_s"], c["head_s"], p["head_s"]
     row += [f"{cb:.3f}, {ch:.3f}", f"{pb:.3f}, {ph:.3f}", f"{p['forward_s'] / ch:.2f}x"]
+    train = None
     if "train_step_s" in c and "train_step_s" in p:
-        row += [f"{c['train_step_s']:.2f}", f"{p['train_step_s']:.2f}", f"{c['train_step_s'] / p['train_step_s']:.2f}x"]
+        train = c['train_step_s'] / p['train_step_s']
+        row += [f"{c['train_step_s']:.2f}", f"{p['train_step_s']:.2f}", f"{train:.2f}x"]
     else:
         row += ["-", "-", "-"]
+    ratios.setdefault(t, []).append((fwd, train))
     print("| " + " | ".join(map(str, row)) + " |")
+print()
+for t, rs in ratios.items():
+    if len(rs) > 1:
+        fwd = statistics.median(f for f, _ in rs)
+        trains = [x for _, x in rs if x is not None]
+        train = f", train time ratio {statistics.median(trains):.2f}x" if trains else ""
+        print(f"{t} thread(s), median over {len(rs)} rounds: forward {fwd:.2f}x PyTorch's tokens/s{train}")
 print()
 print("¹ PyTorch's forward time over rpt-flow's LM-head time: the speed-up rpt-flow would reach with a")
 print("  body that took no time at all (both sides compute all-position f32 logits, [tokens, hidden] x [hidden, vocab]).")

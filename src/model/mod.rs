@@ -3,7 +3,7 @@
 //! See `docs/model.md` for the public API and the parity contract with transformers.
 //!
 //! Dependencies run one way: `config`, `mode`, `quant`, `train_ops`, `pack`, `rope`, `hooks`, `vb` (names)
-//! → the layers (`norm`, `embedding`, `bitlinear` → `attention`, `mlp` → `block`) →
+//! → the layers (`norm`, `embedding`, `bitlinear` → `attention` (+ `attention_kernel`), `mlp` → `block`) →
 //! `causal_lm` → `io` (load from a directory, random init, save) → `hub` (`Model::load` from
 //! `hf:` sources); `generate`, `kv_cache`, `loss`, `adamw`, `tokenizer` sit beside `causal_lm`. Each
 //! layer loads itself from a name prefix (`vb.rs`), so every checkpoint name is written once.
