@@ -6,7 +6,8 @@
 //! Environment: `BENCH_REPS`, `BENCH_BATCH`, `BENCH_SEQ`, `BENCH_DTYPES` (e.g. `f32,bf16`),
 //! `BENCH_TRAIN` (0 to skip training), `BENCH_F32PATH` (0 to skip the kernel-off forward),
 //! `BENCH_FUSED_HEAD` (0: the training loss from logits instead of the fused head + loss), `BENCH_TORCH_JSON` (output of scripts/bench_torch.py, to
-//! print the candle/torch ratio). Set `CANDLE_NUM_THREADS=1 RAYON_NUM_THREADS=1` on a one-core
+//! print the candle/torch ratio), `BENCH_ONLY` (`body`, `head` or `train`: time only that part,
+//! e.g. under `perf record`; the other columns print as NaN). Set `CANDLE_NUM_THREADS=1 RAYON_NUM_THREADS=1` on a one-core
 //! machine, and the same thread count in the torch script.
 
 use candle_core::{DType, Device, Tensor};
@@ -34,6 +35,15 @@ fn time<F: FnMut() -> anyhow::Result<()>>(reps: usize, mut f: F) -> anyhow::Resu
     Ok(median(t))
 }
 
+/// `time`, or NaN without running `f` when `on` is false (`BENCH_ONLY` names another part).
+fn time_if<F: FnMut() -> anyhow::Result<()>>(on: bool, reps: usize, f: F) -> anyhow::Result<f64> {
+    if on {
+        time(reps, f)
+    } else {
+        Ok(f64::NAN)
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     rpt_flow::exec::memory::keep_freed_memory(); // as the shipped binary does
                                                  // `cargo bench` passes `--bench`; ignore arguments.
@@ -41,6 +51,11 @@ fn main() -> anyhow::Result<()> {
     let (b, t) = (env("BENCH_BATCH", 4), env("BENCH_SEQ", 256));
     let train = env("BENCH_TRAIN", 1) != 0;
     let dtypes = std::env::var("BENCH_DTYPES").unwrap_or_else(|_| "f32,bf16".into());
+    let only = std::env::var("BENCH_ONLY").ok();
+    let part_on = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    if let Some(o) = only.as_deref() {
+        anyhow::ensure!(["body", "head", "train"].contains(&o), "BENCH_ONLY={o}: use body, head or train");
+    }
     let cfg = ModelConfig::tiny(Arch::Bitnet, 32000, 512, 1376, 8, 8, 4);
     let torch: Option<serde_json::Value> = std::env::var("BENCH_TORCH_JSON")
         .ok()
@@ -60,30 +75,26 @@ fn main() -> anyhow::Result<()> {
         };
         let opts = LoadOptions { dtype, device: Device::Cpu, quantization: None, pack_for_inference: false };
         let model = Model::random(&cfg, 0, &opts)?;
-        let fwd = time(reps, || {
+        let fwd = time_if(only.is_none(), reps, || {
             model.forward(&ids)?;
             Ok(())
         })?;
         let tok_s = (b * t) as f64 / fwd;
         // The same forward on the f32 fake-quant path (the ternary kernel off), for comparison.
         model.set_ternary_kernel(false);
-        let fwd_f32 = if env("BENCH_F32PATH", 1) != 0 {
-            time(reps, || {
-                model.forward(&ids)?;
-                Ok(())
-            })?
-        } else {
-            f64::NAN
-        };
+        let fwd_f32 = time_if(only.is_none() && env("BENCH_F32PATH", 1) != 0, reps, || {
+            model.forward(&ids)?;
+            Ok(())
+        })?;
         model.set_ternary_kernel(true);
         // The body alone (final-norm hidden states, no LM head) and the LM head alone on them,
         // each timed directly (the difference of two medians is noisy here).
-        let body = time(reps, || {
+        let body = time_if(part_on("body"), reps, || {
             model.forward_hidden(&ids, None)?;
             Ok(())
         })?;
         let h = model.forward_hidden(&ids, None)?;
-        let head = time(reps, || {
+        let head = time_if(part_on("head"), reps, || {
             model.logits(&h)?;
             Ok(())
         })?;
@@ -92,7 +103,7 @@ fn main() -> anyhow::Result<()> {
             (b * t) as f64 / fwd_f32
         );
         let mut r = serde_json::json!({"forward_s": fwd, "forward_tok_s": tok_s, "forward_f32path_s": fwd_f32, "body_s": body, "head_s": head});
-        if train {
+        if train && part_on("train") {
             // The fine-tune stage's AdamW, with torch's AdamW defaults (as scripts/bench_torch.py).
             let hyper = Hyper { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
             let params = model.named_parameters();
