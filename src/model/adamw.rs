@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context as _, Result};
 use candle_core::{DType, Tensor, Var};
 
-use super::cpu_values::with_f32;
+use super::cpu_values::{same_storage, with_f32, with_f32_mut};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Hyper {
@@ -65,17 +65,15 @@ impl AdamW {
         let bc2 = 1.0 - beta2.powi(self.t as i32);
         for (i, (_, p)) in self.params.iter().enumerate() {
             if self.fused && !self.in_model_dtype {
-                let w = self.master[i].clone().unwrap_or_else(|| p.as_detached_tensor());
+                // The f32 weight updated in place: the master, or the parameter itself.
+                let w = self.master[i].clone().unwrap_or_else(|| p.as_tensor().clone());
                 let coef = Coef::new(self.hyper, lr, bc1, bc2);
                 // Gradients in the parameter's dtype are widened first, as the composed path does.
                 let g = grads[i].to_dtype(DType::F32)?;
-                if let Some((m, v, next)) = fused_step(&g, &self.m[i], &self.v[i], &w, &coef)? {
-                    p.set(&next.to_dtype(p.dtype())?)?;
+                if fused_step(&g, &self.m[i], &self.v[i], &w, &coef)? {
                     if self.master[i].is_some() {
-                        self.master[i] = Some(next);
+                        p.set(&w.to_dtype(p.dtype())?)?;
                     }
-                    self.m[i] = m;
-                    self.v[i] = v;
                     continue;
                 }
             }
@@ -109,26 +107,28 @@ impl AdamW {
         Ok(())
     }
 
-    /// Moments as named tensors (`m.<name>`, `v.<name>`).
-    pub fn state(&self) -> BTreeMap<String, Tensor> {
+    /// Moments as named tensors (`m.<name>`, `v.<name>`): copies, since the fused step updates
+    /// the optimizer's own in place.
+    pub fn state(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         for (i, (name, _)) in self.params.iter().enumerate() {
-            out.insert(format!("m.{name}"), self.m[i].clone());
-            out.insert(format!("v.{name}"), self.v[i].clone());
+            out.insert(format!("m.{name}"), self.m[i].copy()?);
+            out.insert(format!("v.{name}"), self.v[i].copy()?);
             if let Some(w) = &self.master[i] {
-                out.insert(format!("master.{name}"), w.clone());
+                out.insert(format!("master.{name}"), w.copy()?);
             }
         }
-        out
+        Ok(out)
     }
 
     pub fn load_state(&mut self, state: &BTreeMap<String, Tensor>, t: u64) -> Result<()> {
         for (i, (name, p)) in self.params.iter().enumerate() {
             let get = |k: String| state.get(&k).with_context(|| format!("checkpoint lacks `{k}`")).cloned();
-            self.m[i] = get(format!("m.{name}"))?.to_device(p.device())?.to_dtype(self.m[i].dtype())?;
-            self.v[i] = get(format!("v.{name}"))?.to_device(p.device())?.to_dtype(self.v[i].dtype())?;
+            // Copies: the fused step updates them in place, and `state` may be shared.
+            self.m[i] = get(format!("m.{name}"))?.to_device(p.device())?.to_dtype(self.m[i].dtype())?.copy()?;
+            self.v[i] = get(format!("v.{name}"))?.to_device(p.device())?.to_dtype(self.v[i].dtype())?.copy()?;
             if self.master[i].is_some() {
-                self.master[i] = Some(get(format!("master.{name}"))?.to_device(p.device())?);
+                self.master[i] = Some(get(format!("master.{name}"))?.to_device(p.device())?.copy()?);
             }
         }
         self.t = t;
@@ -166,44 +166,50 @@ impl Coef {
     }
 }
 
-/// One AdamW update of an f32 weight `w` (a parameter or its master) with f32 moments on CPU
-/// in one pass: the composed path's operations in its order, each rounded as candle rounds it
-/// (`x · c + 0` for an affine map), so both give the same bits (tested). `None` when the
-/// tensors are not f32 contiguous CPU tensors of one size (the composed path serves them).
-fn fused_step(g: &Tensor, m: &Tensor, v: &Tensor, w: &Tensor, c: &Coef) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+/// One AdamW update of an f32 weight `w` (a parameter or its master) with f32 moments on CPU,
+/// in place and in one pass: the composed path's operations in its order, each rounded as candle
+/// rounds it (`x · c + 0` for an affine map), so both give the same bits (tested). `false`, with
+/// nothing changed, when the tensors are not four distinct f32 contiguous CPU tensors of one size
+/// (the composed path serves them).
+fn fused_step(g: &Tensor, m: &Tensor, v: &Tensor, w: &Tensor, c: &Coef) -> Result<bool> {
     use rayon::prelude::*;
     let n = w.elem_count();
-    if [g, m, v].iter().any(|t| t.elem_count() != n) {
-        return Ok(None);
+    let all = [g, m, v, w];
+    if all.iter().any(|t| t.elem_count() != n) {
+        return Ok(false);
     }
-    let (mut m2, mut v2, mut w2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-    let done = with_f32(g, |g| {
-        with_f32(m, |m| {
-            with_f32(v, |v| {
-                with_f32(w, |w| {
-                    const CHUNK: usize = 1 << 14;
-                    let outs = m2.par_chunks_mut(CHUNK).zip(v2.par_chunks_mut(CHUNK)).zip(w2.par_chunks_mut(CHUNK));
-                    let ins =
-                        g.par_chunks(CHUNK).zip(m.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK)).zip(w.par_chunks(CHUNK));
-                    outs.zip(ins).for_each(|(((mo, vo), wo), (((g, m), v), w))| {
-                        for i in 0..g.len() {
-                            let g = g[i];
-                            let m = (m[i] * c.beta1 + 0.0) + (g * c.one_minus_beta1 + 0.0);
-                            let v = (v[i] * c.beta2 + 0.0) + (g * g * c.one_minus_beta2 + 0.0);
-                            let decayed = w[i] * c.decay + 0.0;
-                            let update = (m * c.inv_bc1 + 0.0) / ((v * c.inv_bc2 + 0.0).sqrt() + c.eps);
-                            (mo[i], vo[i], wo[i]) = (m, v, decayed - (update * c.lr + 0.0));
-                        }
-                    });
-                })
-            })
-        })
-    });
-    if done.flatten().flatten().flatten().is_none() {
-        return Ok(None);
+    // m, v and w are written under their storages' locks while g is read: four storages.
+    for (i, a) in all.iter().enumerate() {
+        if all[i + 1..].iter().any(|b| same_storage(a, b)) {
+            return Ok(false);
+        }
     }
-    let t = |x: Vec<f32>| Tensor::from_vec(x, w.shape(), w.device());
-    Ok(Some((t(m2)?, t(v2)?, t(w2)?)))
+    let update = |g: &[f32], m: &mut [f32], v: &mut [f32], w: &mut [f32]| {
+        const CHUNK: usize = 1 << 14;
+        let outs = m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)).zip(w.par_chunks_mut(CHUNK));
+        outs.zip(g.par_chunks(CHUNK)).for_each(|(((m, v), w), g)| {
+            for i in 0..g.len() {
+                let g = g[i];
+                m[i] = (m[i] * c.beta1 + 0.0) + (g * c.one_minus_beta1 + 0.0);
+                v[i] = (v[i] * c.beta2 + 0.0) + (g * g * c.one_minus_beta2 + 0.0);
+                let decayed = w[i] * c.decay + 0.0;
+                let update = (m[i] * c.inv_bc1 + 0.0) / ((v[i] * c.inv_bc2 + 0.0).sqrt() + c.eps);
+                w[i] = decayed - (update * c.lr + 0.0);
+            }
+        });
+        #[cfg(test)]
+        FUSED_STEPS.with(|s| s.set(s.get() + 1));
+    };
+    // Only the innermost closure writes: when any borrow declines, nothing has changed.
+    let done =
+        with_f32_mut(m, |m| with_f32_mut(v, |v| with_f32_mut(w, |w| with_f32(g, |g| update(g, m, v, w)).is_some())))?;
+    Ok(matches!(done, Some(Ok(Some(Ok(Some(true)))))))
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tensors the fused step has updated on this thread (tests check that it ran).
+    static FUSED_STEPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 #[cfg(test)]
@@ -246,12 +252,15 @@ mod tests {
                 let p = Var::from_tensor(&w.to_dtype(dtype).unwrap()).unwrap();
                 let mut opt = AdamW::new(vec![("p".into(), p.clone())], hyper, false).unwrap();
                 opt.fused = !composed;
+                let before = FUSED_STEPS.with(|s| s.get());
                 for step in 0..4u64 {
                     // Gradients come in the parameter's dtype, as candle's backward gives them.
                     let g =
                         Tensor::from_vec(normal(38 * 29, 7 + step), (38, 29), &dev).unwrap().to_dtype(dtype).unwrap();
                     opt.step(&[g], 1e-3).unwrap();
                 }
+                let fused_ran = FUSED_STEPS.with(|s| s.get()) - before;
+                assert_eq!(fused_ran, if composed { 0 } else { 4 }, "{dtype:?}: steps on the fused path");
                 let bits = |t: &Tensor| {
                     t.to_dtype(DType::F32)
                         .unwrap()

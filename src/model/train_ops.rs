@@ -18,7 +18,7 @@
 //! not depend on the thread count. Other devices and dtypes use the composed candle ops
 //! ([`fused`] says which).
 
-use super::cpu_values::filled;
+use super::cpu_values::{filled, matmul};
 use super::quant::{act_code, act_scale, rne};
 use super::ternary_kernel::{self as kernel, PackedTernary, QuantRows};
 use candle_core::cpu::kernels::VecOps;
@@ -180,14 +180,16 @@ impl CustomOp3 for RmsNormBwdX {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, dy) = (slice(s1, l1, "rms-norm")?, slice(s2, l2, "rms-norm")?, slice(s3, l3, "rms-norm")?);
         let n = w.len();
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(n).zip(x.par_chunks(n).zip(dy.par_chunks(n))).for_each(|(d, (x, dy))| {
-            let m = rms(x, self.eps);
-            let dot: f32 = x.iter().zip(dy).zip(w).map(|((x, g), w)| x * g * w).sum();
-            let c = dot / (n as f32 * m * m * m);
-            for (((d, x), g), w) in d.iter_mut().zip(x).zip(dy).zip(w) {
-                *d = g * w / m - x * c;
-            }
+        // Every value written: rows of n cover the output.
+        let out = filled(x.len(), |out| {
+            out.par_chunks_mut(n).zip(x.par_chunks(n).zip(dy.par_chunks(n))).for_each(|(d, (x, dy))| {
+                let m = rms(x, self.eps);
+                let dot: f32 = x.iter().zip(dy).zip(w).map(|((x, g), w)| x * g * w).sum();
+                let c = dot / (n as f32 * m * m * m);
+                for (((d, x), g), w) in d.iter_mut().zip(x).zip(dy).zip(w) {
+                    d.write(g * w / m - x * c);
+                }
+            })
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -302,12 +304,14 @@ impl CustomOp2 for SoftmaxBwd {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (y, dy) = (slice(s1, l1, "causal-softmax")?, slice(s2, l2, "causal-softmax")?);
         let n = *l1.dims().last().unwrap_or(&1);
-        let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(n).zip(y.par_chunks(n).zip(dy.par_chunks(n))).for_each(|(d, (y, dy))| {
-            let dot: f32 = y.iter().zip(dy).map(|(y, g)| y * g).sum();
-            for ((d, y), g) in d.iter_mut().zip(y).zip(dy) {
-                *d = self.scale * (y * (g - dot));
-            }
+        // Every value written: rows of n cover the output.
+        let out = filled(y.len(), |out| {
+            out.par_chunks_mut(n).zip(y.par_chunks(n).zip(dy.par_chunks(n))).for_each(|(d, (y, dy))| {
+                let dot: f32 = y.iter().zip(dy).map(|(y, g)| y * g).sum();
+                for ((d, y), g) in d.iter_mut().zip(y).zip(dy) {
+                    d.write(self.scale * (y * (g - dot)));
+                }
+            })
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -587,10 +591,14 @@ impl CustomOp1 for ActQuantSte {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, "act-quant")?;
         let n = *l.dims().last().unwrap_or(&1);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(n.max(1)).zip(x.par_chunks(n.max(1))).for_each(|(d, r)| {
-            let s = act_scale(r);
-            d.iter_mut().zip(r).for_each(|(d, v)| *d = act_code(*v, s) / s);
+        // Every value written: rows of n cover the output.
+        let out = filled(x.len(), |out| {
+            out.par_chunks_mut(n.max(1)).zip(x.par_chunks(n.max(1))).for_each(|(d, r)| {
+                let s = act_scale(r);
+                d.iter_mut().zip(r).for_each(|(d, v)| {
+                    d.write(act_code(*v, s) / s);
+                });
+            })
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -619,10 +627,14 @@ impl CustomOp1 for WeightQuantSte {
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let w = slice(st, l, "weight-quant")?;
         let s = self.s;
-        let mut out = vec![0f32; w.len()];
-        out.par_chunks_mut(1 << 16).zip(w.par_chunks(1 << 16)).for_each(|(d, w)| {
-            // quant::ternarize then `/ s`, op for op.
-            d.iter_mut().zip(w).for_each(|(d, w)| *d = rne((w * s).clamp(-2.0, 2.0)).clamp(-1.0, 1.0) / s);
+        // Every value written: equal chunks of input and output.
+        let out = filled(w.len(), |out| {
+            out.par_chunks_mut(1 << 16).zip(w.par_chunks(1 << 16)).for_each(|(d, w)| {
+                // quant::ternarize then `/ s`, op for op.
+                d.iter_mut().zip(w).for_each(|(d, w)| {
+                    d.write(rne((w * s).clamp(-2.0, 2.0)).clamp(-1.0, 1.0) / s);
+                });
+            })
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -670,7 +682,7 @@ impl CustomOp2 for TernaryLinear {
         let xq = x.apply_op1_no_bwd(&ActQuantSte)?.reshape(((), k))?;
         let wq = w.apply_op1_no_bwd(&WeightQuantSte { s: self.s })?;
         let dy = dy.reshape(((), out))?;
-        Ok((Some(dy.matmul(&wq)?.reshape(x.dims())?), Some(dy.t()?.matmul(&xq)?)))
+        Ok((Some(matmul(&dy, &wq)?.reshape(x.dims())?), Some(matmul(&dy.t()?, &xq)?)))
     }
 }
 
@@ -750,13 +762,15 @@ impl CustomOp3 for Relu2MulBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let (g, u) = pairs(s1, l1, s2, l2, "relu2-mul")?;
         let dy = slice(s3, l3, "relu2-mul")?;
-        let mut out = vec![0f32; g.len()];
         let chunks = g.par_chunks(ELEM_CHUNK).zip(u.par_chunks(ELEM_CHUNK)).zip(dy.par_chunks(ELEM_CHUNK));
-        out.par_chunks_mut(ELEM_CHUNK).zip(chunks).for_each(|(d, ((g, u), dy))| {
-            for (((d, g), u), dy) in d.iter_mut().zip(g).zip(u).zip(dy) {
-                let r = g.max(0.0);
-                *d = if self.wrt_gate { 2.0 * r * u * dy } else { r * r * dy };
-            }
+        // Every value written: equal chunks of the inputs and the output.
+        let out = filled(g.len(), |out| {
+            out.par_chunks_mut(ELEM_CHUNK).zip(chunks).for_each(|(d, ((g, u), dy))| {
+                for (((d, g), u), dy) in d.iter_mut().zip(g).zip(u).zip(dy) {
+                    let r = g.max(0.0);
+                    d.write(if self.wrt_gate { 2.0 * r * u * dy } else { r * r * dy });
+                }
+            })
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -796,34 +810,37 @@ impl CustomOp2 for HeadCrossEntropy {
         let n = h.len() / hidden.max(1);
         let tg = &self.targets;
         let count = check_targets(tg, n, v)?;
-        let mut logits = vec![0f32; n * v];
         let threads = candle_core::utils::get_num_threads();
         let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-        // SAFETY: dst is n × v, lhs n × hidden row-major, rhs = eᵀ read from e (v × hidden
-        // row-major) with row stride 1 and column stride hidden: all in bounds.
-        unsafe {
-            gemm::gemm(
-                n,
-                v,
-                hidden,
-                logits.as_mut_ptr(),
-                1,
-                v as isize,
-                false,
-                h.as_ptr(),
-                1,
-                hidden as isize,
-                e.as_ptr(),
-                hidden as isize,
-                1,
-                0f32,
-                1f32,
-                false,
-                false,
-                false,
-                parallelism,
-            )
-        };
+        // Every value written: gemm with `read_dst = false` sets each of the n × v outputs
+        // (hidden ≥ 1: a zero-width matrix has no rows, so n = 0).
+        let mut logits = filled(n * v, |dst| {
+            // SAFETY: dst is n × v, lhs n × hidden row-major, rhs = eᵀ read from e (v × hidden
+            // row-major) with row stride 1 and column stride hidden: all in bounds.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    v,
+                    hidden,
+                    dst.as_mut_ptr() as *mut f32,
+                    1,
+                    v as isize,
+                    false,
+                    h.as_ptr(),
+                    1,
+                    hidden as isize,
+                    e.as_ptr(),
+                    hidden as isize,
+                    1,
+                    0f32,
+                    1f32,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                )
+            }
+        });
         let inv = 1.0 / count as f32;
         let losses: Vec<f64> = logits
             .par_chunks_mut(v)
@@ -833,8 +850,8 @@ impl CustomOp2 for HeadCrossEntropy {
                     row.iter_mut().for_each(|x| *x = 0.0);
                     return 0.0;
                 }
-                let (max, sum, loss) = row_nll(row, t);
-                row.iter_mut().for_each(|x| *x = (*x - max).exp() / sum * inv);
+                let (sum, loss) = row_nll_to_exps(row, t);
+                row.iter_mut().for_each(|x| *x = *x / sum * inv);
                 row[t as usize] -= inv;
                 loss
             })
@@ -852,8 +869,8 @@ impl CustomOp2 for HeadCrossEntropy {
         let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?[0] as f64;
         let h2 = h.reshape(((), e.dim(1)?))?;
         let scaled = |t: Tensor| if g == 1.0 { Ok(t) } else { t * g };
-        let dh = scaled(dl.matmul(e)?.reshape(h.dims())?)?;
-        let de = scaled(dl.t()?.matmul(&h2)?)?;
+        let dh = scaled(matmul(&dl, e)?.reshape(h.dims())?)?;
+        let de = scaled(matmul(&dl.t()?, &h2)?)?;
         Ok((Some(dh), Some(de)))
     }
 }
@@ -903,6 +920,23 @@ fn row_nll(row: &[f32], t: u32) -> (f32, f32, f64) {
     unsafe { f32::vec_reduce_max(row.as_ptr(), &mut max, row.len()) };
     let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
     (max, sum, (sum.ln() - (row[t as usize] - max)) as f64)
+}
+
+/// [`row_nll`]'s `(sum, nll)`, leaving `exp(x − max)` in the row: the softmax's numerators,
+/// computed once (the same values [`row_nll`] sums, in its order, so the same bits).
+fn row_nll_to_exps(row: &mut [f32], t: u32) -> (f32, f64) {
+    let mut max = f32::NEG_INFINITY;
+    // SAFETY: rows are non-empty (V > 0 is checked by the callers).
+    unsafe { f32::vec_reduce_max(row.as_ptr(), &mut max, row.len()) };
+    let target = row[t as usize];
+    let sum: f32 = row
+        .iter_mut()
+        .map(|x| {
+            *x = (*x - max).exp();
+            *x
+        })
+        .sum();
+    (sum, (sum.ln() - (target - max)) as f64)
 }
 
 /// `(rows, V)` of logits `[.., V]`.
@@ -1240,6 +1274,22 @@ mod tests {
         assert_eq!(lf, lc, "loss bits");
         close("head_cross_entropy dh", &hf, &hc, 1e-6);
         close("head_cross_entropy de", &ef, &ec, 1e-6);
+    }
+
+    /// The head's one-pass numerators give `row_nll`'s sum and loss bit for bit.
+    #[test]
+    fn row_nll_to_exps_equals_row_nll() {
+        for (v, seed) in [(1usize, 1u64), (7, 2), (33, 3), (1000, 4)] {
+            let row = values(&normal(&[v], seed, 4.0));
+            for t in [0, v as u32 / 2, v as u32 - 1] {
+                let (max, sum, loss) = row_nll(&row, t);
+                let mut exps = row.clone();
+                let (sum2, loss2) = row_nll_to_exps(&mut exps, t);
+                assert_eq!((sum.to_bits(), loss.to_bits()), (sum2.to_bits(), loss2.to_bits()), "V {v}, t {t}");
+                let want: Vec<u32> = row.iter().map(|x| (x - max).exp().to_bits()).collect();
+                assert_eq!(exps.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want);
+            }
+        }
     }
 
     /// Gradients of the chunked row-reduction do not depend on the thread count.

@@ -575,7 +575,7 @@ fn clip_global_norm(grads: &mut [Tensor], max_norm: f64) -> Result<()> {
 fn save_checkpoint(ctx: &StageContext, progress: &Progress, params: &[(String, Var)], opt: &AdamW) -> Result<()> {
     let weights: BTreeMap<String, Tensor> = params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
     let state = serde_json::to_string(&json!({ "progress": progress, "adam_t": opt.t }))?;
-    let moments = opt.state();
+    let moments = opt.state()?;
     tracing::debug!(instance = %ctx.instance, step = progress.step, "finetune checkpoint");
     ctx.partial.save(progress.step, |dir| {
         save_tensors(&dir.join("params.safetensors"), &weights)?;
