@@ -610,6 +610,11 @@ mod vnni {
     use super::{BLOCK, BLOCK_BYTES};
     use std::arch::x86_64::*;
 
+    /// The rows that fill whole groups of `R`.
+    fn whole_groups<const R: usize>(nrows: usize) -> usize {
+        nrows - nrows % R
+    }
+
     macro_rules! vnni_group_sums {
         ($name:ident, $features:literal, $dpbusd:ident, $rows:literal) => {
             /// `Σ (T + 1)·q` for `nrows` weight rows × `T` tokens, as `avx2::group_sums`.
@@ -659,14 +664,13 @@ mod vnni {
                         store_lane_sums(acc, out, stride, n + i);
                     }
                 }
-                let mut n = 0;
-                while n + $rows <= nrows {
+                // Whole groups of rows, then the rest one at a time.
+                let grouped = whole_groups::<$rows>(nrows);
+                for n in (0..grouped).step_by($rows) {
                     rows::<T, $rows>(wblock, row_bytes, n, blocks, &toks, out, stride);
-                    n += $rows;
                 }
-                while n < nrows {
+                for n in grouped..nrows {
                     rows::<T, 1>(wblock, row_bytes, n, blocks, &toks, out, stride);
-                    n += 1;
                 }
             }
         };
