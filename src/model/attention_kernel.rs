@@ -20,7 +20,7 @@
 //! `(t, d, T)`. The softmax is the fused path's row function
 //! ([`train_ops::causal_softmax_row`]).
 
-use super::cpu_values::filled;
+use super::cpu_values::{filled, gemm_as_candle};
 use super::train_ops::{self, causal_softmax_row, softmax_row_zeros};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -66,11 +66,10 @@ fn blocks(t: usize) -> Vec<(usize, usize)> {
 
 /// `dst = lhs · rhs` for row-major `lhs [m, k]` (row stride `lhs_rs`), `rhs [k, n]` with strides
 /// `(rhs_rs, rhs_cs)` and row-major `dst [m, n]` (row stride `dst_rs`), with the other arguments
-/// candle's matmul gives gemm.
+/// candle's matmul gives gemm, on this thread.
 ///
 /// # Safety
 /// The three matrices must lie within their buffers with these strides.
-#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_rows(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
@@ -78,29 +77,9 @@ unsafe fn gemm_rows(
     lhs: *const f32,
     lhs_rs: usize,
     rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
+    rhs_strides: (usize, usize),
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        false,
-        lhs,
-        1,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        0f32,
-        1f32,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
+    gemm_as_candle((m, n, k), dst, dst_rs, lhs, (lhs_rs, 1), rhs, rhs_strides, gemm::Parallelism::None)
 }
 
 impl CausalAttention {

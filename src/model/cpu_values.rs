@@ -92,37 +92,73 @@ pub(crate) fn matmul(lhs: &Tensor, rhs: &Tensor) -> candle_core::Result<Tensor> 
     if last(ll, m, k) >= a.len() || last(rl, k, n) >= b.len() {
         candle_core::bail!("matmul: operand layouts outside their storage");
     }
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // Every value written: gemm with `read_dst = false` and k ≥ 1 sets each of the m × n outputs.
     let out = filled::<f32>(m * n, |dst| {
         // SAFETY: dst is m × n row-major; the operands' last elements are in bounds (above).
         unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
+            gemm_as_candle(
+                (m, n, k),
                 dst.as_mut_ptr() as *mut f32,
-                1,
-                n as isize,
-                false,
+                n,
                 a[ll.start_offset()..].as_ptr(),
-                ll.stride()[1] as isize,
-                ll.stride()[0] as isize,
+                (ll.stride()[0], ll.stride()[1]),
                 b[rl.start_offset()..].as_ptr(),
-                rl.stride()[1] as isize,
-                rl.stride()[0] as isize,
-                0f32,
-                1f32,
-                false,
-                false,
-                false,
-                parallelism,
+                (rl.stride()[0], rl.stride()[1]),
+                candle_parallelism(),
             )
         }
     });
     drop((ls, rs));
     Tensor::from_vec(out, (m, n), lhs.device())
+}
+
+/// The thread setting candle's CPU matmul gives gemm (`CANDLE_NUM_THREADS`).
+pub(crate) fn candle_parallelism() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        1 => gemm::Parallelism::None,
+        threads => gemm::Parallelism::Rayon(threads),
+    }
+}
+
+/// `dst = lhs · rhs` into a row-major `dst [m, n]` (row stride `dst_rs`) for `lhs [m, k]` and
+/// `rhs [k, n]` with (row, column) strides, with the other arguments candle's CPU matmul gives
+/// gemm (`read_dst = false`, α = 0, β = 1), so the products are candle's bit for bit.
+///
+/// # Safety
+/// The three matrices must lie within their buffers with these strides; `dst` must be valid for
+/// writes (it is not read).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_as_candle(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    parallelism: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        0f32,
+        1f32,
+        false,
+        false,
+        false,
+        parallelism,
+    )
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@
 //! not depend on the thread count. Other devices and dtypes use the composed candle ops
 //! ([`fused`] says which).
 
-use super::cpu_values::{filled, matmul};
+use super::cpu_values::{candle_parallelism, filled, gemm_as_candle, matmul};
 use super::quant::{act_code, act_scale, rne};
 use super::ternary_kernel::{self as kernel, PackedTernary, QuantRows};
 use candle_core::cpu::kernels::VecOps;
@@ -810,34 +810,21 @@ impl CustomOp2 for HeadCrossEntropy {
         let n = h.len() / hidden.max(1);
         let tg = &self.targets;
         let count = check_targets(tg, n, v)?;
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
         // Every value written: gemm with `read_dst = false` sets each of the n × v outputs
         // (hidden ≥ 1: a zero-width matrix has no rows, so n = 0).
         let mut logits = filled(n * v, |dst| {
             // SAFETY: dst is n × v, lhs n × hidden row-major, rhs = eᵀ read from e (v × hidden
             // row-major) with row stride 1 and column stride hidden: all in bounds.
             unsafe {
-                gemm::gemm(
-                    n,
-                    v,
-                    hidden,
+                gemm_as_candle(
+                    (n, v, hidden),
                     dst.as_mut_ptr() as *mut f32,
-                    1,
-                    v as isize,
-                    false,
+                    v,
                     h.as_ptr(),
-                    1,
-                    hidden as isize,
+                    (hidden, 1),
                     e.as_ptr(),
-                    hidden as isize,
-                    1,
-                    0f32,
-                    1f32,
-                    false,
-                    false,
-                    false,
-                    parallelism,
+                    (1, hidden),
+                    candle_parallelism(),
                 )
             }
         });
