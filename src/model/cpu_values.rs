@@ -115,8 +115,8 @@ pub(crate) fn matmul(lhs: &Tensor, rhs: &Tensor) -> candle_core::Result<Tensor> 
 /// The thread setting candle's CPU matmul gives gemm (`CANDLE_NUM_THREADS`).
 pub(crate) fn candle_parallelism() -> gemm::Parallelism {
     match candle_core::utils::get_num_threads() {
-        1 => gemm::Parallelism::None,
-        threads => gemm::Parallelism::Rayon(threads),
+        threads if threads > 1 => gemm::Parallelism::Rayon(threads),
+        _ => gemm::Parallelism::None,
     }
 }
 

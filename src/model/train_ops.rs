@@ -180,6 +180,9 @@ impl CustomOp3 for RmsNormBwdX {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, dy) = (slice(s1, l1, "rms-norm")?, slice(s2, l2, "rms-norm")?, slice(s3, l3, "rms-norm")?);
         let n = w.len();
+        if dy.len() != x.len() {
+            candle_core::bail!("rms-norm: a gradient of {} values for {} inputs", dy.len(), x.len());
+        }
         // Every value written: rows of n cover the output.
         let out = filled(x.len(), |out| {
             out.par_chunks_mut(n).zip(x.par_chunks(n).zip(dy.par_chunks(n))).for_each(|(d, (x, dy))| {
@@ -304,6 +307,9 @@ impl CustomOp2 for SoftmaxBwd {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (y, dy) = (slice(s1, l1, "causal-softmax")?, slice(s2, l2, "causal-softmax")?);
         let n = *l1.dims().last().unwrap_or(&1);
+        if dy.len() != y.len() {
+            candle_core::bail!("causal-softmax: a gradient of {} values for {} outputs", dy.len(), y.len());
+        }
         // Every value written: rows of n cover the output.
         let out = filled(y.len(), |out| {
             out.par_chunks_mut(n).zip(y.par_chunks(n).zip(dy.par_chunks(n))).for_each(|(d, (y, dy))| {
@@ -762,6 +768,9 @@ impl CustomOp3 for Relu2MulBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let (g, u) = pairs(s1, l1, s2, l2, "relu2-mul")?;
         let dy = slice(s3, l3, "relu2-mul")?;
+        if dy.len() != g.len() {
+            candle_core::bail!("relu2-mul: a gradient of {} values for {} outputs", dy.len(), g.len());
+        }
         let chunks = g.par_chunks(ELEM_CHUNK).zip(u.par_chunks(ELEM_CHUNK)).zip(dy.par_chunks(ELEM_CHUNK));
         // Every value written: equal chunks of the inputs and the output.
         let out = filled(g.len(), |out| {
