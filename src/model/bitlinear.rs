@@ -218,6 +218,14 @@ impl Projection {
             && x.dtype() == DType::F32
     }
 
+    /// The packed weight the inference kernel multiplies `x` by, when it runs (`uses_kernel`).
+    pub(crate) fn kernel_weight(&self, x: &Tensor, mode: Mode, opts: ProjOpts) -> Result<Option<Arc<PackedTernary>>> {
+        if !self.uses_kernel(x, mode, opts) {
+            return Ok(None);
+        }
+        self.packed_weight(opts.cache).map(Some).map_err(candle_core::Error::wrap)
+    }
+
     /// Whether the training forward of `x` runs the int8 kernel (`train_ops::ternary_linear`):
     /// a latent ternary weight, f32 on CPU, the kernel on.
     fn trains_with_kernel(&self, x: &Tensor, mode: Mode, opts: ProjOpts) -> bool {

@@ -9,7 +9,7 @@ use candle_core::{DType, Result, Tensor, D};
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     pub(crate) weight: Param,
-    eps: f64,
+    pub(crate) eps: f64,
 }
 
 impl RmsNorm {

@@ -18,6 +18,7 @@
 //! has AMX-INT8: the same integers again.
 
 use super::cpu_values::filled;
+use super::simd::wide;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
@@ -276,7 +277,7 @@ pub fn best_isa() -> Isa {
 /// Exact integer sums `Σ_k q[r,k] · T[n,k]` as `[m, out]` (row-major), with `isa`.
 pub fn int_sums(x: &QuantRows, w: &PackedTernary, isa: Isa) -> Vec<i32> {
     // `tiled` writes every output row and column (or panics).
-    filled(x.m * w.out, |y| tiled(x, w, isa, y, &x.scale, |acc, _| acc))
+    filled(x.m * w.out, |y| tiled(x, w, isa, y, &x.scale, |acc, _| acc, false))
 }
 
 /// `y [m, out] = scale(Σ q·T)`: the BitLinear output in f32.
@@ -288,7 +289,16 @@ pub fn matmul(x: &QuantRows, w: &PackedTernary) -> Vec<f32> {
 pub fn matmul_with(x: &QuantRows, w: &PackedTernary, isa: Isa) -> Vec<f32> {
     let factors: Vec<f32> = x.scale.iter().map(|&s| row_factor(s, w.scale)).collect();
     // `tiled` writes every output row and column (or panics).
-    filled(x.m * w.out, |y| tiled(x, w, isa, y, &factors, scale_one))
+    filled(x.m * w.out, |y| tiled(x, w, isa, y, &factors, scale_one, false))
+}
+
+/// [`matmul_with`] into `y [m, out]` (row-major), every value written, for a caller that is
+/// itself one of many parallel tasks (`mlp_kernel`): the work is split by tokens however few
+/// there are, never into weight rows transposed and then placed.
+pub fn matmul_into(x: &QuantRows, w: &PackedTernary, isa: Isa, y: &mut [MaybeUninit<f32>]) {
+    assert_eq!(y.len(), x.m * w.out, "kernel output shape");
+    let factors: Vec<f32> = x.scale.iter().map(|&s| row_factor(s, w.scale)).collect();
+    tiled(x, w, isa, y, &factors, scale_one, true)
 }
 
 /// Token rows per parallel task when there are many tokens.
@@ -302,7 +312,8 @@ const ROW_CHUNK_BYTES: usize = 96 * 1024;
 /// of `y`), walks the weight rows in chunks that stay in L2, and within a chunk takes its tokens
 /// [`TOKENS`] at a time, so each unpacked weight block serves several tokens and each group's
 /// activations (in L1) serve the whole chunk. Few tokens (generation): tasks own weight rows
-/// instead, computed transposed and then placed.
+/// instead, computed transposed and then placed — unless `by_tokens` (the caller is one task of
+/// many already).
 fn tiled<T: Copy + Default + Send + Sync>(
     x: &QuantRows,
     w: &PackedTernary,
@@ -310,6 +321,7 @@ fn tiled<T: Copy + Default + Send + Sync>(
     y: &mut [MaybeUninit<T>],
     rowv: &[f32],
     emit: impl Fn(i32, f32) -> T + Sync,
+    by_tokens: bool,
 ) {
     assert_eq!(x.k, w.k, "inner dimensions differ");
     check_supported(isa);
@@ -330,7 +342,7 @@ fn tiled<T: Copy + Default + Send + Sync>(
     // Token-major sums of one chunk: token t of weight row i at `t · chunk_rows + i`, so that
     // each token's outputs are scaled in one contiguous (vectorised) pass.
     let sums = vec![0i32; TOKENS * chunk_rows];
-    if m >= 2 * TOKENS_PER_TASK || m >= 4 * rayon::current_num_threads() * TOKENS {
+    if by_tokens || m >= 2 * TOKENS_PER_TASK || m >= 4 * rayon::current_num_threads() * TOKENS {
         y.par_chunks_mut(TOKENS_PER_TASK * out).enumerate().for_each_with(sums, |sums, (task, dst)| {
             let r0 = task * TOKENS_PER_TASK;
             let rows = dst.len() / out;
@@ -345,9 +357,12 @@ fn tiled<T: Copy + Default + Send + Sync>(
                     for j in 0..g {
                         let (s, off) = (rowv[r + j], x.sum[r + j]);
                         let yrow = &mut dst[(r + j - r0) * out + n0..][..nrows];
-                        for (y, &acc) in yrow.iter_mut().zip(&sums[j * chunk_rows..][..nrows]) {
-                            y.write(emit(acc - off, s));
-                        }
+                        let (accs, emit) = (&sums[j * chunk_rows..][..nrows], &emit);
+                        wide(move || {
+                            for (y, &acc) in yrow.iter_mut().zip(accs) {
+                                y.write(emit(acc - off, s));
+                            }
+                        });
                     }
                     r += g;
                 }

@@ -24,6 +24,7 @@ use super::ternary_kernel::{self as kernel, PackedTernary, QuantRows};
 use candle_core::cpu::kernels::VecOps;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::Mutex;
 
 thread_local! {
@@ -122,6 +123,22 @@ fn rms_rows(x: &[f32], n: usize, eps: f32, out: &mut [f32; NORM_ROWS]) {
     }
 }
 
+/// RMSNorm of whole rows `x` (each `w.len()` long) into `out`, every value written: [`rms_rows`]
+/// eight rows at a time, then `x / rms · w` — candle's fused kernel's bits.
+pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
+    let n = w.len();
+    assert!(n > 0 && x.len().is_multiple_of(n) && out.len() == x.len(), "rms-norm rows");
+    for (d, s) in out.chunks_mut(NORM_ROWS * n).zip(x.chunks(NORM_ROWS * n)) {
+        let mut m = [0f32; NORM_ROWS];
+        rms_rows(s, n, eps, &mut m);
+        for ((d, s), m) in d.chunks_exact_mut(n).zip(s.chunks_exact(n)).zip(m) {
+            for ((d, s), a) in d.iter_mut().zip(s).zip(w) {
+                d.write(*s / m * *a);
+            }
+        }
+    }
+}
+
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "rms-norm-train"
@@ -138,15 +155,9 @@ impl CustomOp2 for RmsNorm {
         }
         // Every value written: whole rows, each element of each.
         let out = filled(x.len(), |out| {
-            out.par_chunks_mut(NORM_ROWS * n).zip(x.par_chunks(NORM_ROWS * n)).for_each(|(d, s)| {
-                let mut m = [0f32; NORM_ROWS];
-                rms_rows(s, n, self.eps, &mut m);
-                for ((d, s), m) in d.chunks_exact_mut(n).zip(s.chunks_exact(n)).zip(m) {
-                    for ((d, s), a) in d.iter_mut().zip(s).zip(w) {
-                        d.write(*s / m * *a);
-                    }
-                }
-            })
+            out.par_chunks_mut(NORM_ROWS * n)
+                .zip(x.par_chunks(NORM_ROWS * n))
+                .for_each(|(d, s)| rms_norm_rows(s, w, self.eps, d))
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -702,6 +713,13 @@ pub fn relu2_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 
 struct Relu2Mul;
 
+/// `relu(g)² · u`, as [`relu2_mul`] computes each value.
+#[inline]
+pub(crate) fn relu2_times(g: f32, u: f32) -> f32 {
+    let r = g.max(0.0);
+    r * r * u
+}
+
 fn pairs<'a>(
     s1: &'a CpuStorage,
     l1: &Layout,
@@ -730,8 +748,7 @@ impl CustomOp2 for Relu2Mul {
             out.par_chunks_mut(ELEM_CHUNK).zip(g.par_chunks(ELEM_CHUNK).zip(u.par_chunks(ELEM_CHUNK))).for_each(
                 |(d, (g, u))| {
                     for ((d, g), u) in d.iter_mut().zip(g).zip(u) {
-                        let r = g.max(0.0);
-                        d.write(r * r * u);
+                        d.write(relu2_times(*g, *u));
                     }
                 },
             )
