@@ -314,7 +314,7 @@ const ROW_CHUNK_BYTES: usize = 96 * 1024;
 ///
 /// Many tokens (prompts, perplexity windows): a task owns [`TOKENS_PER_TASK`] tokens (its rows
 /// of `y`), walks the weight rows in chunks that stay in L2, and within a chunk takes its tokens
-/// [`TOKENS`] at a time, so each unpacked weight block serves several tokens and each group's
+/// [`GROUP`] at a time, so each unpacked weight block serves several tokens and each group's
 /// activations (in L1) serve the whole chunk. Few tokens (generation): tasks own weight rows
 /// instead, computed transposed and then placed — unless `by_tokens` (the caller is one task of
 /// many already).
