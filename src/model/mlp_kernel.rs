@@ -1,9 +1,9 @@
 //! BitNet's MLP for CPU inference, one block of tokens at a time:
 //! `down(sub_norm(relu(gate(x))² ⊙ up(x)))` with every intermediate of a block in L2.
 //!
-//! Run op by op, the MLP of 1024 tokens writes and rereads five `[1024, ffn]` f32 intermediates
-//! (gate, up, their product, its norm, and the int8 codes): ~40 MB per layer at ffn 1376 that
-//! stream through L3 or memory, while the kernel's sums themselves are compute-bound. Here a task
+//! Run op by op, the MLP of 1024 tokens writes and rereads four `[1024, ffn]` f32 intermediates
+//! (gate, up, their product, its norm) and the norm's int8 codes: ~40 MB per layer at ffn 1376
+//! that stream through L3 or memory, while the kernel's sums themselves are compute-bound. Here a task
 //! takes [`BLOCK_TOKENS`] tokens through all of it — quantise, gate and up, relu²·up, sub-norm,
 //! quantise, down — and writes only the block's output rows. Each step is the op-by-op path's
 //! own function on whole rows (the kernel's exact sums and scaling, `relu2_times`,

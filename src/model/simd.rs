@@ -1,7 +1,7 @@
 //! Plain Rust loops compiled a second time for AVX2, for the CPUs that have it.
 //!
 //! The crate is built for baseline x86-64, so an element-wise loop over f32 (scaling the kernel's
-//! integer sums, RMSNorm's division, relu², RoPE) vectorises to 4-wide SSE. [`wide`] runs a
+//! integer sums, RMSNorm's division, relu²·up) vectorises to 4-wide SSE. [`wide`] runs a
 //! closure inside a function compiled with AVX2 enabled, into which the closure is inlined: the
 //! same loop, 8 wide. The results are the same bits: Rust never contracts `a * b + c` into an
 //! FMA and never reorders float sums, so only the vector width changes.
