@@ -703,18 +703,11 @@ mod vnni {
                             let a = toks[t].as_ptr().add(b * BLOCK) as *const __m256i;
                             let a: [__m256i; 4] = std::array::from_fn(|j| _mm256_loadu_si256(a.add(j)));
                             for i in 0..R {
-                                if R * T >= 10 {
-                                    // Enough independent chains already: one accumulator each
-                                    // (two would not fit in the registers).
-                                    even[i][t] = $dpbusd(even[i][t], c[i][0], a[0]);
-                                    even[i][t] = $dpbusd(even[i][t], c[i][1], a[1]);
-                                    even[i][t] = $dpbusd(even[i][t], c[i][2], a[2]);
-                                    even[i][t] = $dpbusd(even[i][t], c[i][3], a[3]);
-                                } else {
-                                    even[i][t] = $dpbusd(even[i][t], c[i][0], a[0]);
-                                    odd[i][t] = $dpbusd(odd[i][t], c[i][1], a[1]);
-                                    even[i][t] = $dpbusd(even[i][t], c[i][2], a[2]);
-                                    odd[i][t] = $dpbusd(odd[i][t], c[i][3], a[3]);
+                                for j in 0..4 {
+                                    // With 10 or more (row, token) chains one accumulator each
+                                    // is enough (two would not fit in the registers).
+                                    let acc = if R * T < 10 && j % 2 == 1 { &mut odd[i][t] } else { &mut even[i][t] };
+                                    *acc = $dpbusd(*acc, c[i][j], a[j]);
                                 }
                             }
                         }

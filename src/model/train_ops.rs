@@ -113,15 +113,12 @@ fn rms_rows(x: &[f32], n: usize, eps: f32, out: &mut [f32; NORM_ROWS]) {
         return;
     }
     let rows: [&[f32]; NORM_ROWS] = std::array::from_fn(|r| &x[r * n..(r + 1) * n]);
-    #[cfg(target_arch = "x86_64")]
-    let acc = if std::arch::is_x86_feature_detected!("avx2") {
+    let acc = match () {
         // SAFETY: AVX2 detected; the rows are n long.
-        unsafe { squares_avx2(rows, n) }
-    } else {
-        squares(rows, 0, [0f32; NORM_ROWS])
+        #[cfg(target_arch = "x86_64")]
+        _ if super::simd::has_avx2() => unsafe { squares_avx2(rows, n) },
+        _ => squares(rows, 0, [0f32; NORM_ROWS]),
     };
-    #[cfg(not(target_arch = "x86_64"))]
-    let acc = squares(rows, 0, [0f32; NORM_ROWS]);
     for (o, a) in out.iter_mut().zip(acc) {
         *o = (a / n as f32 + eps).sqrt();
     }
