@@ -26,7 +26,12 @@ fn peak_gib() -> Option<f64> {
 }
 
 fn main() -> anyhow::Result<()> {
-    rpt_flow::exec::memory::keep_freed_memory(); // as the shipped binary does
+    // As the shipped binary runs a stage: freed memory kept, on a pool worker (exec::threads).
+    rpt_flow::exec::memory::keep_freed_memory();
+    rpt_flow::exec::threads::on_pool_worker(bench)
+}
+
+fn bench() -> anyhow::Result<()> {
     let (reps, prompt, gen) = (env("BENCH_REPS", 2), env("BENCH_PROMPT", 512), env("BENCH_GEN", 16));
     let threads = candle_core::utils::get_num_threads();
     let cfg = ModelConfig::tiny(Arch::Bitnet, 128256, 2560, 6912, 30, 20, 5);

@@ -45,8 +45,13 @@ fn time_if<F: FnMut() -> anyhow::Result<()>>(on: bool, reps: usize, f: F) -> any
 }
 
 fn main() -> anyhow::Result<()> {
-    rpt_flow::exec::memory::keep_freed_memory(); // as the shipped binary does
-                                                 // `cargo bench` passes `--bench`; ignore arguments.
+    // As the shipped binary runs a stage: freed memory kept, on a pool worker (exec::threads).
+    rpt_flow::exec::memory::keep_freed_memory();
+    rpt_flow::exec::threads::on_pool_worker(bench)
+}
+
+fn bench() -> anyhow::Result<()> {
+    // `cargo bench` passes `--bench`; ignore arguments.
     let reps = env("BENCH_REPS", 5);
     let (b, t) = (env("BENCH_BATCH", 4), env("BENCH_SEQ", 256));
     let train = env("BENCH_TRAIN", 1) != 0;

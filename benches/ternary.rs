@@ -28,7 +28,12 @@ fn time<F: FnMut()>(reps: usize, mut f: F) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    rpt_flow::exec::memory::keep_freed_memory(); // as the shipped binary does
+    // As the shipped binary runs a stage: freed memory kept, on a pool worker (exec::threads).
+    rpt_flow::exec::memory::keep_freed_memory();
+    rpt_flow::exec::threads::on_pool_worker(bench)
+}
+
+fn bench() -> anyhow::Result<()> {
     let reps = std::env::var("BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let shapes: &[(&str, usize, usize, usize)] = &[
         ("mid q/o", 1024, 512, 512),

@@ -30,13 +30,20 @@ fn status_mb(field: &str) -> Option<f64> {
 /// logits, 131 MB for 1024 positions × 32000) is a fresh `mmap` whose pages the kernel zeroes on
 /// first touch, and freed heap tops are trimmed and faulted in again — ~12 % of a CPU forward
 /// here was page faults (docs/benchmarks.md). Resident memory then stays at its high-water mark
-/// (up to 1 GiB of free heap kept), which is what peak measurements report anyway. Call once,
-/// before any allocation of note; no effect off glibc.
+/// (up to 1 GiB of free heap kept), which is what peak measurements report anyway.
+///
+/// Every thread allocates from the one main heap (`M_ARENA_MAX` 1): glibc gives other threads
+/// heaps of at most 64 MiB, and a larger buffer allocated there — the logits of a stage, which
+/// runs on a thread of its own or a pool worker, e.g. 512 × 128256 × 4 bytes for the 2B model —
+/// was a fresh `mmap` again on every call whatever the thresholds (a third more LM-head time on
+/// one thread, docs/benchmarks.md). Call once, first thing in `main`, before other threads
+/// start; no effect off glibc.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before threads allocate.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }

@@ -7,6 +7,7 @@ mod progress;
 mod run;
 mod session;
 pub mod slurm;
+pub mod threads;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

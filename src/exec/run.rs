@@ -172,12 +172,14 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
                         super::memory::reset_peak();
                     }
                     let run = RunOne { plan, i, registry, cache, opts, device, progress, input_metrics, label: &label };
+                    // Alone (one job, or a kind that runs alone), the stage runs on a pool worker, so that the model's parallel ops
+                    // do not hand every op to another thread (`threads.rs`); beside others it
+                    // keeps this thread (a worker waiting in an op could take up a whole stage).
+                    let stage = || run.run(read_next, verified);
+                    let stage = || if alone || needs_machine { super::threads::on_pool_worker(stage) } else { stage() };
                     // A panicking stage fails like an erroring one (and the loop still hears back).
-                    let result =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run.run(read_next, verified)))
-                            .unwrap_or_else(|panic| {
-                                Err(anyhow::anyhow!("the stage panicked: {}", panic_text(&*panic)))
-                            });
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(stage))
+                        .unwrap_or_else(|panic| Err(anyhow::anyhow!("the stage panicked: {}", panic_text(&*panic))));
                     let peak_rss_mb = if alone { super::memory::peak_rss_mb() } else { None };
                     let device = several.then(|| device.to_string());
                     let _ = tx.send(Finished { i, device, label, result, started, peak_rss_mb });
@@ -246,7 +248,8 @@ pub fn run_only(plan: &Plan, i: usize, registry: &Registry, cache: &Cache, opts:
         input_metrics,
         label: &label,
     };
-    let done = run.run(false, &Verified::default());
+    // One stage, alone: on a pool worker (`threads.rs`).
+    let done = super::threads::on_pool_worker(|| run.run(false, &Verified::default()));
     progress.finish();
     match done? {
         Done::Cached(_) => Ok(OnlyOutcome::Cached),
