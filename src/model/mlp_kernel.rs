@@ -58,16 +58,42 @@ pub(crate) fn forward(x: &[f32], m: usize, hidden: usize, w: &MlpWeights<'_>) ->
     })
 }
 
+/// A thread's block intermediates (gate, up, their normed product), kept from block to block:
+/// fresh `[32, ffn]` buffers per block came from the allocator each time, often memory another
+/// core had just freed (its cache lines then travel).
+#[derive(Default)]
+struct Scratch {
+    g: Vec<f32>,
+    u: Vec<f32>,
+    normed: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Scratch> = std::cell::Cell::new(Scratch::default());
+}
+
+/// `v` resized to `n` values as a slice for a function that writes all of them.
+fn out_slice(v: &mut Vec<f32>, n: usize) -> &mut [MaybeUninit<f32>] {
+    v.resize(n, 0.0);
+    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout; the writers here store only initialised
+    // values, so `v` stays initialised.
+    unsafe { &mut *(v.as_mut_slice() as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
 /// One block of tokens through the whole MLP into its output rows `y`.
 fn block(x: &[f32], hidden: usize, w: &MlpWeights<'_>, y: &mut [MaybeUninit<f32>]) {
     let (rows, isa) = (x.len() / hidden.max(1), kernel::best_isa());
+    // Taken, not borrowed: a thread waiting inside a parallel call below may run another block,
+    // which then finds empty buffers and grows its own.
+    let mut s = SCRATCH.with(|c| c.take());
     let xq = QuantRows::new_with(x, rows, hidden, isa);
-    let ffn = w.gate.out;
-    // Every value written by `matmul_into`.
-    let product = |p: &PackedTernary| filled(rows * ffn, |y| kernel::matmul_into(&xq, p, isa, y));
-    let (mut g, u) = (product(w.gate), product(w.up));
-    wide(|| g.iter_mut().zip(&u).for_each(|(g, &u)| *g = relu2_times(*g, u)));
-    let normed = filled(g.len(), |n| rms_norm_rows(&g, w.norm, w.eps, n));
-    let hq = QuantRows::new_with(&normed, rows, ffn, isa);
+    let n = rows * w.gate.out;
+    kernel::matmul_into(&xq, w.gate, isa, out_slice(&mut s.g, n));
+    kernel::matmul_into(&xq, w.up, isa, out_slice(&mut s.u, n));
+    let (g, u) = (&mut s.g[..n], &s.u[..n]);
+    wide(|| g.iter_mut().zip(u).for_each(|(g, &u)| *g = relu2_times(*g, u)));
+    rms_norm_rows(&s.g[..n], w.norm, w.eps, out_slice(&mut s.normed, n));
+    let hq = QuantRows::new_with(&s.normed[..n], rows, w.gate.out, isa);
     kernel::matmul_into(&hq, w.down, isa, y);
+    SCRATCH.with(|c| c.set(s));
 }
