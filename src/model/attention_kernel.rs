@@ -82,12 +82,38 @@ unsafe fn gemm_rows(
     gemm_as_candle((m, n, k), dst, dst_rs, lhs, (lhs_rs, 1), rhs, rhs_strides, gemm::Parallelism::None)
 }
 
-impl CausalAttention {
-    /// One head: `q [t, d]`, `k`, `v [T, d]` → `out [t, d]` (row-major, every value written).
+/// The merged output's buffer, shared by the per-head tasks, which write disjoint values.
+struct MergedOut(*mut f32);
+
+// SAFETY: the tasks write disjoint values of one buffer that outlives them (`head`'s contract).
+unsafe impl Sync for MergedOut {}
+
+impl MergedOut {
+    /// The value `i` values into the buffer (a method, so that closures capture the `Sync`
+    /// wrapper rather than its raw field).
     ///
     /// # Safety
-    /// `out` must be valid for writing `t · d` values.
-    unsafe fn head(&self, q: &[f32], k: &[f32], v: &[f32], (t, d, total): (usize, usize, usize), out: *mut f32) {
+    /// `i` must lie within the buffer.
+    unsafe fn at(&self, i: usize) -> *mut f32 {
+        unsafe { self.0.add(i) }
+    }
+}
+
+impl CausalAttention {
+    /// One head: `q [t, d]`, `k`, `v [T, d]` → `out [t, d]` (rows `out_rs` apart, every value
+    /// written).
+    ///
+    /// # Safety
+    /// `out` must be valid for writing `t` rows of `d` values, `out_rs ≥ d` apart.
+    unsafe fn head(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        (t, d, total): (usize, usize, usize),
+        out: *mut f32,
+        out_rs: usize,
+    ) {
         let blocks = blocks(t);
         // p · v stops at each block's last seen key while that is one chain (module doc).
         let truncate = total <= ONE_CHAIN;
@@ -121,15 +147,24 @@ impl CausalAttention {
             }
             if truncate {
                 // SAFETY: scores rows × seen_by_last (stride total), v seen_by_last × d, out rows
-                // start..end (stride d; out holds t × d): in bounds.
+                // start..end (stride out_rs; out holds t such rows): in bounds.
                 unsafe {
-                    gemm_rows((rows, d, seen_by_last), out.add(start * d), d, s.as_ptr(), total, v.as_ptr(), (d, 1))
+                    gemm_rows(
+                        (rows, d, seen_by_last),
+                        out.add(start * out_rs),
+                        out_rs,
+                        s.as_ptr(),
+                        total,
+                        v.as_ptr(),
+                        (d, 1),
+                    )
                 };
             }
         }
         if !truncate {
-            // SAFETY: scores t × total, v total × d, out t × d, all row-major: in bounds.
-            unsafe { gemm_rows((t, d, total), out, d, scores.as_ptr(), total, v.as_ptr(), (d, 1)) };
+            // SAFETY: scores t × total, v total × d (row-major), out t rows (stride out_rs): in
+            // bounds.
+            unsafe { gemm_rows((t, d, total), out, out_rs, scores.as_ptr(), total, v.as_ptr(), (d, 1)) };
         }
     }
 }
@@ -171,27 +206,19 @@ impl CustomOp3 for CausalAttention {
             );
         }
         let rep = h / kv;
-        let heads: Vec<Vec<f32>> = (0..b * h)
-            .into_par_iter()
-            .map(|bh| {
+        // Each head writes its rows straight into the merged layout: head `hi` of sequence `bi`,
+        // position p, at [bi, p, hi·d ..], rows h·d apart.
+        let merged = filled(b * t * h * d, |merged| {
+            let out = MergedOut(merged.as_mut_ptr() as *mut f32);
+            (0..b * h).into_par_iter().for_each(|bh| {
                 let kvh = bh / h * kv + bh % h / rep; // this query head's key–value head
                 let (q, k, v) =
                     (&q[bh * t * d..][..t * d], &k[kvh * total * d..][..total * d], &v[kvh * total * d..][..total * d]);
-                // Every value written: the blocks cover rows 0..t, each product all d columns.
-                // SAFETY: `out` holds t × d values.
-                filled(t * d, |out| unsafe { self.head(q, k, v, (t, d, total), out.as_mut_ptr() as *mut f32) })
-            })
-            .collect();
-        // Merge: head `hi`'s row p goes to [bi, p, hi·d ..]; every value written.
-        let merged = filled(b * t * h * d, |merged| {
-            merged.par_chunks_mut(t * h * d).enumerate().for_each(|(bi, dst)| {
-                for (hi, head) in heads[bi * h..(bi + 1) * h].iter().enumerate() {
-                    for (p, row) in head.chunks(d).enumerate() {
-                        for (o, x) in dst[(p * h + hi) * d..][..d].iter_mut().zip(row) {
-                            o.write(*x);
-                        }
-                    }
-                }
+                let first = (bh / h) * t * h * d + (bh % h) * d;
+                // SAFETY: the t rows of d values from `first`, h·d apart, lie in the b·t·h·d
+                // buffer, and no two heads share a value; every value is written (the blocks
+                // cover rows 0..t, each product all d columns), once the tasks are done.
+                unsafe { self.head(q, k, v, (t, d, total), out.at(first), h * d) }
             })
         });
         Ok((CpuStorage::F32(merged), Shape::from((b, t, h * d))))
