@@ -172,9 +172,10 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
                         super::memory::reset_peak();
                     }
                     let run = RunOne { plan, i, registry, cache, opts, device, progress, input_metrics, label: &label };
-                    // Alone (one job, or a kind that runs alone), the stage runs on a pool worker, so that the model's parallel ops
-                    // do not hand every op to another thread (`threads.rs`); beside others it
-                    // keeps this thread (a worker waiting in an op could take up a whole stage).
+                    // Alone (one job, or a kind that runs alone), the stage runs on a pool worker,
+                    // so that the model's parallel ops do not hand every op to another thread
+                    // (`threads.rs`); beside others it keeps this thread (a worker waiting in an
+                    // op could take up a whole other stage).
                     let stage = || run.run(read_next, verified);
                     let stage = || if alone || needs_machine { super::threads::on_pool_worker(stage) } else { stage() };
                     // A panicking stage fails like an erroring one (and the loop still hears back).

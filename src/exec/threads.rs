@@ -4,7 +4,7 @@
 //! pool — the main thread, or the thread the executor starts for a stage — every such call hands
 //! its job to a pool worker and sleeps until the job is done: two thread wake-ups per op, and
 //! the op's inputs and outputs move between cores' caches each time. A forward makes a few
-//! hundred such calls; on one thread that handoff was 8–14 % of the decoder's time here
+//! hundred such calls; on one thread that handoff was 5–20 % of the decoder's time here
 //! (docs/benchmarks.md). Run from a worker, nested parallel calls stay on the pool, and with one
 //! thread they run inline. The split of the work, and so every result, does not depend on
 //! which thread calls.
