@@ -297,6 +297,9 @@ impl Model {
 }
 
 fn assemble(cfg: ModelConfig, src: &mut dyn Source, opts: &LoadOptions) -> Result<Model> {
+    if opts.device.is_cpu() {
+        super::ternary_kernel::check_setting().map_err(anyhow::Error::msg)?;
+    }
     let quant = opts.quantization.unwrap_or(cfg.default_quantization);
     let packed = cfg.weight_format == WeightFormat::Packed;
     if packed && quant != Quantization::Ternary {

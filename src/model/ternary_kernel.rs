@@ -234,27 +234,75 @@ pub fn available_isas() -> Vec<Isa> {
     isas().to_vec()
 }
 
-/// [`available_isas`], detected once.
+/// [`available_isas`], detected once, up to the loop `RPT_KERNEL_ISA` names.
 fn isas() -> &'static [Isa] {
     static ISAS: OnceLock<Vec<Isa>> = OnceLock::new();
     ISAS.get_or_init(|| {
-        let mut v = vec![Isa::Portable];
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            v.push(Isa::Avx2);
-            if std::arch::is_x86_feature_detected!("avxvnni") {
-                v.push(Isa::AvxVnni);
+        match capped(detect_isas(), std::env::var("RPT_KERNEL_ISA").ok().as_deref()) {
+            Ok(v) => {
+                tracing::debug!("ternary kernel: {:?} inner loop", v[v.len() - 1]);
+                v
             }
-            if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512vl") {
-                v.push(Isa::Avx512Vnni);
-            }
-            if amx::available() {
-                v.push(Isa::Amx);
-            }
+            // A setting the CPU cannot honour is an error, not a silent fallback.
+            Err(why) => panic!("{why}"),
         }
-        tracing::debug!("ternary kernel: {:?} inner loop", v[v.len() - 1]);
-        v
     })
+}
+
+/// Whether `RPT_KERNEL_ISA` names a loop this CPU runs (unset or empty: yes). Model loading
+/// checks it, so that a bad setting fails with its reason before anything computes; the kernel
+/// itself would stop at its first call.
+pub fn check_setting() -> Result<(), String> {
+    capped(detect_isas(), std::env::var("RPT_KERNEL_ISA").ok().as_deref()).map(drop)
+}
+
+/// The loops' names as `RPT_KERNEL_ISA` takes them.
+pub fn isa_name(isa: Isa) -> &'static str {
+    match isa {
+        Isa::Portable => "portable",
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => "avx2",
+        #[cfg(target_arch = "x86_64")]
+        Isa::AvxVnni => "avx-vnni",
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => "avx512-vnni",
+        #[cfg(target_arch = "x86_64")]
+        Isa::Amx => "amx",
+    }
+}
+
+/// `detected` (portable first, best last) without the loops above the one `wanted` names
+/// (`RPT_KERNEL_ISA`: to run, and compare, a lesser loop on a CPU that has better ones); unset or
+/// empty keeps them all.
+fn capped(detected: Vec<Isa>, wanted: Option<&str>) -> Result<Vec<Isa>, String> {
+    let Some(wanted) = wanted.map(str::trim).filter(|w| !w.is_empty()) else { return Ok(detected) };
+    let names = || detected.iter().map(|&i| isa_name(i)).collect::<Vec<_>>().join(", ");
+    let Some(pos) = detected.iter().position(|&i| isa_name(i).eq_ignore_ascii_case(wanted)) else {
+        return Err(format!(
+            "RPT_KERNEL_ISA={wanted}: not a ternary-kernel loop this CPU runs; it runs {} (unset the variable for the best)",
+            names()
+        ));
+    };
+    Ok(detected[..=pos].to_vec())
+}
+
+/// Every loop this CPU (and `RPT_NO_AMX`) allows, portable first.
+fn detect_isas() -> Vec<Isa> {
+    let mut v = vec![Isa::Portable];
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        v.push(Isa::Avx2);
+        if std::arch::is_x86_feature_detected!("avxvnni") {
+            v.push(Isa::AvxVnni);
+        }
+        if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512vl") {
+            v.push(Isa::Avx512Vnni);
+        }
+        if amx::available() {
+            v.push(Isa::Amx);
+        }
+    }
+    v
 }
 
 /// The best loop of `isa`'s family that takes any number of tokens: `isa` itself, except AMX,
@@ -739,6 +787,22 @@ mod vnni {
 mod tests {
     use super::*;
     use crate::rng::SplitMix64;
+
+    /// `RPT_KERNEL_ISA` keeps the loops up to the one it names (any case), unset or blank keeps
+    /// them all, and a loop not detected is an error naming those that are.
+    #[test]
+    fn the_kernel_isa_setting_caps_the_loops() {
+        let all = detect_isas();
+        assert_eq!(capped(all.clone(), None).unwrap(), all);
+        assert_eq!(capped(all.clone(), Some("  ")).unwrap(), all);
+        assert_eq!(capped(all.clone(), Some("Portable")).unwrap(), vec![Isa::Portable]);
+        for (i, &isa) in all.iter().enumerate() {
+            assert_eq!(capped(all.clone(), Some(isa_name(isa))).unwrap(), all[..=i].to_vec());
+        }
+        let err = capped(vec![Isa::Portable], Some("avx2")).unwrap_err();
+        assert!(err.contains("RPT_KERNEL_ISA=avx2") && err.contains("it runs portable"), "{err}");
+        assert!(capped(all, Some("sse9")).is_err());
+    }
 
     fn random_case(m: usize, out: usize, k: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
         let mut rng = SplitMix64::new(seed);

@@ -8,6 +8,7 @@ mod builtin;
 mod equilibrium;
 mod finetune;
 mod hub;
+mod kernel_isa;
 mod keys_golden;
 mod logs;
 mod mock_hub;
