@@ -34,7 +34,7 @@ fn status_mb(field: &str) -> Option<f64> {
 ///
 /// Every thread allocates from the one main heap (`M_ARENA_MAX` 1): glibc gives other threads
 /// heaps of at most 64 MiB, and a larger buffer allocated there — the logits of a stage, which
-/// runs on a thread of its own or a pool worker, e.g. 512 × 128256 × 4 bytes for the 2B model —
+/// runs on a thread of its own or a pool worker, e.g. 256 × 128256 × 4 bytes for the 2B model —
 /// was a fresh `mmap` again on every call whatever the thresholds (a third more LM-head time on
 /// one thread, docs/benchmarks.md). Call once, first thing in `main`, before other threads
 /// start; no effect off glibc.
