@@ -238,7 +238,7 @@ pub fn available_isas() -> Vec<Isa> {
 fn isas() -> &'static [Isa] {
     static ISAS: OnceLock<Vec<Isa>> = OnceLock::new();
     ISAS.get_or_init(|| {
-        match capped(detect_isas(), std::env::var("RPT_KERNEL_ISA").ok().as_deref()) {
+        match configured_isas() {
             Ok(v) => {
                 tracing::debug!("ternary kernel: {:?} inner loop", v[v.len() - 1]);
                 v
@@ -253,7 +253,12 @@ fn isas() -> &'static [Isa] {
 /// checks it, so that a bad setting fails with its reason before anything computes; the kernel
 /// itself would stop at its first call.
 pub fn check_setting() -> Result<(), String> {
-    capped(detect_isas(), std::env::var("RPT_KERNEL_ISA").ok().as_deref()).map(drop)
+    configured_isas().map(drop)
+}
+
+/// The detected loops capped by `RPT_KERNEL_ISA`.
+fn configured_isas() -> Result<Vec<Isa>, String> {
+    capped(detect_isas(), std::env::var("RPT_KERNEL_ISA").ok().as_deref())
 }
 
 /// The loops' names as `RPT_KERNEL_ISA` takes them.
