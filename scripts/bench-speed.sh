@@ -4,7 +4,14 @@
 # (benches/model.rs, scripts/bench_torch.py), one table with the ratios, and the machine's state.
 #   scripts/bench-speed.sh            # needs .venv with torch + transformers (tests/fixtures/requirements.txt)
 # Knobs: THREADS, REPS (default 3), ROUNDS (default 1), TRAIN=0 (forward only), PY (python with
-# torch + transformers), MODEL_BENCH (a prebuilt bench binary instead of cargo). Prints markdown.
+# torch + transformers), MODEL_BENCH (a prebuilt bench binary instead of cargo), MKL_INTEL_PATHS
+# (below). Prints markdown.
+#
+# PyTorch's f32 products go to oneMKL, which on a CPU that is not Intel's takes slower code paths
+# (measured on an AMD EPYC Zen 5: the LM head's sgemm at ~25 GMAC/s where candle's reaches 75+).
+# So that the comparison is against PyTorch at its best, on such a CPU (MKL_INTEL_PATHS=auto, the
+# default) the PyTorch side runs with a one-line shim preloaded that answers MKL's "is this an Intel
+# CPU?" with yes (built here with gcc); MKL_INTEL_PATHS=0 runs stock MKL, 1 forces the shim.
 #
 # Each round measures PyTorch and then rpt-flow back to back, so a ratio compares the two under
 # the same machine conditions; on a shared host whose speed drifts by 20-40 % within minutes, the
@@ -27,13 +34,27 @@ else
   cargo bench --bench model --no-run -q 2>/dev/null
   model_bench() { cargo bench -q --bench model; }
 fi
+torch_env=()
+vendor=$(grep -m1 '^vendor_id' /proc/cpuinfo | cut -d: -f2 | tr -d ' ')
+case "${MKL_INTEL_PATHS:-auto}" in
+  0) ;;
+  1|auto)
+    if [ "${MKL_INTEL_PATHS:-auto}" = 1 ] || [ "$vendor" != GenuineIntel ]; then
+      echo 'int mkl_serv_intel_cpu_true(void) { return 1; }' > "$out/mkl-intel-paths.c"
+      gcc -shared -fPIC -O2 -o "$out/libmkl-intel-paths.so" "$out/mkl-intel-paths.c" \
+        || { echo "MKL_INTEL_PATHS: gcc could not build the shim (MKL_INTEL_PATHS=0 runs stock MKL)" >&2; exit 2; }
+      torch_env=(LD_PRELOAD="$out/libmkl-intel-paths.so")
+    fi ;;
+  *) echo "MKL_INTEL_PATHS=$MKL_INTEL_PATHS: expected auto, 0 or 1" >&2; exit 2 ;;
+esac
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) logical CPUs; load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+[ ${#torch_env[@]} -gt 0 ] && echo "PyTorch side: MKL's Intel code paths (shim preloaded; MKL_INTEL_PATHS=0 for stock MKL)"
 for t in $THREADS; do
   for r in $(seq 1 "$ROUNDS"); do
     notrain=(); [ "$TRAIN" = 0 ] && notrain=(--no-train)
     # The same allocator setting rpt-flow makes at start (exec::memory::keep_freed_memory), so
     # that neither side pays page faults the other does not.
-    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824 \
+    env "${torch_env[@]}" GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824 \
       "$PY" scripts/bench_torch.py --threads "$t" --reps "$REPS" --dtypes f32 "${notrain[@]}" --out "$out/torch-$t-$r.json" > /dev/null
     CANDLE_NUM_THREADS=$t RAYON_NUM_THREADS=$t BENCH_REPS=$REPS BENCH_DTYPES=f32 BENCH_TRAIN=$TRAIN \
       model_bench 2>/dev/null | tail -1 > "$out/candle-$t-$r.json"
