@@ -14,7 +14,8 @@
 //! activations by one `maddubs` (unsigned codes × signed activations, pairs summed to i16).
 //! `Σ (T+1)·q − Σ q = Σ T·q`. The scaling is one multiply by a per-row factor. AVX2 is detected
 //! at run time; elsewhere a portable loop computes the same integers. `vpdpbusd` loops run where
-//! the CPU has AVX-VNNI or AVX-512 VNNI, and AMX tiles (`amx.rs`) for 16 tokens or more where it
+//! the CPU has AVX-VNNI or AVX-512 VNNI (on 256-bit vectors, and on 512-bit ones with AVX-512 BW),
+//! and AMX tiles (`amx.rs`) for 16 tokens or more where it
 //! has AMX-INT8: the same integers again.
 
 use super::cpu_values::filled;
@@ -183,7 +184,7 @@ fn quantise_row(row: &[f32], dst: &mut [i8], isa: Isa) -> (f32, i32) {
         // SAFETY: the x86 variants are only produced after runtime detection of AVX2 (and
         // more); lengths checked above. The quantiser needs AVX2 alone.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Vnni | Isa::Amx => unsafe {
+        Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Vnni | Isa::Avx512Vnni512 | Isa::Amx => unsafe {
             let s = super::quant::act_scale_of_max(avx2::max_abs(row));
             (s, avx2::codes(row, s, dst))
         },
@@ -216,6 +217,13 @@ pub enum Isa {
     /// Cascade Lake, AMD Zen 4 and later), which also gives the compiler 32 vector registers.
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
+    /// `vpdpbusd` on 512-bit vectors (AVX-512 VNNI + BW): two weight rows' blocks side by side in
+    /// each register against a token's activations broadcast to both halves, so one instruction
+    /// does twice the products. Cores with full-width AVX-512 units (AMD Zen 5, Intel's server
+    /// cores) run it at up to twice the 256-bit loop's rate; on Zen 4 (512-bit ops split in two)
+    /// it saves instructions only.
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni512,
     /// AMX-INT8 tiles (`tdpbsud`, Xeons since Sapphire Rapids; Linux grants the tile state) for
     /// [`AMX_MIN_TOKENS`] tokens or more; fewer tokens take the best vector loop.
     #[cfg(target_arch = "x86_64")]
@@ -272,6 +280,8 @@ pub fn isa_name(isa: Isa) -> &'static str {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni => "avx512-vnni",
         #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni512 => "avx512-vnni-512",
+        #[cfg(target_arch = "x86_64")]
         Isa::Amx => "amx",
     }
 }
@@ -302,6 +312,9 @@ fn detect_isas() -> Vec<Isa> {
         }
         if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512vl") {
             v.push(Isa::Avx512Vnni);
+            if std::arch::is_x86_feature_detected!("avx512bw") {
+                v.push(Isa::Avx512Vnni512);
+            }
         }
         if amx::available() {
             v.push(Isa::Amx);
@@ -497,6 +510,10 @@ fn group_sums(wblock: &[u8], nrows: usize, blocks: usize, toks: &[&[i8]], out: &
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni => unsafe {
             by_group_size!(wide vnni::group_sums_evex, wblock, nrows, blocks, toks, out, stride)
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni512 => unsafe {
+            by_group_size!(wide vnni::group_sums_zmm, wblock, nrows, blocks, toks, out, stride)
         },
         #[cfg(target_arch = "x86_64")]
         Isa::Amx => group_sums(wblock, nrows, blocks, toks, out, stride, vector_isa(isa)),
@@ -815,6 +832,70 @@ mod vnni {
     vnni_group_sums!(group_sums_avx, "avx2,avxvnni", _mm256_dpbusd_avx_epi32, 1);
     // AVX-512 has 32: two rows share each activation load (16 accumulators, 8 codes, 4 inputs).
     vnni_group_sums!(group_sums_evex, "avx2,avx512vnni,avx512vl", _mm256_dpbusd_epi32, 2);
+
+    /// Weight rows per step of [`group_sums_zmm`]: two registers' worth of row pairs.
+    const ZMM_ROWS: usize = 4;
+
+    /// `Σ (T + 1)·q` on 512-bit vectors, as `avx2::group_sums`. A register holds one block of
+    /// row `n` in its low half and the same block of row `n + 1` in its high half; each token's
+    /// 32 activations of a slot are broadcast to both halves, so one `vpdpbusd` sums products
+    /// for two rows. Four rows (two pairs) share each broadcast; 16 accumulators at 8 tokens.
+    /// Rows left over (fewer than four) take the 256-bit loop.
+    // `j` picks both the activation slot's address and its codes.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni,avx512vl")]
+    pub(super) unsafe fn group_sums_zmm<const T: usize>(
+        wblock: &[u8],
+        nrows: usize,
+        blocks: usize,
+        toks: [&[i8]; T],
+        out: &mut [i32],
+        stride: usize,
+    ) {
+        let row_bytes = super::check_group(wblock, nrows, blocks, &toks, out, stride);
+        let mask = _mm512_set1_epi8(3);
+        let grouped = whole_groups::<ZMM_ROWS>(nrows);
+        for n in (0..grouped).step_by(ZMM_ROWS) {
+            let mut acc = [[_mm512_setzero_si512(); T]; 2];
+            for b in 0..blocks {
+                // SAFETY (all loads): in bounds by `check_group` (rows n .. n + 4 < nrows, block
+                // b < blocks; activation rows hold blocks · 128 bytes); unaligned loads.
+                let c: [[__m512i; 4]; 2] = std::array::from_fn(|p| {
+                    let at =
+                        |r: usize| wblock.as_ptr().add((n + 2 * p + r) * row_bytes + b * BLOCK_BYTES) as *const __m256i;
+                    let pair = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(_mm256_loadu_si256(at(0))),
+                        _mm256_loadu_si256(at(1)),
+                    );
+                    [
+                        _mm512_and_si512(pair, mask),
+                        _mm512_and_si512(_mm512_srli_epi16::<2>(pair), mask),
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(pair), mask),
+                        _mm512_and_si512(_mm512_srli_epi16::<6>(pair), mask),
+                    ]
+                });
+                for t in 0..T {
+                    let a = toks[t].as_ptr().add(b * BLOCK) as *const __m256i;
+                    for j in 0..4 {
+                        let aj = _mm512_broadcast_i64x4(_mm256_loadu_si256(a.add(j)));
+                        for p in 0..2 {
+                            acc[p][t] = _mm512_dpbusd_epi32(acc[p][t], c[p][j], aj);
+                        }
+                    }
+                }
+            }
+            for (p, pair) in acc.iter().enumerate() {
+                let lo: [__m256i; T] = std::array::from_fn(|t| _mm512_castsi512_si256(pair[t]));
+                let hi: [__m256i; T] = std::array::from_fn(|t| _mm512_extracti64x4_epi64::<1>(pair[t]));
+                store_lane_sums(lo, out, stride, n + 2 * p);
+                store_lane_sums(hi, out, stride, n + 2 * p + 1);
+            }
+        }
+        if grouped < nrows {
+            let rest = &mut out[grouped..];
+            group_sums_evex(&wblock[grouped * row_bytes..], nrows - grouped, blocks, toks, rest, stride);
+        }
+    }
 }
 
 #[cfg(test)]
