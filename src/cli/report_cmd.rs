@@ -162,12 +162,36 @@ fn recorded_runs(dir: &Path, s: &Session) -> String {
 /// Ends a run: stores the report's tables in the session file under `tables` (what the
 /// researcher's tables show, e.g. per level: ppl before/after, vs baseline, recovery, text label,
 /// so a notebook reading the session needs no rpt-flow) and returns the main one to print
-/// (none for kinds the report does not know). The session is read and the tables built once;
-/// the file is rewritten atomically (synced, renamed over), and a failure only loses the tables.
-pub fn attach_tables(session_file: &Path) -> anyhow::Result<Option<report::Table>> {
-    let mut record = Session::read(session_file)?;
+/// (none for kinds the report does not know). `record` is the run's own final record, not the
+/// file read back: a second run of the same pipeline at once writes the same file, and a read
+/// of its `running` state written back here would outlive both runs' `complete`. The file is
+/// rewritten atomically (synced, renamed over), and a failure only loses the tables.
+pub fn attach_tables(session_file: &Path, mut record: Session) -> anyhow::Result<Option<report::Table>> {
     let tables = report::tables(&record);
     record.tables = Some(tables.iter().map(|t| t.to_json()).collect());
     record.write(session_file)?;
     Ok(tables.into_iter().next())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RECORD: &str = r#"{"pipeline": "p", "seed": 0, "device": "cpu", "started": "2026-12-02T00:00:00Z",
+        "status": "complete", "stages": {}}"#;
+
+    #[test]
+    fn tables_go_on_this_runs_record_not_on_what_another_run_wrote_since() {
+        // Two runs of one pipeline share the session file: when this run ends, the file may hold
+        // the other's `running` save. Writing that back (with tables) would outlive both runs'
+        // `complete` (seen in CI as a flaky `two_concurrent_runs_compute_each_instance_once`).
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.json");
+        let theirs = Session::parse(&RECORD.replace("\"complete\"", "\"running\"")).unwrap();
+        theirs.write(&file).unwrap();
+        attach_tables(&file, Session::parse(RECORD).unwrap()).unwrap();
+        let after = Session::read(&file).unwrap();
+        assert_eq!(after.status, RunStatus::Complete);
+        assert!(after.tables.is_some(), "the tables are attached");
+    }
 }

@@ -79,7 +79,7 @@ pub fn run(args: &RunArgs, registry: &Registry, cache_root: &Path, quiet: bool) 
     if let Some(name) = &args.only {
         return run_only(args, name, &plan, registry, &cache, &opts);
     }
-    let outcome = if slurm {
+    let mut outcome = if slurm {
         let slurm = slurm_options(&args.executor, &args.pipeline, &plan, registry, cache_root)?;
         detach_on_hangup();
         exec::slurm::run(&plan, registry, &cache, &opts, &slurm)?
@@ -93,7 +93,11 @@ pub fn run(args: &RunArgs, registry: &Registry, cache_root: &Path, quiet: bool) 
         println!("{total} instances: {} computed, {} cached", outcome.computed, outcome.cached);
     }
     println!("session: {}", outcome.session_path.display());
-    match super::report_cmd::attach_tables(&outcome.session_path) {
+    let tables = match outcome.record.take() {
+        Some(record) => super::report_cmd::attach_tables(&outcome.session_path, record),
+        None => Ok(None),
+    };
+    match tables {
         Ok(Some(main)) => {
             println!();
             print!("{}", main.markdown());

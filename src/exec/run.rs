@@ -13,7 +13,7 @@ use super::session::Session;
 use super::{CancelFlag, Cancelled, InputArtifact, Progress, Registry, StageContext};
 use crate::cache::{Cache, EntryInfo, EntryState};
 use crate::plan::Plan;
-use crate::session::{RunStatus, StageStatus};
+use crate::session::{RunStatus, SessionRecord, StageStatus};
 
 pub struct RunOptions {
     pub keep_going: bool,
@@ -38,6 +38,9 @@ pub struct RunOutcome {
     /// Cluster jobs left running when the orchestrator detached (SIGHUP, SIGTERM).
     pub detached: Vec<String>,
     pub session_path: PathBuf,
+    /// The run's own session record as it last saved it: what the command reports from, since
+    /// another run of the same pipeline may have rewritten the file since.
+    pub record: Option<SessionRecord>,
 }
 
 impl RunOutcome {
@@ -208,6 +211,7 @@ pub fn run(plan: &Plan, registry: &Registry, cache: &Cache, opts: &RunOptions) -
     progress.finish();
     session.set_status(outcome.status());
     session.save()?;
+    outcome.record = Some(session.record);
     Ok(outcome)
 }
 

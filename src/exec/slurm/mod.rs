@@ -156,6 +156,7 @@ pub fn run(
     outcome.skipped.sort();
     session.set_status(outcome.status());
     session.save()?;
+    outcome.record = Some(session.record);
     Ok(outcome)
 }
 
