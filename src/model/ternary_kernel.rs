@@ -546,9 +546,8 @@ pub fn scale_one(acc: i32, factor: f32) -> f32 {
     acc as f32 * factor
 }
 
-/// The bounds every vector `group_sums` relies on (its loads are unchecked); returns the bytes
-/// of one packed weight row.
-#[cfg(target_arch = "x86_64")]
+/// The bounds every `group_sums` relies on (the vector loops' loads are unchecked); returns the
+/// bytes of one packed weight row.
 fn check_group(wblock: &[u8], nrows: usize, blocks: usize, toks: &[&[i8]], out: &[i32], stride: usize) -> usize {
     let row_bytes = blocks * BLOCK_BYTES;
     let t = toks.len();
@@ -563,9 +562,7 @@ fn check_group(wblock: &[u8], nrows: usize, blocks: usize, toks: &[&[i8]], out: 
 /// into 128 codes, then serves every token of the group as a plain 128-element dot product summed
 /// in 16 lanes of i16. The sums are the same integers as the other loops'.
 fn group_sums_portable(wblock: &[u8], nrows: usize, blocks: usize, toks: &[&[i8]], out: &mut [i32], stride: usize) {
-    let row_bytes = blocks * BLOCK_BYTES;
-    assert!(wblock.len() >= nrows * row_bytes && toks.len() <= GROUP);
-    assert!(toks.iter().all(|r| r.len() >= blocks * BLOCK));
+    let row_bytes = check_group(wblock, nrows, blocks, toks, out, stride);
     let mut codes = [0i16; BLOCK];
     for n in 0..nrows {
         let wrow = &wblock[n * row_bytes..(n + 1) * row_bytes];
@@ -858,7 +855,7 @@ mod vnni {
         for n in (0..grouped).step_by(ZMM_ROWS) {
             let mut acc = [[_mm512_setzero_si512(); T]; 2];
             for b in 0..blocks {
-                // SAFETY (all loads): in bounds by `check_group` (rows n .. n + 4 < nrows, block
+                // SAFETY (all loads): in bounds by `check_group` (rows n .. n + 4 ≤ nrows, block
                 // b < blocks; activation rows hold blocks · 128 bytes); unaligned loads.
                 let c: [[__m512i; 4]; 2] = std::array::from_fn(|p| {
                     let at =
