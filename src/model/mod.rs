@@ -17,6 +17,7 @@ pub mod causal_lm;
 pub mod config;
 mod cpu_values;
 mod embedding;
+mod expf;
 pub mod generate;
 mod head_kernel;
 pub mod holographic;

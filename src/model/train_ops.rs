@@ -19,6 +19,7 @@
 //! ([`fused`] says which).
 
 use super::cpu_values::{candle_parallelism, filled, gemm_as_candle, matmul};
+use super::expf::exp_minus;
 use super::quant::{act_code, act_scale, rne};
 use super::simd::wide;
 use super::ternary_kernel::{self as kernel, PackedTernary, QuantRows};
@@ -314,14 +315,14 @@ const SUM_STEP: usize = 32;
 /// only additions of +0.
 pub(crate) fn causal_softmax_row(row: &mut [f32], seen: usize, scale: f32) {
     let seen = seen.min(row.len());
-    row[..seen].iter_mut().for_each(|v| *v = *v * scale + 0.0);
+    wide(|| row[..seen].iter_mut().for_each(|v| *v = *v * scale + 0.0));
     let mut max = f32::NEG_INFINITY;
     // SAFETY: both reductions read within `row` (`seen` ≤ its length, the sum bound too).
     unsafe { f32::vec_reduce_max(row.as_ptr(), &mut max, seen) };
-    row[..seen].iter_mut().for_each(|v| *v = (*v - max).exp());
+    exp_minus(&mut row[..seen], max);
     let mut sum = 0f32;
     unsafe { f32::vec_reduce_sum(row.as_ptr(), &mut sum, sum_bound(seen, row.len())) };
-    row[..seen].iter_mut().for_each(|v| *v /= sum);
+    wide(|| row[..seen].iter_mut().for_each(|v| *v /= sum));
 }
 
 /// Where [`causal_softmax_row`]'s sum stops for `seen` of `total` keys.
@@ -992,7 +993,9 @@ fn row_nll(row: &[f32], t: u32) -> (f32, f32, f64) {
     let mut max = f32::NEG_INFINITY;
     // SAFETY: rows are non-empty (V > 0 is checked by the callers).
     unsafe { f32::vec_reduce_max(row.as_ptr(), &mut max, row.len()) };
-    let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
+    let mut exps = row.to_vec();
+    exp_minus(&mut exps, max);
+    let sum: f32 = exps.iter().sum();
     (max, sum, (sum.ln() - (row[t as usize] - max)) as f64)
 }
 
@@ -1003,13 +1006,8 @@ fn row_nll_to_exps(row: &mut [f32], t: u32) -> (f32, f64) {
     // SAFETY: rows are non-empty (V > 0 is checked by the callers).
     unsafe { f32::vec_reduce_max(row.as_ptr(), &mut max, row.len()) };
     let target = row[t as usize];
-    let sum: f32 = row
-        .iter_mut()
-        .map(|x| {
-            *x = (*x - max).exp();
-            *x
-        })
-        .sum();
+    exp_minus(row, max);
+    let sum: f32 = row.iter().sum();
     (sum, (sum.ln() - (target - max)) as f64)
 }
 
@@ -1078,9 +1076,9 @@ impl CustomOp2 for CrossEntropyBwd {
                 return;
             }
             let (max, sum) = self.rows[r];
-            for (d, x) in d.iter_mut().zip(x) {
-                *d = (x - max).exp() / sum * scale;
-            }
+            d.copy_from_slice(x);
+            exp_minus(d, max);
+            wide(|| d.iter_mut().for_each(|d| *d = *d / sum * scale));
             d[tg[r] as usize] -= scale;
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
