@@ -527,10 +527,14 @@ impl CustomOp3 for SplitHeads {
                 out.copy_from_slice(row);
                 return;
             }
-            for i in 0..half {
-                let (c, s) = (cos[p * half + i], if back { -sin[p * half + i] } else { sin[p * half + i] });
-                out[i] = row[i] * c - row[i + half] * s;
-                out[i + half] = row[i] * s + row[i + half] * c;
+            // Slices and zips, so that the loop vectorises (the same operations per value).
+            let (x0, x1) = row.split_at(half);
+            let (o0, o1) = out.split_at_mut(half);
+            let (cs, sn) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+            for ((((o0, o1), &x0), &x1), (&c, &s)) in o0.iter_mut().zip(o1).zip(x0).zip(x1).zip(cs.iter().zip(sn)) {
+                let s = if back { -s } else { s };
+                *o0 = x0 * c - x1 * s;
+                *o1 = x0 * s + x1 * c;
             }
         };
         if !self.backward {
@@ -544,16 +548,24 @@ impl CustomOp3 for SplitHeads {
                 out.par_chunks_mut(rep * t * d).enumerate().for_each(|(bh, dst)| {
                     let (bi, hi) = (bh / h, bh % h);
                     let mut row = vec![0f32; d];
-                    for p in 0..t {
-                        let start = ((bi * t + p) * h + hi) * d;
-                        rotate(&src[start..start + d], p, half, &mut row, false);
-                        for r in 0..rep {
-                            let head = &mut dst[r * t * d..(r + 1) * t * d];
-                            for (i, v) in row.iter().enumerate() {
-                                head[at(t, d, p, i)].write(*v);
+                    wide(|| {
+                        for p in 0..t {
+                            let start = ((bi * t + p) * h + hi) * d;
+                            rotate(&src[start..start + d], p, half, &mut row, false);
+                            for r in 0..rep {
+                                let head = &mut dst[r * t * d..(r + 1) * t * d];
+                                if transposed {
+                                    for (i, v) in row.iter().enumerate() {
+                                        head[at(t, d, p, i)].write(*v);
+                                    }
+                                } else {
+                                    for (o, v) in head[p * d..(p + 1) * d].iter_mut().zip(&row) {
+                                        o.write(*v);
+                                    }
+                                }
                             }
                         }
-                    }
+                    })
                 })
             });
             let shape = if transposed { (b, h * rep, d, t) } else { (b, h * rep, t, d) };
