@@ -1,5 +1,5 @@
-//! `exp(x − shift)` over f32 slices, eight values at a time on CPUs with AVX2 and FMA, with the
-//! bits of the scalar `f32::exp` the fused ops used before (issue #18).
+//! `exp(x − shift)` over f32 slices, 16 values at a time on CPUs with AVX-512F and 8 with AVX2 +
+//! FMA, with the bits of the scalar `f32::exp` the fused ops used before (issue #18).
 //!
 //! The attention's softmax and the LM loss called libm's `expf` once per value: ~7 % of the
 //! mid-size model's inference body and tens of milliseconds of every training step at vocab 32k.
@@ -7,11 +7,12 @@
 //! musl): in double precision, `x · 32/ln 2 = k + r`, `2^(k/32)` from a 32-entry table, a cubic in
 //! `r`, one rounding to f32 at the end. On a CPU with FMA glibc runs a build whose compiler fused
 //! the multiply–adds (read from its disassembly: `k` and `r` straight from `x · 32/ln 2` unrounded,
-//! the cubic as three FMAs). [`exp_minus`] follows that build step for step, on four doubles per
-//! instruction, so its values are `f32::exp`'s bit for bit there (tested on every f32 the softmax
-//! and the loss can pass, `x ≤ 0`, against the platform's `expf`). Arguments with `|x| ≥ 88` or
-//! NaN (glibc's special cases) go to `f32::exp` itself; CPUs without AVX2 + FMA run `f32::exp`
-//! throughout, as before (glibc's other build rounds each step, other bits).
+//! the cubic as three FMAs). [`exp_minus`] follows that build step for step on four (AVX2) or
+//! eight (AVX-512) doubles per instruction, so its values are `f32::exp`'s bit for bit there
+//! (the default test sweeps every 97th non-positive f32, the arguments the softmax and the loss
+//! pass; an ignored one every f32). Arguments with `|x| ≥ 88` or NaN (glibc's special cases) go
+//! to `f32::exp` itself; CPUs without AVX2 + FMA run `f32::exp` throughout, as before (glibc's
+//! other build rounds each step, other bits).
 
 /// `v[i] = exp(v[i] − shift)` (the subtraction in f32, then `f32::exp`'s bits; see the module doc).
 pub(crate) fn exp_minus(v: &mut [f32], shift: f32) {

@@ -1005,9 +1005,16 @@ fn row_nll(row: &[f32], t: u32) -> (f32, f32, f64) {
     let mut max = f32::NEG_INFINITY;
     // SAFETY: rows are non-empty (V > 0 is checked by the callers).
     unsafe { f32::vec_reduce_max(row.as_ptr(), &mut max, row.len()) };
-    let mut exps = row.to_vec();
-    exp_minus(&mut exps, max);
-    let sum: f32 = exps.iter().sum();
+    // The exps through a small buffer, summed in row order (the values are ≥ +0, so the sum's
+    // start value does not matter).
+    let mut buf = [0f32; 256];
+    let mut sum = 0f32;
+    for chunk in row.chunks(buf.len()) {
+        let exps = &mut buf[..chunk.len()];
+        exps.copy_from_slice(chunk);
+        exp_minus(exps, max);
+        sum = exps.iter().fold(sum, |s, e| s + e);
+    }
     (max, sum, (sum.ln() - (row[t as usize] - max)) as f64)
 }
 
