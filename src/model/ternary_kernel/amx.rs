@@ -296,7 +296,7 @@ unsafe fn weight_tiles(w: &PackedTernary, n0: usize, nrows: usize, wt: &mut [u8]
     let tile = TILE * TILE_K;
     let ktiles = w.blocks * BLOCK / TILE_K;
     assert!(nrows <= ROWS && n0 + nrows <= w.out && wt.len() >= 2 * ktiles * tile);
-    assert!(w.codes.len() >= w.out * row_bytes && TILE * row_bytes <= i32::MAX as usize);
+    assert!(w.codes_in(super::Layout::Rows).len() >= w.out * row_bytes && TILE * row_bytes <= i32::MAX as usize);
     let mask = _mm512_set1_epi32(0x0303_0303);
     // Lane i reads weight row i of the tile.
     let rows = _mm512_mullo_epi32(
@@ -306,7 +306,7 @@ unsafe fn weight_tiles(w: &PackedTernary, n0: usize, nrows: usize, wt: &mut [u8]
     for o in 0..2 {
         let valid = TILE.min(nrows.saturating_sub(TILE * o));
         let lanes: __mmask16 = ((1u32 << valid) - 1) as u16;
-        let base = w.codes.as_ptr().wrapping_add((n0 + TILE * o) * row_bytes);
+        let base = w.codes_in(super::Layout::Rows).as_ptr().wrapping_add((n0 + TILE * o) * row_bytes);
         for b in 0..w.blocks {
             let lo = wt.as_mut_ptr().add((o * ktiles + 2 * b) * tile);
             let hi = lo.add(tile);
