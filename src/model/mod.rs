@@ -20,6 +20,7 @@ mod embedding;
 mod expf;
 pub mod generate;
 mod head_kernel;
+mod head_tiles;
 pub mod holographic;
 pub mod hooks;
 pub mod hub;
